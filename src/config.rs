@@ -1,0 +1,450 @@
+//! Configuration: a serde file type with defaults ([`ConfigFile`]) and a validated runtime type
+//! ([`Config`]) built in exactly one place, [`ConfigFile::validate`], whose errors name the field.
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config`) < `HYDRA_*` environment <
+//! command-line flags. The binary applies the last two through [`Overrides`] (clap reads each flag
+//! from its `HYDRA_*` variable when the flag is absent, so a flag beats its variable).
+//!
+//! The database URL may carry a password: it is only ever printed through [`redact_url`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// The configuration file as written by an operator. Every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Number of DHT heads this process runs.
+    pub heads: usize,
+    /// IP address the heads listen on.
+    pub listen_ip: String,
+    /// Head i listens on TCP and UDP (QUIC) port `port_base + i`; 0 means ephemeral ports.
+    pub port_base: u16,
+    /// Directory for the embedded store and other local state.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP server (metrics, health, operator API). Loopback by default.
+    pub http_listen: String,
+    /// Bootstrap peers as multiaddrs ending in `/p2p/<peer id>`. Empty by default.
+    pub bootstrap: Vec<String>,
+    /// `postgres://…` selects PostgreSQL (fleet store); empty selects the embedded SQLite store.
+    pub database_url: String,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    pub routing: RoutingSection,
+    pub limits: LimitsSection,
+    pub providers: ProvidersSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which peer addresses learned from identify enter the routing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressFilter {
+    /// Only globally routable addresses (what the public Amino DHT wants).
+    Public,
+    /// Any address, including loopback and private ranges (tests, private networks).
+    Any,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSection {
+    pub address_filter: AddressFilter,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Inbound kad streams waiting for a stream task (all heads). Full queue: stream reset, counted.
+    pub inbound_queue: usize,
+    /// Stream tasks serving inbound kad streams at once (all heads).
+    pub max_concurrent_streams: usize,
+    /// Established connections per head.
+    pub max_connections_per_head: u32,
+    /// An inbound stream with no new request for this long is reset.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Deadline for reading the rest of a started message, writing a reply, and closing a stream.
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// Bytes that messages larger than 64 KiB may hold in memory at once (all streams).
+    pub large_message_budget_bytes: usize,
+    /// Largest number of providers returned in one GET_PROVIDERS reply.
+    pub max_providers_per_reply: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvidersSection {
+    /// Distinct (key, provider) entries the write-behind buffer may hold. Full: ADD_PROVIDER shed.
+    pub write_buffer_entries: usize,
+    /// A buffer shard flushes when it holds this many entries…
+    pub flush_batch: usize,
+    /// …or when its oldest entry is this old.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Batched write statements in flight at once.
+    pub max_flushes_in_flight: usize,
+    /// Datastore reads in flight at once; beyond it a read is shed (closer peers only).
+    pub max_reads_in_flight: usize,
+    /// A GET_PROVIDERS read that takes longer is answered with closer peers only.
+    #[serde(with = "humantime_serde")]
+    pub read_deadline: Duration,
+    /// How long a provider record lives.
+    #[serde(with = "humantime_serde")]
+    pub record_ttl: Duration,
+    /// How long provider addresses are kept.
+    #[serde(with = "humantime_serde")]
+    pub address_ttl: Duration,
+    /// How long a PUT_VALUE record lives.
+    #[serde(with = "humantime_serde")]
+    pub value_ttl: Duration,
+    /// How often expired rows are collected.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// Rows deleted per garbage-collection statement.
+    pub gc_chunk_rows: usize,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self {
+            heads: 1,
+            listen_ip: "0.0.0.0".into(),
+            port_base: 0,
+            data_dir: PathBuf::from("./hydra-data"),
+            http_listen: "127.0.0.1:7779".into(),
+            bootstrap: Vec::new(),
+            database_url: String::new(),
+            log_format: LogFormat::Text,
+            routing: RoutingSection::default(),
+            limits: LimitsSection::default(),
+            providers: ProvidersSection::default(),
+        }
+    }
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        Self { address_filter: AddressFilter::Public }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            inbound_queue: 1024,
+            max_concurrent_streams: 4096,
+            max_connections_per_head: 2048,
+            stream_idle_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(10),
+            large_message_budget_bytes: 64 * 1024 * 1024,
+            max_providers_per_reply: 100,
+        }
+    }
+}
+
+impl Default for ProvidersSection {
+    fn default() -> Self {
+        Self {
+            write_buffer_entries: 200_000,
+            flush_batch: 1000,
+            flush_interval: Duration::from_secs(1),
+            max_flushes_in_flight: 2,
+            max_reads_in_flight: 256,
+            read_deadline: Duration::from_millis(500),
+            record_ttl: Duration::from_secs(48 * 3600),
+            address_ttl: Duration::from_secs(24 * 3600),
+            value_ttl: Duration::from_secs(36 * 3600),
+            gc_interval: Duration::from_secs(600),
+            gc_chunk_rows: 10_000,
+        }
+    }
+}
+
+/// Values from `HYDRA_*` variables and flags; `None` leaves the lower layer's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub heads: Option<usize>,
+    pub listen_ip: Option<String>,
+    pub port_base: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    pub bootstrap: Option<Vec<String>>,
+    pub database_url: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub address_filter: Option<AddressFilter>,
+}
+
+/// A configuration error that names the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+/// Which datastore backs the provider manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded SQLite file at this path.
+    Sqlite(PathBuf),
+    /// PostgreSQL at this URL (the fleet store; served by the Postgres issue).
+    Postgres(String),
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub heads: usize,
+    pub listen_ip: IpAddr,
+    pub port_base: u16,
+    pub data_dir: PathBuf,
+    pub http_listen: SocketAddr,
+    pub bootstrap: Vec<(PeerId, Multiaddr)>,
+    pub store: StoreKind,
+    pub log_format: LogFormat,
+    pub address_filter: AddressFilter,
+    pub limits: LimitsSection,
+    pub providers: ProvidersSection,
+}
+
+impl ConfigFile {
+    /// Parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, Box<toml::de::Error>> {
+        toml::from_str(text).map_err(Box::new)
+    }
+
+    /// Apply the environment and flag layer.
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.heads {
+            self.heads = v;
+        }
+        if let Some(v) = o.listen_ip {
+            self.listen_ip = v;
+        }
+        if let Some(v) = o.port_base {
+            self.port_base = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.http_listen {
+            self.http_listen = v;
+        }
+        if let Some(v) = o.bootstrap {
+            self.bootstrap = v;
+        }
+        if let Some(v) = o.database_url {
+            self.database_url = v;
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        if let Some(v) = o.address_filter {
+            self.routing.address_filter = v;
+        }
+    }
+
+    /// Check every field and build the runtime configuration.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        if !(1..=10_000).contains(&self.heads) {
+            return Err(invalid("heads", format!("must be between 1 and 10000, got {}", self.heads)));
+        }
+        let listen_ip: IpAddr = self
+            .listen_ip
+            .parse()
+            .map_err(|_| invalid("listen_ip", format!("not an IP address: {:?}", self.listen_ip)))?;
+        if self.port_base != 0 && usize::from(self.port_base) + self.heads - 1 > usize::from(u16::MAX) {
+            return Err(invalid(
+                "port_base",
+                format!("port_base {} + {} heads runs past port 65535", self.port_base, self.heads),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let http_listen: SocketAddr = self.http_listen.parse().map_err(|_| {
+            invalid("http_listen", format!("not an address like 127.0.0.1:7779: {:?}", self.http_listen))
+        })?;
+        let mut bootstrap = Vec::with_capacity(self.bootstrap.len());
+        for s in &self.bootstrap {
+            let addr: Multiaddr =
+                s.parse().map_err(|e| invalid("bootstrap", format!("{s:?} is not a multiaddr: {e}")))?;
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(invalid("bootstrap", format!("{s:?} must end in /p2p/<peer id>")));
+            };
+            bootstrap.push((peer, addr));
+        }
+        let store = if self.database_url.is_empty() {
+            StoreKind::Sqlite(self.data_dir.join("hydra.sqlite"))
+        } else if self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+        {
+            StoreKind::Postgres(self.database_url.clone())
+        } else {
+            return Err(invalid(
+                "database_url",
+                format!("must start with postgres:// or be empty, got {}", redact_url(&self.database_url)),
+            ));
+        };
+        let l = &self.limits;
+        positive("limits.inbound_queue", l.inbound_queue)?;
+        positive("limits.max_concurrent_streams", l.max_concurrent_streams)?;
+        positive("limits.max_connections_per_head", l.max_connections_per_head as usize)?;
+        positive("limits.max_providers_per_reply", l.max_providers_per_reply)?;
+        nonzero_duration("limits.stream_idle_timeout", l.stream_idle_timeout)?;
+        nonzero_duration("limits.io_timeout", l.io_timeout)?;
+        if l.large_message_budget_bytes < crate::wire::MAX_MESSAGE_SIZE {
+            return Err(invalid(
+                "limits.large_message_budget_bytes",
+                "must be at least 4194304 (one message of the largest size)",
+            ));
+        }
+        let p = &self.providers;
+        positive("providers.write_buffer_entries", p.write_buffer_entries)?;
+        positive("providers.flush_batch", p.flush_batch)?;
+        positive("providers.max_flushes_in_flight", p.max_flushes_in_flight)?;
+        positive("providers.max_reads_in_flight", p.max_reads_in_flight)?;
+        positive("providers.gc_chunk_rows", p.gc_chunk_rows)?;
+        if p.flush_batch > p.write_buffer_entries {
+            return Err(invalid("providers.flush_batch", "must not exceed providers.write_buffer_entries"));
+        }
+        for (field, d) in [
+            ("providers.flush_interval", p.flush_interval),
+            ("providers.read_deadline", p.read_deadline),
+            ("providers.record_ttl", p.record_ttl),
+            ("providers.address_ttl", p.address_ttl),
+            ("providers.value_ttl", p.value_ttl),
+            ("providers.gc_interval", p.gc_interval),
+        ] {
+            nonzero_duration(field, d)?;
+        }
+        Ok(Config {
+            heads: self.heads,
+            listen_ip,
+            port_base: self.port_base,
+            data_dir: self.data_dir.clone(),
+            http_listen,
+            bootstrap,
+            store,
+            log_format: self.log_format,
+            address_filter: self.routing.address_filter,
+            limits: self.limits.clone(),
+            providers: self.providers.clone(),
+        })
+    }
+
+    /// The effective configuration as TOML, with any password in the database URL redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = redact_url(&self.database_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn positive(field: &'static str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(invalid(field, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn nonzero_duration(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(field, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+/// Replace the password of a `scheme://user:password@host/…` URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else { return url.to_owned() };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!("{}://{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_have_no_bootstrap_peers() {
+        let c = ConfigFile::default().validate().unwrap();
+        assert!(c.bootstrap.is_empty());
+        assert_eq!(c.http_listen, "127.0.0.1:7779".parse().unwrap());
+        assert_eq!(c.store, StoreKind::Sqlite(PathBuf::from("./hydra-data/hydra.sqlite")));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut f = ConfigFile::default();
+        f.heads = 0;
+        assert!(f.validate().unwrap_err().to_string().starts_with("heads:"));
+        let mut f = ConfigFile::default();
+        f.listen_ip = "nope".into();
+        assert!(f.validate().unwrap_err().to_string().starts_with("listen_ip:"));
+        let mut f = ConfigFile::default();
+        f.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".into()];
+        assert!(f.validate().unwrap_err().to_string().starts_with("bootstrap:"));
+        let mut f = ConfigFile::default();
+        f.database_url = "mysql://u:secret@h/db".into();
+        let e = f.validate().unwrap_err().to_string();
+        assert!(e.starts_with("database_url:") && !e.contains("secret"), "{e}");
+        let mut f = ConfigFile::default();
+        f.port_base = 65000;
+        f.heads = 1000;
+        assert!(f.validate().unwrap_err().to_string().starts_with("port_base:"));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let mut f = ConfigFile::from_toml("heads = 3\nport_base = 4000\n").unwrap();
+        f.apply(Overrides { heads: Some(5), ..Default::default() });
+        let c = f.validate().unwrap();
+        assert_eq!((c.heads, c.port_base), (5, 4000));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = ConfigFile::from_toml("haeds = 3\n").unwrap_err().to_string();
+        assert!(e.contains("haeds"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        let mut f = ConfigFile::default();
+        f.database_url = "postgres://u:topsecret@h/db".into();
+        assert!(!f.to_redacted_toml().contains("topsecret"));
+    }
+}

@@ -1,0 +1,273 @@
+//! A head: one libp2p swarm with its own identity and port, owned by one task.
+//!
+//! The swarm task only drives the swarm: it feeds kad (client mode) with addresses learned from
+//! identify, republishes the routing-table snapshot when kad reports a change, and tracks listen
+//! addresses. It never serves a request and never touches the datastore; inbound kad streams
+//! leave it through [`crate::kad_server`] straight into the shared queue.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{connection_limits, identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AddressFilter, Config};
+use crate::kad_server::{Intake, KadServer, KAD_PROTOCOL};
+use crate::metrics::HeadMetrics;
+use crate::routing::RoutingSnapshot;
+
+/// How often a changed routing table is republished (changes are coalesced in between).
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
+/// Connections per remote peer per head.
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+
+/// The part of a head that other tasks read: identity, addresses, routing snapshot.
+pub struct HeadShared {
+    pub index: usize,
+    pub peer_id: PeerId,
+    /// Current listen addresses (without `/p2p`).
+    pub listen_addrs: ArcSwap<Vec<Multiaddr>>,
+    /// Latest routing-table snapshot.
+    pub routing: Arc<ArcSwap<RoutingSnapshot>>,
+}
+
+#[derive(NetworkBehaviour)]
+pub struct HeadBehaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    server: KadServer,
+}
+
+/// A head whose swarm is listening but whose task has not started yet.
+pub struct StartingHead {
+    pub shared: Arc<HeadShared>,
+    swarm: Swarm<HeadBehaviour>,
+    filter: AddressFilter,
+    metrics: HeadMetrics,
+}
+
+/// Build head `index`'s swarm and wait until its TCP and QUIC listeners are up.
+pub async fn bind(
+    index: usize,
+    keypair: Keypair,
+    cfg: &Config,
+    intake: Intake,
+    metrics: HeadMetrics,
+) -> anyhow::Result<StartingHead> {
+    let peer_id = keypair.public().to_peer_id();
+    let max_conns = cfg.limits.max_connections_per_head;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .context("set up TCP transport")?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mut kcfg = kad::Config::new(KAD_PROTOCOL);
+            kcfg.set_query_timeout(Duration::from_secs(60));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kcfg);
+            // Pinned: in automatic mode kad would become a server and claim the kad protocol.
+            kad.set_mode(Some(kad::Mode::Client));
+            HeadBehaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(max_conns))
+                        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
+                ),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("ipfs/0.1.0".into(), key.public())
+                        .with_agent_version(format!("hydra/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::default(),
+                kad,
+                server: KadServer::new(index, intake),
+            }
+        })
+        .context("build head behaviour")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+
+    let port = if cfg.port_base == 0 { 0 } else { cfg.port_base + index as u16 };
+    let ip = match cfg.listen_ip {
+        IpAddr::V4(ip) => Protocol::Ip4(ip),
+        IpAddr::V6(ip) => Protocol::Ip6(ip),
+    };
+    let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(port));
+    let quic = Multiaddr::empty().with(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1);
+    swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?;
+    swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?;
+
+    // Wait for both listeners to report an address (or fail).
+    let mut addrs = Vec::new();
+    let (mut tcp_up, mut quic_up) = (false, false);
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    while !(tcp_up && quic_up) {
+        tokio::select! {
+            _ = &mut deadline => anyhow::bail!("head {index}: listeners not up after 10 s"),
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    if address.iter().any(|p| matches!(p, Protocol::QuicV1)) { quic_up = true } else { tcp_up = true }
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed { reason: Err(e), .. } | SwarmEvent::ListenerError { error: e, .. } => {
+                    anyhow::bail!("head {index}: listener failed: {e}");
+                }
+                _ => {}
+            },
+        }
+    }
+    for a in &addrs {
+        tracing::info!(head = index, "head {index} listening on {}", a.clone().with(Protocol::P2p(peer_id)));
+    }
+    let shared = Arc::new(HeadShared {
+        index,
+        peer_id,
+        listen_addrs: ArcSwap::from_pointee(addrs),
+        routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
+    });
+    Ok(StartingHead { shared, swarm, filter: cfg.address_filter, metrics })
+}
+
+impl StartingHead {
+    /// Add a known DHT server (a sibling head or a bootstrap peer) to the routing table.
+    pub fn add_peer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        for a in addrs {
+            self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+    }
+
+    /// Run the swarm until `cancel` fires. `bootstrap` starts a kad bootstrap query if peers are known.
+    pub async fn run(mut self, bootstrap: bool, cancel: CancellationToken) {
+        if bootstrap {
+            if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                tracing::warn!(head = self.shared.index, error = %e, "bootstrap not started");
+            }
+        }
+        let head_label = self.shared.index.to_string();
+        let mut dirty = true;
+        let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    if dirty {
+                        self.publish_snapshot(&head_label);
+                        dirty = false;
+                    }
+                    let conns = self.swarm.network_info().connection_counters().num_established();
+                    self.metrics.connections.with_label_values(&[&head_label]).set(conns as i64);
+                }
+                ev = self.swarm.select_next_some() => {
+                    if self.on_event(ev) {
+                        dirty = true;
+                    }
+                }
+            }
+        }
+        tracing::debug!(head = self.shared.index, "head stopped");
+    }
+
+    fn publish_snapshot(&mut self, head_label: &str) {
+        let mut peers = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for e in bucket.iter() {
+                peers.push((*e.node.key.preimage(), e.node.value.iter().cloned().collect::<Vec<_>>()));
+            }
+        }
+        let snap = RoutingSnapshot::new(peers);
+        self.metrics.routing_table_peers.with_label_values(&[head_label]).set(snap.len() as i64);
+        self.shared.routing.store(Arc::new(snap));
+    }
+
+    /// Handle one swarm event; returns true if the routing table may have changed.
+    fn on_event(&mut self, ev: SwarmEvent<HeadBehaviourEvent>) -> bool {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let mut addrs = (**self.shared.listen_addrs.load()).clone();
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                    self.shared.listen_addrs.store(Arc::new(addrs));
+                }
+                false
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let mut addrs = (**self.shared.listen_addrs.load()).clone();
+                addrs.retain(|a| a != &address);
+                self.shared.listen_addrs.store(Arc::new(addrs));
+                false
+            }
+            SwarmEvent::Behaviour(HeadBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    for a in info.listen_addrs.into_iter().filter(|a| admit(self.filter, a)) {
+                        kad.add_address(&peer_id, a);
+                    }
+                }
+                false
+            }
+            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(ev)) => matches!(
+                ev,
+                kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. }
+            ),
+            SwarmEvent::ConnectionClosed { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether an address learned from a peer may enter the routing table under `filter`.
+pub fn admit(filter: AddressFilter, a: &Multiaddr) -> bool {
+    match filter {
+        AddressFilter::Any => true,
+        AddressFilter::Public => match a.iter().next() {
+            Some(Protocol::Ip4(ip)) => {
+                !(ip.is_loopback()
+                    || ip.is_private()
+                    || ip.is_link_local()
+                    || ip.is_unspecified()
+                    || ip.is_broadcast()
+                    || ip.is_documentation()
+                    || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64))
+            }
+            Some(Protocol::Ip6(ip)) => {
+                let seg0 = ip.segments()[0];
+                !(ip.is_loopback()
+                    || ip.is_unspecified()
+                    || (seg0 & 0xfe00) == 0xfc00
+                    || (seg0 & 0xffc0) == 0xfe80)
+            }
+            Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)) => true,
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_filter_drops_local_ranges() {
+        for a in ["/ip4/127.0.0.1/tcp/1", "/ip4/10.1.2.3/tcp/1", "/ip4/192.168.1.1/tcp/1", "/ip4/100.64.0.1/tcp/1", "/ip6/::1/tcp/1", "/ip6/fe80::1/tcp/1", "/ip6/fd00::1/tcp/1"] {
+            assert!(!admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
+            assert!(admit(AddressFilter::Any, &a.parse().unwrap()), "{a}");
+        }
+        for a in ["/ip4/8.8.8.8/tcp/4001", "/ip6/2001:4860::1/udp/4001/quic-v1", "/dns4/example.com/tcp/4001"] {
+            assert!(admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The HTTP server: health, Prometheus metrics, and the operator API.
+//!
+//! Bound to `http_listen` (loopback by default). Handlers read published state only (head
+//! addresses, the metrics registry); none of them touches a swarm or waits on the datastore.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::head::HeadShared;
+
+#[derive(Clone)]
+struct AppState {
+    heads: Arc<Vec<Arc<HeadShared>>>,
+    registry: Registry,
+}
+
+/// One head as listed by `GET /v1/heads`.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct HeadInfo {
+    pub index: usize,
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+}
+
+/// Bind the listener (so the caller learns the real port) and return the server future.
+pub async fn bind(
+    addr: SocketAddr,
+    heads: Arc<Vec<Arc<HeadShared>>>,
+    registry: Registry,
+    cancel: CancellationToken,
+) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/heads", get(heads_list))
+        .with_state(AppState { heads, registry });
+    let fut = async move {
+        let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    };
+    Ok((local, fut))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
+        tracing::warn!(error = %e, "metrics encoding failed");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+}
+
+async fn heads_list(State(s): State<AppState>) -> Json<Vec<HeadInfo>> {
+    Json(
+        s.heads
+            .iter()
+            .map(|h| HeadInfo {
+                index: h.index,
+                peer_id: h.peer_id.to_string(),
+                addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,166 @@
+//! Our inbound `/ipfs/kad/1.0.0` listener: a `NetworkBehaviour` whose per-connection handler
+//! accepts inbound kad streams and hands each one, with its authenticated peer, to a bounded queue.
+//!
+//! Why not kad's own server: `kad::Behaviour` answers inbound requests from a synchronous
+//! `RecordStore` inside the swarm's poll, so a slow datastore would stall the whole head (the
+//! single-loop failure of go-libp2p-kad-dht #729/#736). kad runs in client mode beside this.
+//! Why not `libp2p-stream`: its accept channel has one slot and drops streams under burst.
+//!
+//! The handler never awaits: a full queue resets the stream (dropping it) and counts it. Because
+//! the handler listens on the kad protocol, identify advertises `/ipfs/kad/1.0.0`, which is how
+//! go and js peers recognise a DHT server. Accepted streams leave the connection's stream budget
+//! at once, so a burst of requests on one connection is limited only by the queue.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use libp2p::core::upgrade::{DeniedUpgrade, ReadyUpgrade};
+use libp2p::core::{transport::PortUse, Endpoint, Multiaddr};
+use libp2p::swarm::handler::{ConnectionEvent, FullyNegotiatedInbound};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use tokio::sync::mpsc;
+
+use crate::metrics::{KadMetrics, StreamEvent};
+
+/// The Amino DHT protocol.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/kad/1.0.0");
+
+/// An accepted inbound kad stream, waiting for a stream task.
+pub struct InboundStream {
+    /// Index of the head that accepted it.
+    pub head: usize,
+    /// The authenticated remote peer.
+    pub peer: PeerId,
+    pub stream: Stream,
+}
+
+/// Shared intake state for all heads: the queue and whether new streams are accepted.
+#[derive(Clone)]
+pub struct Intake {
+    queue: mpsc::Sender<InboundStream>,
+    /// False at the peak load level: new streams are reset at once.
+    accepting: Arc<AtomicBool>,
+    metrics: KadMetrics,
+}
+
+impl Intake {
+    pub fn new(queue: mpsc::Sender<InboundStream>, metrics: KadMetrics) -> Self {
+        Self { queue, accepting: Arc::new(AtomicBool::new(true)), metrics }
+    }
+
+    /// Stop (or resume) accepting new inbound kad streams.
+    pub fn set_accepting(&self, yes: bool) {
+        self.accepting.store(yes, Ordering::Relaxed);
+    }
+
+    fn offer(&self, s: InboundStream) {
+        if !self.accepting.load(Ordering::Relaxed) {
+            self.metrics.stream(StreamEvent::QueueFull);
+            return; // dropped: the stream is reset
+        }
+        match self.queue.try_send(s) {
+            Ok(()) => self.metrics.stream(StreamEvent::Queued),
+            Err(_) => self.metrics.stream(StreamEvent::QueueFull),
+        }
+    }
+}
+
+/// The behaviour of one head.
+pub struct KadServer {
+    head: usize,
+    intake: Intake,
+}
+
+impl KadServer {
+    pub fn new(head: usize, intake: Intake) -> Self {
+        Self { head, intake }
+    }
+
+    fn handler(&self, peer: PeerId) -> Handler {
+        Handler { head: self.head, peer, intake: self.intake.clone() }
+    }
+}
+
+impl NetworkBehaviour for KadServer {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn on_swarm_event(&mut self, _: FromSwarm) {}
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, ev: THandlerOutEvent<Self>) {
+        match ev {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+/// Per-connection handler: listens on the kad protocol, forwards negotiated streams.
+pub struct Handler {
+    head: usize,
+    peer: PeerId,
+    intake: Intake,
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Infallible;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type OutboundProtocol = DeniedUpgrade;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = ();
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, ()> {
+        SubstreamProtocol::new(ReadyUpgrade::new(KAD_PROTOCOL), ())
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Self::ToBehaviour>> {
+        Poll::Pending
+    }
+
+    fn on_behaviour_event(&mut self, ev: Self::FromBehaviour) {
+        match ev {}
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), ()>,
+    ) {
+        if let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) =
+            event
+        {
+            self.intake.offer(InboundStream { head: self.head, peer: self.peer, stream });
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The `hydra` binary: parse the command line, build the configuration, start tracing, and run
+//! the node until SIGINT or SIGTERM. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use hydra::config::{AddressFilter, ConfigFile, LogFormat, Overrides};
+
+#[derive(Parser)]
+#[command(name = "hydra", version, about = "Many IPFS Amino DHT server heads sharing one provider store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node.
+    Run(NodeArgs),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the effective values (passwords redacted).
+    Check(NodeArgs),
+}
+
+/// Flags shared by the commands that build a configuration. Each flag may also come from its
+/// `HYDRA_*` environment variable; a flag beats its variable, and both beat the file.
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HYDRA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Number of DHT heads.
+    #[arg(long, env = "HYDRA_HEADS")]
+    heads: Option<usize>,
+    /// IP address the heads listen on.
+    #[arg(long, env = "HYDRA_LISTEN_IP")]
+    listen_ip: Option<String>,
+    /// Head i listens on port_base+i (TCP and QUIC); 0 = ephemeral.
+    #[arg(long, env = "HYDRA_PORT_BASE")]
+    port_base: Option<u16>,
+    /// Directory of the embedded store.
+    #[arg(long, env = "HYDRA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the HTTP server.
+    #[arg(long, env = "HYDRA_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Bootstrap peers (multiaddrs with /p2p/…), comma-separated.
+    #[arg(long, env = "HYDRA_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Option<Vec<String>>,
+    /// postgres://… for the fleet store; empty for the embedded store.
+    #[arg(long, env = "HYDRA_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "HYDRA_LOG_FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    /// Which peer addresses may enter routing tables: public or any.
+    #[arg(long, env = "HYDRA_ADDRESS_FILTER", value_parser = parse_filter)]
+    address_filter: Option<AddressFilter>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
+}
+
+fn parse_filter(s: &str) -> Result<AddressFilter, String> {
+    match s {
+        "public" => Ok(AddressFilter::Public),
+        "any" => Ok(AddressFilter::Any),
+        _ => Err("expected public or any".into()),
+    }
+}
+
+/// Exit code for configuration errors (as for command-line usage errors).
+const EXIT_CONFIG: u8 = 2;
+
+fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
+    let mut file = match &args.config {
+        Some(p) => ConfigFile::from_file(p).map_err(|e| e.to_string())?,
+        None => ConfigFile::default(),
+    };
+    file.apply(Overrides {
+        heads: args.heads,
+        listen_ip: args.listen_ip.clone(),
+        port_base: args.port_base,
+        data_dir: args.data_dir.clone(),
+        http_listen: args.http_listen.clone(),
+        bootstrap: args.bootstrap.clone(),
+        database_url: args.database_url.clone(),
+        log_format: args.log_format,
+        address_filter: args.address_filter,
+    });
+    Ok(file)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, check_only) = match &cli.command {
+        Command::Run(a) => (a.clone(), false),
+        Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), true),
+    };
+    let file = match load(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("hydra: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cfg = match file.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hydra: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check_only {
+        print!("{}", file.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hydra: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("hydra: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
+    let node = hydra::Node::start(cfg).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,357 @@
+//! Prometheus metrics. One struct per subsystem, registered into a [`Registry`] passed by handle
+//! (no global statics). Names follow `hydra_<subsystem>_<thing>_<unit>`; label values come only from
+//! fixed enums or the head index, never from a peer ID or a key. Every label series is created up
+//! front so dashboards show zeros rather than gaps.
+
+use std::time::Instant;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::wire::MessageType;
+
+/// Outcome of one inbound request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered (or, for ADD_PROVIDER, accepted).
+    Ok,
+    /// Malformed or invalid; the stream was reset.
+    Invalid,
+    /// Deliberately not served in full (load, limits, deadlines).
+    Shed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 3] = [Outcome::Ok, Outcome::Invalid, Outcome::Shed];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Invalid => "invalid",
+            Outcome::Shed => "shed",
+        }
+    }
+}
+
+/// Things that happen to an inbound kad stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Handed to the queue.
+    Queued,
+    /// Queue full: reset and dropped.
+    QueueFull,
+    /// Ended by the peer with EOF.
+    Closed,
+    /// Reset after the idle timeout.
+    IdleTimeout,
+    /// A message over the size limit (or the large-message budget): reset.
+    Oversized,
+    /// Any read, write or decode failure.
+    Error,
+}
+
+impl StreamEvent {
+    pub const ALL: [StreamEvent; 6] = [
+        StreamEvent::Queued,
+        StreamEvent::QueueFull,
+        StreamEvent::Closed,
+        StreamEvent::IdleTimeout,
+        StreamEvent::Oversized,
+        StreamEvent::Error,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEvent::Queued => "queued",
+            StreamEvent::QueueFull => "queue_full",
+            StreamEvent::Closed => "closed",
+            StreamEvent::IdleTimeout => "idle_timeout",
+            StreamEvent::Oversized => "oversized",
+            StreamEvent::Error => "error",
+        }
+    }
+}
+
+/// Datastore operations, each timed by [`DatastoreMetrics::time`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbOp {
+    PutProviders,
+    GetProviders,
+    PutValue,
+    GetValue,
+    Gc,
+    Migrate,
+}
+
+impl DbOp {
+    pub const ALL: [DbOp; 6] =
+        [DbOp::PutProviders, DbOp::GetProviders, DbOp::PutValue, DbOp::GetValue, DbOp::Gc, DbOp::Migrate];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbOp::PutProviders => "put_providers",
+            DbOp::GetProviders => "get_providers",
+            DbOp::PutValue => "put_value",
+            DbOp::GetValue => "get_value",
+            DbOp::Gc => "gc",
+            DbOp::Migrate => "migrate",
+        }
+    }
+}
+
+/// Why the provider manager shed work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    /// The write-behind buffer is full.
+    WriteBufferFull,
+    /// Too many datastore reads in flight.
+    ReadsInFlight,
+    /// The read missed its deadline.
+    ReadDeadline,
+    /// The datastore returned an error.
+    DatastoreError,
+}
+
+impl ShedReason {
+    pub const ALL: [ShedReason; 4] = [
+        ShedReason::WriteBufferFull,
+        ShedReason::ReadsInFlight,
+        ShedReason::ReadDeadline,
+        ShedReason::DatastoreError,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedReason::WriteBufferFull => "write_buffer_full",
+            ShedReason::ReadsInFlight => "reads_in_flight",
+            ShedReason::ReadDeadline => "read_deadline",
+            ShedReason::DatastoreError => "datastore_error",
+        }
+    }
+}
+
+/// All of the node's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub kad: KadMetrics,
+    pub datastore: DatastoreMetrics,
+    pub providers: ProviderMetrics,
+    pub heads: HeadMetrics,
+}
+
+#[derive(Clone)]
+pub struct KadMetrics {
+    /// Requests by head, message type and outcome.
+    pub requests: IntCounterVec,
+    /// Time from a decoded request to its reply written, by message type.
+    pub request_duration: HistogramVec,
+    /// Inbound stream events.
+    pub streams: IntCounterVec,
+    /// Stream tasks running now.
+    pub active_streams: IntGauge,
+}
+
+#[derive(Clone)]
+pub struct DatastoreMetrics {
+    pub duration: HistogramVec,
+    pub errors: IntCounterVec,
+}
+
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    pub write_buffer_entries: IntGauge,
+    pub flush_rows: Histogram,
+    pub flushes_failed: IntCounter,
+    pub shed: IntCounterVec,
+    pub reads_in_flight: IntGauge,
+    pub gc_deleted_rows: IntCounter,
+}
+
+#[derive(Clone)]
+pub struct HeadMetrics {
+    pub routing_table_peers: IntGaugeVec,
+    pub connections: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    /// Create and register every metric, with label series for `heads` heads.
+    pub fn new(registry: &Registry, heads: usize) -> Self {
+        let requests = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_kad_requests_total", "Inbound DHT requests by head, type and outcome"),
+                &["head", "type", "outcome"],
+            )
+            .unwrap(),
+        );
+        let request_duration = reg(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hydra_kad_request_duration_seconds",
+                    "Time to serve one inbound DHT request, by message type",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                &["type"],
+            )
+            .unwrap(),
+        );
+        let streams = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_kad_streams_total", "Inbound kad stream events"),
+                &["event"],
+            )
+            .unwrap(),
+        );
+        let active_streams = reg(
+            registry,
+            IntGauge::new("hydra_kad_active_streams", "Inbound kad streams being served now").unwrap(),
+        );
+        for h in 0..heads {
+            let h = h.to_string();
+            for t in MessageType::ALL {
+                for o in Outcome::ALL {
+                    requests.with_label_values(&[h.as_str(), t.as_str(), o.as_str()]);
+                }
+            }
+        }
+        for t in MessageType::ALL {
+            request_duration.with_label_values(&[t.as_str()]);
+        }
+        for e in StreamEvent::ALL {
+            streams.with_label_values(&[e.as_str()]);
+        }
+
+        let duration = reg(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hydra_datastore_operation_duration_seconds",
+                    "Duration of datastore calls by operation",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+                &["op"],
+            )
+            .unwrap(),
+        );
+        let errors = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_datastore_errors_total", "Failed datastore calls by operation"),
+                &["op"],
+            )
+            .unwrap(),
+        );
+        for op in DbOp::ALL {
+            duration.with_label_values(&[op.as_str()]);
+            errors.with_label_values(&[op.as_str()]);
+        }
+
+        let shed = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_providers_shed_total", "Provider operations shed, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+        );
+        for r in ShedReason::ALL {
+            shed.with_label_values(&[r.as_str()]);
+        }
+        let providers = ProviderMetrics {
+            write_buffer_entries: reg(
+                registry,
+                IntGauge::new(
+                    "hydra_providers_write_buffer_entries",
+                    "Provider records buffered and not yet written",
+                )
+                .unwrap(),
+            ),
+            flush_rows: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("hydra_providers_flush_rows", "Rows per batched provider write")
+                        .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
+                )
+                .unwrap(),
+            ),
+            flushes_failed: reg(
+                registry,
+                IntCounter::new(
+                    "hydra_providers_flush_failures_total",
+                    "Batched provider writes that failed (their rows were lost)",
+                )
+                .unwrap(),
+            ),
+            shed,
+            reads_in_flight: reg(
+                registry,
+                IntGauge::new("hydra_providers_reads_in_flight", "Datastore reads in flight").unwrap(),
+            ),
+            gc_deleted_rows: reg(
+                registry,
+                IntCounter::new("hydra_providers_gc_deleted_rows_total", "Expired rows deleted").unwrap(),
+            ),
+        };
+
+        let routing_table_peers = reg(
+            registry,
+            IntGaugeVec::new(
+                Opts::new("hydra_head_routing_table_peers", "Peers in each head's routing table"),
+                &["head"],
+            )
+            .unwrap(),
+        );
+        let connections = reg(
+            registry,
+            IntGaugeVec::new(
+                Opts::new("hydra_head_connections", "Established connections per head"),
+                &["head"],
+            )
+            .unwrap(),
+        );
+        for h in 0..heads {
+            routing_table_peers.with_label_values(&[&h.to_string()]);
+            connections.with_label_values(&[&h.to_string()]);
+        }
+
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            registry.register(Box::new(pc)).expect("process collector registers once");
+        }
+
+        Metrics {
+            kad: KadMetrics { requests, request_duration, streams, active_streams },
+            datastore: DatastoreMetrics { duration, errors },
+            providers,
+            heads: HeadMetrics { routing_table_peers, connections },
+        }
+    }
+}
+
+impl KadMetrics {
+    pub fn stream(&self, e: StreamEvent) {
+        self.streams.with_label_values(&[e.as_str()]).inc();
+    }
+}
+
+impl DatastoreMetrics {
+    /// The one wrapper through which every datastore call is timed and its errors counted.
+    pub async fn time<T, E, F>(&self, op: DbOp, fut: F) -> Result<T, E>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        let start = Instant::now();
+        let res = fut.await;
+        self.duration.with_label_values(&[op.as_str()]).observe(start.elapsed().as_secs_f64());
+        if res.is_err() {
+            self.errors.with_label_values(&[op.as_str()]).inc();
+        }
+        res
+    }
+}

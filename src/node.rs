@@ -1,0 +1,139 @@
+//! The node: wires the store, the provider manager, the heads, the stream dispatcher and the
+//! HTTP server together, and shuts them down in a fixed order.
+//!
+//! Start order: store (with migrations) → provider manager → heads (bound and listening; each
+//! learns its siblings) → dispatcher → head tasks → HTTP. Shutdown order: stop intake (heads,
+//! dispatcher, stream tasks, HTTP) → wait for those tasks (bounded) → flush every buffered write
+//! → close the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus::Registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::head::{self, HeadShared};
+use crate::kad_server::Intake;
+use crate::metrics::Metrics;
+use crate::providers::ProviderManager;
+use crate::server::{self, HeadView, Service};
+use crate::store::Store;
+
+/// How long shutdown waits for stream and head tasks before flushing anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A running node.
+pub struct Node {
+    heads: Arc<Vec<Arc<HeadShared>>>,
+    http_addr: SocketAddr,
+    providers: ProviderManager,
+    intake: Intake,
+    registry: Registry,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Node {
+    /// Start everything described by `cfg`. Returns once every head listens and HTTP is bound.
+    pub async fn start(cfg: Config) -> anyhow::Result<Node> {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry, cfg.heads);
+        let store = Store::open(&cfg.store, metrics.datastore.clone()).await.context("open datastore")?;
+        let providers = ProviderManager::start(
+            store,
+            cfg.providers.clone(),
+            cfg.limits.max_providers_per_reply,
+            metrics.providers.clone(),
+        );
+
+        let (tx, rx) = mpsc::channel(cfg.limits.inbound_queue);
+        let intake = Intake::new(tx, metrics.kad.clone());
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        // Key generation is CPU work: keep it off the async workers.
+        let n = cfg.heads;
+        let keys = tokio::task::spawn_blocking(move || (0..n).map(crate::identity::head_keypair).collect::<Vec<_>>())
+            .await
+            .context("generate head keys")?;
+        let mut starting = Vec::with_capacity(n);
+        for (i, key) in keys.into_iter().enumerate() {
+            let h = head::bind(i, key, &cfg, intake.clone(), metrics.heads.clone()).await;
+            match h {
+                Ok(h) => starting.push(h),
+                Err(e) => {
+                    providers.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        // Every head knows its siblings: they are DHT servers spread over the keyspace.
+        let known: Vec<_> =
+            starting.iter().map(|h| (h.shared.peer_id, (**h.shared.listen_addrs.load()).clone())).collect();
+        for h in &mut starting {
+            let me = h.shared.peer_id;
+            for (peer, addrs) in known.iter().filter(|(p, _)| *p != me) {
+                h.add_peer(*peer, addrs);
+            }
+            for (peer, addr) in &cfg.bootstrap {
+                h.add_peer(*peer, std::slice::from_ref(addr));
+            }
+        }
+        let heads: Arc<Vec<Arc<HeadShared>>> = Arc::new(starting.iter().map(|h| h.shared.clone()).collect());
+
+        let views = heads
+            .iter()
+            .map(|h| HeadView { peer_id: h.peer_id, routing: h.routing.clone() })
+            .collect();
+        let svc = Arc::new(Service::new(views, providers.clone(), metrics.kad.clone(), cfg.limits.clone()));
+        tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));
+        let bootstrap = !cfg.bootstrap.is_empty();
+        for h in starting {
+            tasks.spawn(h.run(bootstrap, cancel.clone()));
+        }
+
+        let (http_addr, http) =
+            crate::http::bind(cfg.http_listen, heads.clone(), registry.clone(), cancel.clone()).await?;
+        tasks.spawn(http);
+        tracing::info!(heads = heads.len(), http = %http_addr, "node started");
+        Ok(Node { heads, http_addr, providers, intake, registry, cancel, tasks })
+    }
+
+    pub fn heads(&self) -> &[Arc<HeadShared>] {
+        &self.heads
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn providers(&self) -> &ProviderManager {
+        &self.providers
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Stop (or resume) accepting new inbound kad streams on every head.
+    pub fn set_accepting(&self, yes: bool) {
+        self.intake.set_accepting(yes);
+    }
+
+    /// Graceful shutdown: stop intake, wait (bounded) for tasks, flush writes, close the store.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
+            tracing::warn!("tasks still running after {SHUTDOWN_GRACE:?}; flushing anyway");
+        }
+        let buffered = self.providers.buffered();
+        self.providers.shutdown().await;
+        tracing::info!(flushed = buffered, "node stopped");
+    }
+}

@@ -1,0 +1,91 @@
+//! Routing-table snapshots: how stream tasks answer "closer peers" without waiting on a swarm.
+//!
+//! Each head's swarm task rebuilds a [`RoutingSnapshot`] from its kad routing table when the
+//! table changes and publishes it through an `ArcSwap`; stream tasks load the current snapshot
+//! (a pointer read) and compute the k closest peers to a key from it. The snapshot is immutable,
+//! so readers never block the swarm and the swarm never blocks readers.
+
+use libp2p::kad::KBucketKey;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::types::PeerRecord;
+
+/// Kademlia replication parameter: closer-peer replies carry at most this many peers.
+pub const K_VALUE: usize = 20;
+
+/// One routing-table entry with its precomputed Kademlia key.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: KBucketKey<PeerId>,
+    addrs: Vec<Multiaddr>,
+}
+
+/// An immutable copy of one head's routing table.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingSnapshot {
+    entries: Vec<Entry>,
+}
+
+impl RoutingSnapshot {
+    pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>) -> Self {
+        Self {
+            entries: peers
+                .into_iter()
+                .filter(|(_, a)| !a.is_empty())
+                .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
+                .collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The up to `k` peers closest to `target` (raw key bytes, hashed as Kademlia does),
+    /// excluding `exclude` (the requester and the head itself). O(n) selection, then a sort of k.
+    pub fn closest(&self, target: &[u8], k: usize, exclude: &[PeerId]) -> Vec<PeerRecord> {
+        let target = KBucketKey::new(target.to_vec());
+        let mut cands: Vec<(libp2p::kad::KBucketDistance, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|e| !exclude.contains(e.key.preimage()))
+            .map(|e| (e.key.distance(&target), e))
+            .collect();
+        if cands.len() > k && k > 0 {
+            cands.select_nth_unstable_by(k - 1, |a, b| a.0.cmp(&b.0));
+            cands.truncate(k);
+        }
+        cands.sort_by(|a, b| a.0.cmp(&b.0));
+        cands.truncate(k);
+        cands
+            .into_iter()
+            .map(|(_, e)| PeerRecord { peer: *e.key.preimage(), addrs: e.addrs.clone() })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_matches_a_full_sort_and_excludes() {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let peers: Vec<PeerId> = (0..200).map(|_| PeerId::random()).collect();
+        let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])));
+        let target = b"some key".to_vec();
+        let excluded = peers[0];
+        let got: Vec<PeerId> = snap.closest(&target, K_VALUE, &[excluded]).into_iter().map(|r| r.peer).collect();
+
+        let t = KBucketKey::new(target.clone());
+        let mut all: Vec<PeerId> = peers.iter().copied().filter(|p| *p != excluded).collect();
+        all.sort_by_key(|p| KBucketKey::from(*p).distance(&t));
+        assert_eq!(got, all[..K_VALUE].to_vec());
+        assert!(snap.closest(&target, 5, &[]).len() == 5);
+        assert!(RoutingSnapshot::default().closest(&target, 5, &[]).is_empty());
+    }
+}

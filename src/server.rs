@@ -1,0 +1,224 @@
+//! Serving inbound kad streams: the dispatcher and the per-stream request loop.
+//!
+//! The dispatcher takes streams from the intake queue ([`crate::kad_server`]) and runs each in its
+//! own task, at most `max_concurrent_streams` at once; while that many run, the queue fills and
+//! the handlers reset new streams (counted). A stream task serves many requests in sequence:
+//! every read has a deadline (`stream_idle_timeout` between requests, `io_timeout` within one), as
+//! do every write and the final close, so a slow or silent peer never holds a task for long.
+//!
+//! Requests are answered from the head's routing snapshot (FIND_NODE, closer peers) and from the
+//! provider manager (providers, values); nothing here touches a swarm.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use futures::AsyncWriteExt;
+use libp2p::PeerId;
+use rand::seq::SliceRandom;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::LimitsSection;
+use crate::kad_server::InboundStream;
+use crate::metrics::{KadMetrics, Outcome, StreamEvent};
+use crate::providers::ProviderManager;
+use crate::routing::{RoutingSnapshot, K_VALUE};
+use crate::wire::{self, FrameError, Request, Response, MAX_MESSAGE_SIZE};
+
+/// Messages up to this size are read without touching the large-message budget.
+const SMALL_MESSAGE: usize = 64 * 1024;
+
+/// What a stream task needs to know about a head.
+pub struct HeadView {
+    pub peer_id: PeerId,
+    pub routing: Arc<ArcSwap<RoutingSnapshot>>,
+}
+
+/// Everything the stream tasks share.
+pub struct Service {
+    pub heads: Vec<HeadView>,
+    pub providers: ProviderManager,
+    pub metrics: KadMetrics,
+    pub limits: LimitsSection,
+    /// Budget, in KiB, for bodies of messages larger than [`SMALL_MESSAGE`] held at once.
+    large_budget: Semaphore,
+}
+
+impl Service {
+    pub fn new(heads: Vec<HeadView>, providers: ProviderManager, metrics: KadMetrics, limits: LimitsSection) -> Self {
+        let kib = limits.large_message_budget_bytes / 1024;
+        Self { heads, providers, metrics, limits, large_budget: Semaphore::new(kib) }
+    }
+}
+
+/// Run until cancelled: take queued streams and serve each in a task, bounded.
+pub async fn dispatch(
+    svc: Arc<Service>,
+    mut queue: mpsc::Receiver<InboundStream>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(svc.limits.max_concurrent_streams));
+    loop {
+        let s = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = queue.recv() => match s { Some(s) => s, None => return },
+        };
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let svc = svc.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            svc.metrics.active_streams.inc();
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = serve_stream(&svc, s) => {}
+            }
+            svc.metrics.active_streams.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was
+/// not closed resets it.
+async fn serve_stream(svc: &Service, s: InboundStream) {
+    let InboundStream { head, peer, mut stream } = s;
+    let l = &svc.limits;
+    loop {
+        let len = match tokio::time::timeout(l.stream_idle_timeout, wire::read_length(&mut stream)).await {
+            Err(_) => return svc.metrics.stream(StreamEvent::IdleTimeout),
+            Ok(Ok(None)) => {
+                svc.metrics.stream(StreamEvent::Closed);
+                let _ = tokio::time::timeout(l.io_timeout, stream.close()).await;
+                return;
+            }
+            Ok(Ok(Some(n))) => n,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "kad stream read failed");
+                return svc.metrics.stream(StreamEvent::Error);
+            }
+        };
+        if len > MAX_MESSAGE_SIZE {
+            tracing::debug!(%peer, len, "kad message over the size limit");
+            return svc.metrics.stream(StreamEvent::Oversized);
+        }
+        let _budget = if len > SMALL_MESSAGE {
+            match svc.large_budget.try_acquire_many(len.div_ceil(1024) as u32) {
+                Ok(p) => Some(p),
+                Err(_) => return svc.metrics.stream(StreamEvent::Oversized),
+            }
+        } else {
+            None
+        };
+        let body = match tokio::time::timeout(l.io_timeout, wire::read_body(&mut stream, len)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(FrameError::Io(e))) => {
+                tracing::debug!(%peer, error = %e, "kad stream body read failed");
+                return svc.metrics.stream(StreamEvent::Error);
+            }
+            Ok(Err(_)) | Err(_) => return svc.metrics.stream(StreamEvent::Error),
+        };
+        drop(_budget);
+        let start = Instant::now();
+        let req = match wire::decode_request(&body, &peer) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "invalid kad message");
+                return svc.metrics.stream(StreamEvent::Error);
+            }
+        };
+        let ty = req.message_type();
+        let (reply, outcome) = handle(svc, head, peer, req).await;
+        svc.metrics
+            .requests
+            .with_label_values(&[&head.to_string(), ty.as_str(), outcome.as_str()])
+            .inc();
+        let resp = match reply {
+            Reply::Reset => return svc.metrics.stream(StreamEvent::Error),
+            Reply::Nothing => None,
+            Reply::Send(r) => Some(r),
+        };
+        if let Some(resp) = resp {
+            let bytes = wire::encode_response(&resp);
+            match tokio::time::timeout(l.io_timeout, wire::write_frame(&mut stream, &bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "kad reply write failed");
+                    return svc.metrics.stream(StreamEvent::Error);
+                }
+                Err(_) => return svc.metrics.stream(StreamEvent::Error),
+            }
+        }
+        svc.metrics.request_duration.with_label_values(&[ty.as_str()]).observe(start.elapsed().as_secs_f64());
+    }
+}
+
+/// What to do on the stream after a request.
+enum Reply {
+    Send(Response),
+    /// No reply (ADD_PROVIDER never has one).
+    Nothing,
+    /// Reset the stream: the request failed in a way the peer must notice.
+    Reset,
+}
+
+/// Answer one request.
+async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
+    let me = svc.heads[head].peer_id;
+    let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
+    match req {
+        Request::Ping => (Reply::Send(Response::Ping), Outcome::Ok),
+        Request::FindNode { key } => {
+            let closer = closer(&key);
+            (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
+        }
+        Request::GetProviders { key } => {
+            let (mut providers, outcome) = match svc.providers.get_providers(&key).await {
+                Ok(p) => (p, Outcome::Ok),
+                Err(_) => (Vec::new(), Outcome::Shed),
+            };
+            providers.shuffle(&mut rand::thread_rng());
+            providers.truncate(svc.limits.max_providers_per_reply);
+            let closer = closer(key.as_bytes());
+            (Reply::Send(Response::GetProviders { key, providers, closer }), outcome)
+        }
+        Request::AddProvider { key, providers, rejected } => {
+            if providers.is_empty() {
+                tracing::debug!(%peer, rejected, "ADD_PROVIDER without a valid entry for the sender");
+                // Counted, but not worth a reset: go ignores such entries too.
+                return (Reply::Nothing, Outcome::Invalid);
+            }
+            let mut outcome = Outcome::Ok;
+            for rec in providers {
+                if svc.providers.add_provider(key.clone(), rec).is_err() {
+                    outcome = Outcome::Shed;
+                }
+            }
+            (Reply::Nothing, outcome)
+        }
+        Request::GetValue { key } => {
+            let (record, outcome) = match svc.providers.get_value(&key).await {
+                Ok(r) => (r, Outcome::Ok),
+                Err(_) => (None, Outcome::Shed),
+            };
+            let closer = closer(&key);
+            (Reply::Send(Response::GetValue { key, record, closer }), outcome)
+        }
+        Request::PutValue { key, mut record } => {
+            if let Err(e) = crate::records::validate(&record) {
+                tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
+                return (Reply::Reset, Outcome::Invalid);
+            }
+            record.time_received = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+            match svc.providers.put_value(&record).await {
+                Ok(()) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
+                Err(_) => (Reply::Reset, Outcome::Shed),
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! One writer connection (SQLite serialises writers anyway; a single connection avoids
+//! `SQLITE_BUSY` storms) and a small pool of reader connections, which WAL lets run beside the
+//! writer. Migrations live in `migrations/sqlite/` and are compiled into the binary.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+
+use super::{ProviderWrite, StoreError};
+use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
+
+/// Migrations compiled into the binary: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// Rows per INSERT statement: 3 bound parameters each stays far below SQLite's 32,766 limit.
+const ROWS_PER_STATEMENT: usize = 1000;
+/// Keys per lookup statement.
+const KEYS_PER_STATEMENT: usize = 500;
+/// Reader connections. Reads are point lookups that finish in microseconds; four keep both cores
+/// busy while a write is in progress.
+const READERS: u32 = 4;
+
+/// A [`MigrationSource`] over SQL compiled into the binary (no `sqlx::migrate!` macro needed).
+#[derive(Debug)]
+pub struct Embedded(pub &'static [(i64, &'static str, &'static str)]);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(v, d, sql)| {
+                    Migration::new(*v, Cow::Borrowed(*d), MigrationType::Simple, Cow::Borrowed(*sql), false)
+                })
+                .collect())
+        })
+    }
+}
+
+/// Handle to the SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| StoreError::DataDir { path: dir.display().to_string(), source })?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+        let readers = SqlitePoolOptions::new().max_connections(READERS).connect_with(opts).await?;
+        Ok(Self { writer, readers })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        migrator.run(&self.writer).await?;
+        Ok(())
+    }
+
+    pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // Latest addresses per peer in this batch (a later announcement wins).
+        let mut addrs: HashMap<PeerId, &ProviderWrite> = HashMap::new();
+        for r in rows {
+            addrs.insert(r.provider, r);
+        }
+        let addrs: Vec<&ProviderWrite> = addrs.into_values().collect();
+
+        let mut tx = self.writer.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO providers (key, provider, expires_at) ");
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(r.key.as_bytes()).push_bind(r.provider.to_bytes()).push_bind(r.expires_at);
+            });
+            qb.push(
+                " ON CONFLICT (key, provider) DO UPDATE SET \
+                 expires_at = max(providers.expires_at, excluded.expires_at)",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        for chunk in addrs.chunks(ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO peer_addrs (peer, addrs, expires_at) ");
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(r.provider.to_bytes())
+                    .push_bind(encode_addrs(&r.addrs))
+                    .push_bind(r.addrs_expire_at);
+            });
+            qb.push(
+                " ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, \
+                 expires_at = max(peer_addrs.expires_at, excluded.expires_at)",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_providers(
+        &self,
+        keys: &[ProviderKey],
+        now: i64,
+        per_key: usize,
+    ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
+        let mut out = Vec::new();
+        let per_key = i64::try_from(per_key).unwrap_or(i64::MAX);
+        for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT key, provider, addrs FROM (\
+                   SELECT p.key AS key, p.provider AS provider, a.addrs AS addrs, \
+                          row_number() OVER (PARTITION BY p.key) AS rn \
+                   FROM providers p \
+                   LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > ",
+            );
+            qb.push_bind(now);
+            qb.push(" WHERE p.expires_at > ");
+            qb.push_bind(now);
+            qb.push(" AND p.key IN (");
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(k.as_bytes());
+            }
+            qb.push(")) WHERE rn <= ");
+            qb.push_bind(per_key);
+            let rows = qb.build().fetch_all(&self.readers).await?;
+            for row in rows {
+                let key: Vec<u8> = row.try_get("key")?;
+                let provider: Vec<u8> = row.try_get("provider")?;
+                let addrs: Option<Vec<u8>> = row.try_get("addrs")?;
+                // Rows we wrote ourselves always decode; skip anything else rather than fail a read.
+                let (Ok(key), Ok(peer)) = (ProviderKey::new(key), PeerId::from_bytes(&provider)) else {
+                    continue;
+                };
+                let addrs = addrs.map(|a| decode_addrs(&a)).unwrap_or_default();
+                out.push((key, PeerRecord { peer, addrs }));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO value_records (key, value, time_received, expires_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+             time_received = excluded.time_received, expires_at = excluded.expires_at",
+        )
+        .bind(&r.key)
+        .bind(&r.value)
+        .bind(&r.time_received)
+        .bind(expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key, value, time_received FROM value_records WHERE key = ? AND expires_at > ?",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(match row {
+            Some(row) => Some(ValueRecord {
+                key: row.try_get("key")?,
+                value: row.try_get("value")?,
+                time_received: row.try_get("time_received")?,
+            }),
+            None => None,
+        })
+    }
+
+    pub async fn gc_chunk(&self, now: i64, chunk: usize) -> Result<u64, StoreError> {
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let mut deleted = 0;
+        deleted += sqlx::query(
+            "DELETE FROM providers WHERE (key, provider) IN \
+             (SELECT key, provider FROM providers WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(now)
+        .bind(chunk)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        deleted += sqlx::query(
+            "DELETE FROM peer_addrs WHERE peer IN \
+             (SELECT peer FROM peer_addrs WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(now)
+        .bind(chunk)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        deleted += sqlx::query(
+            "DELETE FROM value_records WHERE key IN \
+             (SELECT key FROM value_records WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(now)
+        .bind(chunk)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.readers.close().await;
+    }
+}
