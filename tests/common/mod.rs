@@ -1,0 +1,265 @@
+//! Helpers for integration tests: node configs on loopback, a raw `/ipfs/kad/1.0.0` client (for
+//! messages a well-behaved client never sends), and a real rust-libp2p kad client.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hydra::config::{AddressFilter, ConfigFile};
+use hydra::kad_server::KAD_PROTOCOL;
+use hydra::types::PeerRecord;
+use hydra::wire::{self, MessageType, PbMessage};
+use hydra::{Config, Node};
+use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, Stream, Swarm};
+
+/// Bound for any single wait in a test; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A config for a node with `heads` heads on 127.0.0.1, ephemeral ports, store in `dir`.
+pub fn config(dir: &Path, heads: usize) -> Config {
+    let mut f = ConfigFile::default();
+    f.heads = heads;
+    f.listen_ip = "127.0.0.1".into();
+    f.http_listen = "127.0.0.1:0".into();
+    f.data_dir = dir.to_owned();
+    f.routing.address_filter = AddressFilter::Any;
+    f.providers.flush_interval = Duration::from_millis(50);
+    f.validate().expect("test config is valid")
+}
+
+pub async fn start(dir: &Path, heads: usize) -> Node {
+    Node::start(config(dir, heads)).await.expect("node starts")
+}
+
+/// (peer id, TCP address) of every head.
+pub fn head_addrs(node: &Node) -> Vec<(PeerId, Multiaddr)> {
+    node.heads()
+        .iter()
+        .map(|h| {
+            let tcp = h
+                .listen_addrs
+                .load()
+                .iter()
+                .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+                .cloned()
+                .expect("head has a TCP address");
+            (h.peer_id, tcp)
+        })
+        .collect()
+}
+
+/// Sum of the metric series named `name` carrying all `labels` (0 if none), read from the text
+/// exposition format, as Prometheus would see it.
+pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new().encode(&node.registry().gather(), &mut buf).unwrap();
+    let mut sum = 0.0;
+    for line in String::from_utf8(buf).unwrap().lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            sum += rest.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        }
+    }
+    sum
+}
+
+fn transport_swarm<B: NetworkBehaviour>(
+    make: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> Swarm<B> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|k| make(k))
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+async fn listen_local<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
+    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                return address;
+            }
+        }
+    })
+    .await
+    .expect("client listens")
+}
+
+/// A client speaking the raw kad wire protocol over real libp2p connections.
+pub struct RawClient {
+    pub peer_id: PeerId,
+    /// An address this client listens on (announced in ADD_PROVIDER).
+    pub addr: Multiaddr,
+    control: libp2p_stream::Control,
+    _driver: tokio::task::JoinHandle<()>,
+}
+
+impl RawClient {
+    /// Connect to every given peer, then keep the swarm running in the background.
+    pub async fn connect(peers: &[(PeerId, Multiaddr)]) -> Self {
+        let mut swarm = transport_swarm(|_| libp2p_stream::Behaviour::new());
+        let addr = listen_local(&mut swarm).await;
+        let peer_id = *swarm.local_peer_id();
+        let control = swarm.behaviour().new_control();
+        let mut want: HashSet<PeerId> = peers.iter().map(|p| p.0).collect();
+        for (p, a) in peers {
+            swarm.dial(a.clone().with(Protocol::P2p(*p))).unwrap();
+        }
+        tokio::time::timeout(WAIT, async {
+            while !want.is_empty() {
+                if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
+                    want.remove(&peer_id);
+                }
+            }
+        })
+        .await
+        .expect("raw client connects to every head");
+        let driver = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        Self { peer_id, addr, control, _driver: driver }
+    }
+
+    pub async fn open(&self, peer: PeerId) -> Stream {
+        let mut c = self.control.clone();
+        tokio::time::timeout(WAIT, c.open_stream(peer, KAD_PROTOCOL))
+            .await
+            .expect("open stream in time")
+            .expect("open kad stream")
+    }
+
+    /// Send one request on a stream and read the reply.
+    pub async fn request(s: &mut Stream, body: &[u8]) -> std::io::Result<PbMessage> {
+        wire::write_frame(s, body).await?;
+        let len = tokio::time::timeout(WAIT, wire::read_length(s))
+            .await
+            .map_err(|_| std::io::Error::other("reply timed out"))?
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        let body = wire::read_body(s, len).await.map_err(std::io::Error::other)?;
+        wire::decode_message(&body).map_err(std::io::Error::other)
+    }
+
+    /// Send a message that has no reply (ADD_PROVIDER).
+    pub async fn send(s: &mut Stream, body: &[u8]) -> std::io::Result<()> {
+        wire::write_frame(s, body).await
+    }
+
+    pub fn add_provider_body(&self, key: &[u8]) -> Vec<u8> {
+        wire::encode_request(
+            MessageType::AddProvider,
+            key,
+            &[PeerRecord { peer: self.peer_id, addrs: vec![self.addr.clone()] }],
+        )
+    }
+
+    pub async fn get_providers(&self, head: PeerId, key: &[u8]) -> PbMessage {
+        let mut s = self.open(head).await;
+        Self::request(&mut s, &wire::encode_request(MessageType::GetProviders, key, &[]))
+            .await
+            .expect("GET_PROVIDERS reply")
+    }
+}
+
+#[derive(NetworkBehaviour)]
+pub struct ClientBehaviour {
+    identify: identify::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+}
+
+/// A stock rust-libp2p kad client (client mode) with an external address to announce.
+pub struct KadClient {
+    pub swarm: Swarm<ClientBehaviour>,
+    pub addr: Multiaddr,
+}
+
+impl KadClient {
+    pub async fn new(heads: &[(PeerId, Multiaddr)]) -> Self {
+        let mut swarm = transport_swarm(|k| {
+            let id = k.public().to_peer_id();
+            let mut kad = kad::Behaviour::with_config(
+                id,
+                kad::store::MemoryStore::new(id),
+                kad::Config::new(KAD_PROTOCOL),
+            );
+            kad.set_mode(Some(kad::Mode::Client));
+            ClientBehaviour { identify: identify::Behaviour::new(identify::Config::new("ipfs/0.1.0".into(), k.public())), kad }
+        });
+        let addr = listen_local(&mut swarm).await;
+        swarm.add_external_address(addr.clone());
+        for (p, a) in heads {
+            swarm.behaviour_mut().kad.add_address(p, a.clone());
+        }
+        Self { swarm, addr }
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Drive the swarm until query `id` reports its last step; return every step's result.
+    pub async fn finish(&mut self, id: QueryId) -> Vec<QueryResult> {
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id: qid,
+                    result,
+                    step,
+                    ..
+                })) = self.swarm.select_next_some().await
+                {
+                    if qid == id {
+                        out.push(result);
+                        if step.last {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("kad query finishes in time");
+        out
+    }
+
+    /// Keep the swarm running until `done()` holds (checked every 20 ms).
+    pub async fn drive_until(&mut self, mut done: impl FnMut() -> bool) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                tokio::select! {
+                    _ = self.swarm.select_next_some() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => if done() { return },
+                }
+            }
+        })
+        .await
+        .expect("condition reached in time");
+    }
+
+    pub async fn providers(&mut self, key: kad::RecordKey) -> HashSet<PeerId> {
+        let id = self.swarm.behaviour_mut().kad.get_providers(key);
+        let mut found = HashSet::new();
+        for r in self.finish(id).await {
+            if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. })) = r {
+                found.extend(providers);
+            }
+        }
+        found
+    }
+}

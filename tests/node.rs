@@ -1,0 +1,259 @@
+//! End-to-end tests of a node over real libp2p connections on loopback, with the real embedded
+//! store on disk.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{head_addrs, metric, start, KadClient, RawClient, WAIT};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use hydra::wire::{self, MessageType};
+use libp2p::kad::{self, PutRecordOk, QueryResult, Quorum, Record, RecordKey};
+use libp2p::PeerId;
+
+fn random_key() -> Vec<u8> {
+    // A sha2-256 multihash header followed by 32 random bytes, like a CID's multihash.
+    let mut k = vec![0x12, 0x20];
+    k.extend((0..32).map(|_| rand::random::<u8>()));
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_kad_client_provides_finds_and_stores_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 3).await;
+    let heads = head_addrs(&node);
+
+    // Client A announces; client B, a separate peer, finds A through the heads.
+    let mut a = KadClient::new(&heads).await;
+    let key = RecordKey::new(&random_key());
+    let id = a.swarm.behaviour_mut().kad.start_providing(key.clone()).unwrap();
+    let res = a.finish(id).await;
+    assert!(matches!(res.last(), Some(QueryResult::StartProviding(Ok(_)))), "{res:?}");
+    // rust-libp2p reports success before its ADD_PROVIDER messages are written: keep A running
+    // until every head (all are among the closest) has taken the announcement.
+    let adds = || metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")]);
+    a.drive_until(|| adds() >= heads.len() as f64).await;
+
+    let mut b = KadClient::new(&heads).await;
+    let found = b.providers(key).await;
+    assert!(found.contains(&a.peer_id()), "B found {found:?}, expected A {}", a.peer_id());
+
+    // get_closest_peers: the heads answer FIND_NODE with their siblings.
+    let target = PeerId::random();
+    let id = b.swarm.behaviour_mut().kad.get_closest_peers(target);
+    let mut closest = Vec::new();
+    for r in b.finish(id).await {
+        if let QueryResult::GetClosestPeers(Ok(ok)) = r {
+            closest.extend(ok.peers.into_iter().map(|p| p.peer_id));
+        }
+    }
+    for (h, _) in &heads {
+        assert!(closest.contains(h), "head {h} missing from closest peers {closest:?}");
+    }
+
+    // put_record / get_record with a /pk/ record (a valid public-key record of client A).
+    let kp = libp2p::identity::Keypair::generate_ed25519();
+    let pk_key = RecordKey::new(&[b"/pk/".as_slice(), &kp.public().to_peer_id().to_bytes()].concat());
+    let record = Record::new(pk_key.clone(), kp.public().encode_protobuf());
+    let id = a.swarm.behaviour_mut().kad.put_record(record.clone(), Quorum::One).unwrap();
+    let res = a.finish(id).await;
+    assert!(matches!(res.last(), Some(QueryResult::PutRecord(Ok(PutRecordOk { .. })))), "{res:?}");
+    let id = b.swarm.behaviour_mut().kad.get_record(pk_key);
+    let got: Vec<_> = b
+        .finish(id)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(pr))) => Some(pr.record.value),
+            _ => None,
+        })
+        .collect();
+    assert!(got.contains(&record.value), "record not found: {got:?}");
+
+    // A record outside /pk/ and /ipns/ is refused.
+    let bad = Record::new(RecordKey::new(&b"/v/whatever"), b"x".to_vec());
+    let id = a.swarm.behaviour_mut().kad.put_record(bad, Quorum::One).unwrap();
+    let res = a.finish(id).await;
+    assert!(matches!(res.last(), Some(QueryResult::PutRecord(Err(_)))), "{res:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_announced_to_one_head_is_returned_with_addresses_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 3).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let key = random_key();
+
+    let mut s = client.open(heads[0].0).await;
+    RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+    // Same stream, next request: PING is answered, so the ADD_PROVIDER before it was processed.
+    let pong = RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+    assert_eq!(pong.r#type, MessageType::Ping as i32);
+
+    // Head 1 returns it while it is still buffered (read-your-writes)…
+    let reply = client.get_providers(heads[1].0, &key).await;
+    assert_eq!(reply.provider_peers.len(), 1);
+    assert_eq!(reply.provider_peers[0].id, client.peer_id.to_bytes());
+    assert_eq!(reply.provider_peers[0].addrs, vec![client.addr.to_vec()]);
+    // …and head 2 returns it from the datastore after a flush.
+    node.providers().flush().await;
+    assert_eq!(node.providers().buffered(), 0);
+    let reply = client.get_providers(heads[2].0, &key).await;
+    assert_eq!(reply.provider_peers.len(), 1);
+    assert_eq!(reply.provider_peers[0].addrs, vec![client.addr.to_vec()]);
+    // Closer peers: the other heads, never the requester or the answering head itself.
+    let closer: Vec<PeerId> = reply.closer_peers.iter().map(|p| PeerId::from_bytes(&p.id).unwrap()).collect();
+    assert!(!closer.contains(&heads[2].0) && !closer.contains(&client.peer_id));
+    assert!(closer.contains(&heads[0].0) && closer.contains(&heads[1].0), "{closer:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_add_provider_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let key = random_key();
+    let victim = PeerId::random();
+    let spoof = wire::encode_request(
+        MessageType::AddProvider,
+        &key,
+        &[hydra::types::PeerRecord { peer: victim, addrs: vec![client.addr.clone()] }],
+    );
+    let mut s = client.open(heads[0].0).await;
+    RawClient::send(&mut s, &spoof).await.unwrap();
+    RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+    node.providers().flush().await;
+    let reply = client.get_providers(heads[0].0, &key).await;
+    assert!(reply.provider_peers.is_empty(), "spoofed provider stored: {:?}", reply.provider_peers);
+    let invalid = metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "invalid")]);
+    assert_eq!(invalid, 1.0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_refused_without_harming_other_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let ping = wire::encode_request(MessageType::Ping, &[], &[]);
+
+    let mut good = client.open(heads[0].0).await;
+    RawClient::request(&mut good, &ping).await.unwrap();
+
+    let mut big = client.open(heads[0].0).await;
+    let body = vec![0u8; 5 * 1024 * 1024];
+    // The server resets the stream after reading the length prefix; the write may or may not fail
+    // depending on how much the transport buffered, but no reply may ever come.
+    let _ = wire::write_frame(&mut big, &body).await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, big.read(&mut buf)).await.expect("oversized stream ends");
+    assert!(matches!(read, Ok(0) | Err(_)), "oversized stream got a reply: {read:?}");
+
+    // The other stream on the same connection and a new stream still work.
+    RawClient::request(&mut good, &ping).await.unwrap();
+    let mut fresh = client.open(heads[0].0).await;
+    RawClient::request(&mut fresh, &ping).await.unwrap();
+    assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "oversized")]), 1.0);
+    let _ = good.close().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_records_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = random_key();
+    let provider;
+    {
+        let node = start(dir.path(), 2).await;
+        let heads = head_addrs(&node);
+        let client = RawClient::connect(&heads).await;
+        provider = (client.peer_id, client.addr.clone());
+        let mut s = client.open(heads[0].0).await;
+        RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+        RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+        assert_eq!(node.providers().buffered(), 1, "a 50 ms flush interval has not passed yet");
+        // Graceful shutdown must flush the buffered record.
+        node.shutdown().await;
+    }
+    let node = start(dir.path(), 2).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let reply = client.get_providers(heads[1].0, &key).await;
+    assert_eq!(reply.provider_peers.len(), 1);
+    assert_eq!(reply.provider_peers[0].id, provider.0.to_bytes());
+    assert_eq!(reply.provider_peers[0].addrs, vec![provider.1.to_vec()]);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_on_one_stream_and_http_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 2).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let mut s = client.open(heads[0].0).await;
+    // A burst like the sweep provider's: many ADD_PROVIDERs, then reads, on one stream.
+    let keys: Vec<Vec<u8>> = (0..200).map(|_| random_key()).collect();
+    for k in &keys {
+        RawClient::send(&mut s, &client.add_provider_body(k)).await.unwrap();
+    }
+    for k in keys.iter().take(20) {
+        let r = RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, k, &[])).await.unwrap();
+        assert_eq!(r.provider_peers.len(), 1);
+    }
+    let r = RawClient::request(&mut s, &wire::encode_request(MessageType::FindNode, &PeerId::random().to_bytes(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.closer_peers.len(), 1, "the sibling head");
+    assert_eq!(metric(&node, "hydra_kad_requests_total", &[("head", "0"), ("type", "add_provider"), ("outcome", "ok")]), 200.0);
+
+    // HTTP: /v1/heads lists both heads with their addresses; /metrics and /healthz answer.
+    let base = format!("http://{}", node.http_addr());
+    let listed: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&format!("{base}/v1/heads")).await).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].peer_id, heads[0].0.to_string());
+    assert!(listed[0].addrs.contains(&heads[0].1.to_string()));
+    let metrics = http_get(&format!("{base}/metrics")).await;
+    assert!(metrics.contains("hydra_kad_requests_total{head=\"0\",outcome=\"ok\",type=\"add_provider\"} 200"), "{metrics}");
+    assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), 1);
+    cfg.limits.stream_idle_timeout = Duration::from_millis(300);
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let client = RawClient::connect(&head_addrs(&node)).await;
+    let mut s = client.open(node.heads()[0].peer_id).await;
+    RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("idle stream is ended by the server");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "idle_timeout")]), 1.0);
+    node.shutdown().await;
+}
+
+/// Minimal HTTP/1.1 GET over a TCP socket (keeps the test free of an HTTP client dependency).
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut sock = tokio::net::TcpStream::connect(host).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    sock.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
