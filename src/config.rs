@@ -406,22 +406,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let mut f = ConfigFile::default();
-        f.heads = 0;
+        let f = ConfigFile { heads: 0, ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("heads:"));
-        let mut f = ConfigFile::default();
-        f.listen_ip = "nope".into();
+        let f = ConfigFile { listen_ip: "nope".into(), ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("listen_ip:"));
-        let mut f = ConfigFile::default();
-        f.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".into()];
+        let f = ConfigFile { bootstrap: vec!["/ip4/127.0.0.1/tcp/1".into()], ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("bootstrap:"));
-        let mut f = ConfigFile::default();
-        f.database_url = "mysql://u:secret@h/db".into();
+        let f = ConfigFile { database_url: "mysql://u:secret@h/db".into(), ..Default::default() };
         let e = f.validate().unwrap_err().to_string();
         assert!(e.starts_with("database_url:") && !e.contains("secret"), "{e}");
-        let mut f = ConfigFile::default();
-        f.port_base = 65000;
-        f.heads = 1000;
+        let f = ConfigFile { port_base: 65000, heads: 1000, ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("port_base:"));
     }
 
@@ -443,8 +437,7 @@ mod tests {
     fn urls_are_redacted() {
         assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
-        let mut f = ConfigFile::default();
-        f.database_url = "postgres://u:topsecret@h/db".into();
+        let f = ConfigFile { database_url: "postgres://u:topsecret@h/db".into(), ..Default::default() };
         assert!(!f.to_redacted_toml().contains("topsecret"));
     }
 }

@@ -70,6 +70,9 @@ pub async fn bind(
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .context("set up TCP transport")?
         .with_quic()
+        // Resolves /dns* and /dnsaddr addresses (bootstrap presets) only when dialing them.
+        .with_dns()
+        .context("set up DNS resolution")?
         .with_behaviour(|key| {
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(Duration::from_secs(60));
@@ -219,10 +222,9 @@ impl StartingHead {
                 }
                 false
             }
-            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(ev)) => matches!(
-                ev,
-                kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. }
-            ),
+            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(ev)) => {
+                matches!(ev, kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. })
+            }
             SwarmEvent::ConnectionClosed { .. } => true,
             _ => false,
         }
@@ -262,11 +264,20 @@ mod tests {
 
     #[test]
     fn public_filter_drops_local_ranges() {
-        for a in ["/ip4/127.0.0.1/tcp/1", "/ip4/10.1.2.3/tcp/1", "/ip4/192.168.1.1/tcp/1", "/ip4/100.64.0.1/tcp/1", "/ip6/::1/tcp/1", "/ip6/fe80::1/tcp/1", "/ip6/fd00::1/tcp/1"] {
+        for a in [
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip4/10.1.2.3/tcp/1",
+            "/ip4/192.168.1.1/tcp/1",
+            "/ip4/100.64.0.1/tcp/1",
+            "/ip6/::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+            "/ip6/fd00::1/tcp/1",
+        ] {
             assert!(!admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
             assert!(admit(AddressFilter::Any, &a.parse().unwrap()), "{a}");
         }
-        for a in ["/ip4/8.8.8.8/tcp/4001", "/ip6/2001:4860::1/udp/4001/quic-v1", "/dns4/example.com/tcp/4001"] {
+        for a in ["/ip4/8.8.8.8/tcp/4001", "/ip6/2001:4860::1/udp/4001/quic-v1", "/dns4/example.com/tcp/4001"]
+        {
             assert!(admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
         }
     }

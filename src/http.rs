@@ -38,9 +38,8 @@ pub async fn bind(
     registry: Registry,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

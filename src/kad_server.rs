@@ -20,8 +20,8 @@ use libp2p::core::upgrade::{DeniedUpgrade, ReadyUpgrade};
 use libp2p::core::{transport::PortUse, Endpoint, Multiaddr};
 use libp2p::swarm::handler::{ConnectionEvent, FullyNegotiatedInbound};
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
+    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;

@@ -6,8 +6,7 @@
 use std::time::Instant;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::wire::MessageType;
@@ -201,11 +200,8 @@ impl Metrics {
         );
         let streams = reg(
             registry,
-            IntCounterVec::new(
-                Opts::new("hydra_kad_streams_total", "Inbound kad stream events"),
-                &["event"],
-            )
-            .unwrap(),
+            IntCounterVec::new(Opts::new("hydra_kad_streams_total", "Inbound kad stream events"), &["event"])
+                .unwrap(),
         );
         let active_streams = reg(
             registry,

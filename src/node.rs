@@ -58,9 +58,11 @@ impl Node {
 
         // Key generation is CPU work: keep it off the async workers.
         let n = cfg.heads;
-        let keys = tokio::task::spawn_blocking(move || (0..n).map(crate::identity::head_keypair).collect::<Vec<_>>())
-            .await
-            .context("generate head keys")?;
+        let keys = tokio::task::spawn_blocking(move || {
+            (0..n).map(crate::identity::head_keypair).collect::<Vec<_>>()
+        })
+        .await
+        .context("generate head keys")?;
         let mut starting = Vec::with_capacity(n);
         for (i, key) in keys.into_iter().enumerate() {
             let h = head::bind(i, key, &cfg, intake.clone(), metrics.heads.clone()).await;
@@ -86,10 +88,8 @@ impl Node {
         }
         let heads: Arc<Vec<Arc<HeadShared>>> = Arc::new(starting.iter().map(|h| h.shared.clone()).collect());
 
-        let views = heads
-            .iter()
-            .map(|h| HeadView { peer_id: h.peer_id, routing: h.routing.clone() })
-            .collect();
+        let views =
+            heads.iter().map(|h| HeadView { peer_id: h.peer_id, routing: h.routing.clone() }).collect();
         let svc = Arc::new(Service::new(views, providers.clone(), metrics.kad.clone(), cfg.limits.clone()));
         tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();

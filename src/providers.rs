@@ -202,7 +202,10 @@ impl ProviderManager {
         for batch in batches {
             let Some(by_peer) = batch.get(key) else { continue };
             for (peer, p) in by_peer {
-                if p.expires_at > now && !out.iter().any(|r| &r.peer == peer) && out.len() < self.inner.per_key {
+                if p.expires_at > now
+                    && !out.iter().any(|r| &r.peer == peer)
+                    && out.len() < self.inner.per_key
+                {
                     out.push(PeerRecord { peer: *peer, addrs: p.addrs.clone() });
                 }
             }
@@ -377,5 +380,73 @@ impl ProviderManager {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreKind;
+
+    async fn manager(dir: &std::path::Path, buffer: usize) -> (ProviderManager, prometheus::Registry) {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::new(&registry, 1);
+        let store =
+            Store::open(&StoreKind::Sqlite(dir.join("p.sqlite")), metrics.datastore.clone()).await.unwrap();
+        let cfg = ProvidersSection {
+            write_buffer_entries: buffer,
+            flush_batch: buffer,
+            flush_interval: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        (ProviderManager::start(store, cfg, 100, metrics.providers.clone()), registry)
+    }
+
+    fn rec(peer: PeerId) -> PeerRecord {
+        PeerRecord { peer, addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()] }
+    }
+
+    #[tokio::test]
+    async fn repeated_announcements_coalesce_and_a_full_buffer_sheds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _reg) = manager(dir.path(), 3).await;
+        let key = |i: u8| ProviderKey::new(vec![i]).unwrap();
+        let p = PeerId::random();
+        for _ in 0..10 {
+            m.add_provider(key(1), rec(p)).unwrap();
+        }
+        assert_eq!(m.buffered(), 1, "ten announcements of one (key, provider) are one entry");
+        m.add_provider(key(2), rec(p)).unwrap();
+        m.add_provider(key(3), rec(p)).unwrap();
+        assert_eq!(m.add_provider(key(4), rec(p)), Err(Shed(ShedReason::WriteBufferFull)));
+        // A refresh of a buffered entry is still accepted when full: it takes no new space.
+        m.add_provider(key(2), rec(p)).unwrap();
+        assert_eq!(m.buffered(), 3);
+        // Buffered records are readable before they are written…
+        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
+        // …and after the flush, from the store; the space is free again.
+        m.flush().await;
+        assert_eq!(m.buffered(), 0);
+        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
+        m.add_provider(key(4), rec(p)).unwrap();
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_every_buffered_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _reg) = manager(dir.path(), 10_000).await;
+        let p = PeerId::random();
+        for i in 0..5000u32 {
+            m.add_provider(ProviderKey::new(i.to_be_bytes().to_vec()).unwrap(), rec(p)).unwrap();
+        }
+        assert_eq!(m.buffered(), 5000);
+        m.shutdown().await;
+        let (m2, _reg) = manager(dir.path(), 10).await;
+        for i in (0..5000u32).step_by(499) {
+            let got = m2.get_providers(&ProviderKey::new(i.to_be_bytes().to_vec()).unwrap()).await.unwrap();
+            assert_eq!(got, vec![rec(p)], "key {i} lost");
+        }
+        m2.shutdown().await;
     }
 }

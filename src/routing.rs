@@ -59,7 +59,7 @@ impl RoutingSnapshot {
             cands.select_nth_unstable_by(k - 1, |a, b| a.0.cmp(&b.0));
             cands.truncate(k);
         }
-        cands.sort_by(|a, b| a.0.cmp(&b.0));
+        cands.sort_by_key(|c| c.0);
         cands.truncate(k);
         cands
             .into_iter()
@@ -79,7 +79,8 @@ mod tests {
         let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])));
         let target = b"some key".to_vec();
         let excluded = peers[0];
-        let got: Vec<PeerId> = snap.closest(&target, K_VALUE, &[excluded]).into_iter().map(|r| r.peer).collect();
+        let got: Vec<PeerId> =
+            snap.closest(&target, K_VALUE, &[excluded]).into_iter().map(|r| r.peer).collect();
 
         let t = KBucketKey::new(target.clone());
         let mut all: Vec<PeerId> = peers.iter().copied().filter(|p| *p != excluded).collect();

@@ -47,7 +47,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(heads: Vec<HeadView>, providers: ProviderManager, metrics: KadMetrics, limits: LimitsSection) -> Self {
+    pub fn new(
+        heads: Vec<HeadView>,
+        providers: ProviderManager,
+        metrics: KadMetrics,
+        limits: LimitsSection,
+    ) -> Self {
         let kib = limits.large_message_budget_bytes / 1024;
         Self { heads, providers, metrics, limits, large_budget: Semaphore::new(kib) }
     }
@@ -134,10 +139,7 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
         };
         let ty = req.message_type();
         let (reply, outcome) = handle(svc, head, peer, req).await;
-        svc.metrics
-            .requests
-            .with_label_values(&[&head.to_string(), ty.as_str(), outcome.as_str()])
-            .inc();
+        svc.metrics.requests.with_label_values(&[&head.to_string(), ty.as_str(), outcome.as_str()]).inc();
         let resp = match reply {
             Reply::Reset => return svc.metrics.stream(StreamEvent::Error),
             Reply::Nothing => None,

@@ -99,13 +99,26 @@ impl MessageType {
 /// A decoded inbound request.
 #[derive(Debug, Clone)]
 pub enum Request {
-    FindNode { key: Vec<u8> },
-    GetProviders { key: ProviderKey },
+    FindNode {
+        key: Vec<u8>,
+    },
+    GetProviders {
+        key: ProviderKey,
+    },
     /// Provider entries are already filtered: only those whose id is the authenticated sender
     /// and that carry at least one address remain. May be empty (then nothing is stored).
-    AddProvider { key: ProviderKey, providers: Vec<PeerRecord>, rejected: usize },
-    GetValue { key: Vec<u8> },
-    PutValue { key: Vec<u8>, record: ValueRecord },
+    AddProvider {
+        key: ProviderKey,
+        providers: Vec<PeerRecord>,
+        rejected: usize,
+    },
+    GetValue {
+        key: Vec<u8>,
+    },
+    PutValue {
+        key: Vec<u8>,
+        record: ValueRecord,
+    },
     Ping,
 }
 
@@ -152,9 +165,9 @@ pub fn decode_request(bytes: &[u8], sender: &PeerId) -> Result<Request, DecodeEr
     Ok(match ty {
         MessageType::Ping => Request::Ping,
         MessageType::FindNode => Request::FindNode { key: msg.key },
-        MessageType::GetProviders => Request::GetProviders {
-            key: ProviderKey::new(msg.key).map_err(DecodeError::InvalidKey)?,
-        },
+        MessageType::GetProviders => {
+            Request::GetProviders { key: ProviderKey::new(msg.key).map_err(DecodeError::InvalidKey)? }
+        }
         MessageType::AddProvider => {
             let key = ProviderKey::new(msg.key).map_err(DecodeError::InvalidKey)?;
             let total = msg.provider_peers.len();

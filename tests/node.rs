@@ -130,7 +130,8 @@ async fn spoofed_add_provider_stores_nothing() {
     node.providers().flush().await;
     let reply = client.get_providers(heads[0].0, &key).await;
     assert!(reply.provider_peers.is_empty(), "spoofed provider stored: {:?}", reply.provider_peers);
-    let invalid = metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "invalid")]);
+    let invalid =
+        metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "invalid")]);
     assert_eq!(invalid, 1.0);
     node.shutdown().await;
 }
@@ -204,23 +205,39 @@ async fn many_requests_on_one_stream_and_http_api() {
         RawClient::send(&mut s, &client.add_provider_body(k)).await.unwrap();
     }
     for k in keys.iter().take(20) {
-        let r = RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, k, &[])).await.unwrap();
+        let r = RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, k, &[]))
+            .await
+            .unwrap();
         assert_eq!(r.provider_peers.len(), 1);
     }
-    let r = RawClient::request(&mut s, &wire::encode_request(MessageType::FindNode, &PeerId::random().to_bytes(), &[]))
-        .await
-        .unwrap();
+    let r = RawClient::request(
+        &mut s,
+        &wire::encode_request(MessageType::FindNode, &PeerId::random().to_bytes(), &[]),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.closer_peers.len(), 1, "the sibling head");
-    assert_eq!(metric(&node, "hydra_kad_requests_total", &[("head", "0"), ("type", "add_provider"), ("outcome", "ok")]), 200.0);
+    assert_eq!(
+        metric(
+            &node,
+            "hydra_kad_requests_total",
+            &[("head", "0"), ("type", "add_provider"), ("outcome", "ok")]
+        ),
+        200.0
+    );
 
     // HTTP: /v1/heads lists both heads with their addresses; /metrics and /healthz answer.
     let base = format!("http://{}", node.http_addr());
-    let listed: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&format!("{base}/v1/heads")).await).unwrap();
+    let listed: Vec<hydra::http::HeadInfo> =
+        serde_json::from_str(&http_get(&format!("{base}/v1/heads")).await).unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].peer_id, heads[0].0.to_string());
     assert!(listed[0].addrs.contains(&heads[0].1.to_string()));
     let metrics = http_get(&format!("{base}/metrics")).await;
-    assert!(metrics.contains("hydra_kad_requests_total{head=\"0\",outcome=\"ok\",type=\"add_provider\"} 200"), "{metrics}");
+    assert!(
+        metrics.contains("hydra_kad_requests_total{head=\"0\",outcome=\"ok\",type=\"add_provider\"} 200"),
+        "{metrics}"
+    );
     assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
     node.shutdown().await;
 }
@@ -235,7 +252,8 @@ async fn idle_streams_are_reset() {
     let mut s = client.open(node.heads()[0].peer_id).await;
     RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
     let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("idle stream is ended by the server");
+    let read =
+        tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("idle stream is ended by the server");
     assert!(matches!(read, Ok(0) | Err(_)));
     assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "idle_timeout")]), 1.0);
     node.shutdown().await;

@@ -22,11 +22,13 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A config for a node with `heads` heads on 127.0.0.1, ephemeral ports, store in `dir`.
 pub fn config(dir: &Path, heads: usize) -> Config {
-    let mut f = ConfigFile::default();
-    f.heads = heads;
-    f.listen_ip = "127.0.0.1".into();
-    f.http_listen = "127.0.0.1:0".into();
-    f.data_dir = dir.to_owned();
+    let mut f = ConfigFile {
+        heads,
+        listen_ip: "127.0.0.1".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_owned(),
+        ..Default::default()
+    };
     f.routing.address_filter = AddressFilter::Any;
     f.providers.flush_interval = Duration::from_millis(50);
     f.validate().expect("test config is valid")
@@ -72,9 +74,7 @@ pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum
 }
 
-fn transport_swarm<B: NetworkBehaviour>(
-    make: impl FnOnce(&libp2p::identity::Keypair) -> B,
-) -> Swarm<B> {
+fn transport_swarm<B: NetworkBehaviour>(make: impl FnOnce(&libp2p::identity::Keypair) -> B) -> Swarm<B> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -198,7 +198,10 @@ impl KadClient {
                 kad::Config::new(KAD_PROTOCOL),
             );
             kad.set_mode(Some(kad::Mode::Client));
-            ClientBehaviour { identify: identify::Behaviour::new(identify::Config::new("ipfs/0.1.0".into(), k.public())), kad }
+            ClientBehaviour {
+                identify: identify::Behaviour::new(identify::Config::new("ipfs/0.1.0".into(), k.public())),
+                kad,
+            }
         });
         let addr = listen_local(&mut swarm).await;
         swarm.add_external_address(addr.clone());
@@ -217,12 +220,9 @@ impl KadClient {
         let mut out = Vec::new();
         tokio::time::timeout(WAIT, async {
             loop {
-                if let SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                    id: qid,
-                    result,
-                    step,
-                    ..
-                })) = self.swarm.select_next_some().await
+                if let SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                    kad::Event::OutboundQueryProgressed { id: qid, result, step, .. },
+                )) = self.swarm.select_next_some().await
                 {
                     if qid == id {
                         out.push(result);

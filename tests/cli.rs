@@ -1,0 +1,139 @@
+//! The `hydra` binary as an operator runs it: configuration layers and errors, and a real
+//! process that starts, serves `/v1/heads`, and shuts down cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn hydra() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hydra"));
+    c.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HYDRA_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/hydra.example.toml")
+}
+
+#[test]
+fn invalid_values_exit_2_naming_the_field() {
+    for (args, env, field) in [
+        (vec!["run", "--heads", "0"], None, "heads"),
+        (vec!["run", "--listen-ip", "not-an-ip"], None, "listen_ip"),
+        (vec!["run", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], None, "bootstrap"),
+        (vec!["run", "--database-url", "mysql://u:hunter2@h/db"], None, "database_url"),
+        (vec!["run"], Some(("HYDRA_HTTP_LISTEN", "nowhere")), "http_listen"),
+        (vec!["run", "--heads", "many"], None, "--heads"),
+    ] {
+        let mut cmd = hydra();
+        cmd.args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(field), "{args:?}: stderr does not name {field}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+        assert!(out.stdout.is_empty(), "nothing may start: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+#[test]
+fn a_bad_config_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "heads = 2\n[limits]\ninbound_queue = \"lots\"\n").unwrap();
+    let out = hydra().args(["config", "check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inbound_queue"));
+}
+
+#[test]
+fn config_check_prints_the_layered_effective_config() {
+    // The example file parses and validates.
+    let file = hydra::ConfigFile::from_file(&example()).unwrap();
+    file.validate().unwrap();
+    // file < env < flag
+    let out = hydra()
+        .args(["config", "check", "--config"])
+        .arg(example())
+        .args(["--port-base", "5000"])
+        .env("HYDRA_PORT_BASE", "4500")
+        .env("HYDRA_LISTEN_IP", "127.0.0.9")
+        .env("HYDRA_DATABASE_URL", "postgres://hydra:hunter2@db/hydra")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let eff = hydra::ConfigFile::from_toml(&text).unwrap();
+    assert_eq!(eff.heads, file.heads, "from the file");
+    assert_eq!(eff.listen_ip, "127.0.0.9", "env beats file");
+    assert_eq!(eff.port_base, 5000, "flag beats env");
+    assert_eq!(eff.database_url, "postgres://hydra:***@db/hydra");
+    assert!(!text.contains("hunter2"));
+    assert!(eff.bootstrap.is_empty(), "no bootstrap peers unless asked");
+}
+
+#[test]
+fn version_is_printed() {
+    let out = hydra().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("hydra "));
+}
+
+#[test]
+fn the_process_serves_heads_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = hydra()
+        .args(["run", "--heads", "3", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut listening = 0;
+    let http = loop {
+        let line = lines.next().expect("node logs until it has started").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        if msg.contains("listening on /ip4/127.0.0.1/tcp/") && msg.contains("/p2p/12D3Koo") {
+            listening += 1;
+        }
+        if msg == "node started" {
+            break v["fields"]["http"].as_str().unwrap().to_string();
+        }
+    };
+    assert_eq!(listening, 3, "one log line with the full TCP multiaddr per head");
+
+    let mut sock = std::net::TcpStream::connect(&http).unwrap();
+    write!(sock, "GET /v1/heads HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp).unwrap();
+    let body = resp.split_once("\r\n\r\n").unwrap().1;
+    let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(body).unwrap();
+    assert_eq!(heads.len(), 3);
+    assert!(heads.iter().all(|h| h.peer_id.starts_with("12D3Koo") && !h.addrs.is_empty()));
+
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "node did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("node stopped")), "{rest:?}");
+}

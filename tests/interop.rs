@@ -1,0 +1,108 @@
+//! Interop with an independent implementation: js-libp2p with `@libp2p/kad-dht` (versions pinned
+//! in `tests/js/package-lock.json`) against a node's heads over real TCP on loopback.
+//!
+//! Needs `node` and `npm` on PATH; the npm packages are installed with `npm ci` on first use.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{metric, start};
+
+static NPM: Mutex<()> = Mutex::new(());
+
+fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js")
+}
+
+/// Install the pinned js packages once (serialised across the tests of this binary).
+fn ensure_js_deps() {
+    let _guard = NPM.lock().unwrap_or_else(|e| e.into_inner());
+    if js_dir().join("node_modules/@libp2p/kad-dht").exists() {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(js_dir())
+        .status()
+        .expect("npm is installed (the interop tests need Node.js and npm)");
+    assert!(status.success(), "npm ci in tests/js failed");
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct JsResult {
+    provided: u32,
+    found: u32,
+    via_hydra: u32,
+    max_hops: u32,
+}
+
+async fn run_js(heads_json: &str, mode: &str, count: u32) -> JsResult {
+    let child = tokio::process::Command::new("node")
+        .arg("interop.mjs")
+        .arg(mode)
+        .arg(count.to_string())
+        .env("HEADS", heads_json)
+        .current_dir(js_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("js peer finishes within 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "js peer failed ({}); stdout: {stdout}", out.status);
+    let line = stdout.lines().last().expect("js peer printed a result");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad js result {line:?}: {e}"))
+}
+
+fn heads_json(node: &hydra::Node) -> String {
+    let heads: Vec<hydra::http::HeadInfo> = node
+        .heads()
+        .iter()
+        .map(|h| hydra::http::HeadInfo {
+            index: h.index,
+            peer_id: h.peer_id.to_string(),
+            addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
+        })
+        .collect();
+    serde_json::to_string(&heads).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_peer_provides_and_finds_100_cids_through_the_heads() {
+    ensure_js_deps();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 4).await;
+    let r = run_js(&heads_json(&node), "provide-find", 100).await;
+    println!("js provide-find: {r:?}");
+    assert_eq!(r.provided, 100);
+    assert_eq!(r.found, 100, "{r:?}");
+    // The js peers are DHT clients: only hydra heads can have answered.
+    assert_eq!(r.via_hydra, 100, "{r:?}");
+    let adds = metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")]);
+    assert!(adds >= 100.0, "heads took {adds} ADD_PROVIDERs");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_dht_walk_through_a_mixed_js_and_hydra_network() {
+    ensure_js_deps();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 4).await;
+    let r = run_js(&heads_json(&node), "walk", 20).await;
+    println!("js walk: {r:?}");
+    assert_eq!(r.provided, 20);
+    assert_eq!(r.found, 20, "{r:?}");
+    assert_eq!(r.via_hydra, 20, "the records live only on the heads: {r:?}");
+    // The finder starts connected only to a js server, so reaching a head takes several queries.
+    assert!(r.max_hops >= 2, "{r:?}");
+    node.shutdown().await;
+}

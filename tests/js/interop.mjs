@@ -1,0 +1,159 @@
+// Independent js-libp2p DHT peers exercising hydra heads over real TCP connections on loopback.
+//
+//   HEADS='[{"peer_id":"12D3…","addrs":["/ip4/127.0.0.1/tcp/…"]}]' node interop.mjs <mode> [count]
+//
+// Modes (each prints one JSON line on stdout and exits 0 unless something crashed):
+//   provide-find  A js client provides <count> CIDs through the heads; a second js client,
+//                 connected only to the heads, looks each one up.
+//   walk          A js client provides <count> CIDs to the heads (only DHT servers at that time);
+//                 then js DHT servers S1..S3 join as a chain (S1-heads, S2-S1, S3-S2) and a js
+//                 finder connected only to S3 looks each CID up: a DHT walk through js and hydra.
+import './polyfill.mjs'
+import { createLibp2p } from 'libp2p'
+import { tcp } from '@libp2p/tcp'
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { identify } from '@libp2p/identify'
+import { ping } from '@libp2p/ping'
+import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
+import { multiaddr } from '@multiformats/multiaddr'
+import { CID } from 'multiformats/cid'
+import * as raw from 'multiformats/codecs/raw'
+import { sha256 } from 'multiformats/hashes/sha2'
+
+const heads = JSON.parse(process.env.HEADS ?? '[]')
+const mode = process.argv[2]
+const count = Number(process.argv[3] ?? 100)
+const headIds = new Set(heads.map(h => h.peer_id))
+
+function log (...args) { console.error('[interop]', ...args) }
+
+async function node (clientMode) {
+  return createLibp2p({
+    addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    services: {
+      identify: identify(),
+      ping: ping(),
+      dht: kadDHT({
+        protocol: '/ipfs/kad/1.0.0',
+        clientMode,
+        // Loopback addresses must survive: the default mappers may strip them.
+        peerInfoMapper: passthroughMapper,
+        allowQueryWithZeroPeers: false
+      })
+    }
+  })
+}
+
+function headAddr (h) {
+  const tcpAddr = h.addrs.find(a => a.includes('/tcp/'))
+  return multiaddr(`${tcpAddr}/p2p/${h.peer_id}`)
+}
+
+async function waitFor (what, cond, ms = 20000) {
+  const end = Date.now() + ms
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await new Promise(resolve => setTimeout(resolve, 50))
+  }
+}
+
+async function dialHeads (n) {
+  for (const h of heads) await n.dial(headAddr(h), { signal: AbortSignal.timeout(10000) })
+  await waitFor('heads in routing table', () => n.services.dht.routingTable.size >= heads.length)
+}
+
+async function cids (n) {
+  const out = []
+  for (let i = 0; i < n; i++) {
+    const bytes = new TextEncoder().encode(`hydra interop ${process.pid} ${Date.now()} ${i} ${Math.random()}`)
+    out.push(CID.createV1(raw.code, await sha256.digest(bytes)))
+  }
+  return out
+}
+
+async function provideAll (provider, list) {
+  let provided = 0
+  for (const cid of list) {
+    for await (const _ of provider.services.dht.provide(cid, { signal: AbortSignal.timeout(20000) })) { /* drain */ }
+    provided++
+  }
+  return provided
+}
+
+/** Look up each CID; count those where `want` was found, and those whose answer came from a head. */
+async function findAll (finder, list, want) {
+  let found = 0
+  let viaHydra = 0
+  let maxHops = 0
+  for (const cid of list) {
+    const ctl = new AbortController()
+    const timer = setTimeout(() => ctl.abort(), 20000)
+    let queried = 0
+    try {
+      for await (const ev of finder.services.dht.findProviders(cid, { signal: ctl.signal })) {
+        if (ev.name === 'SEND_QUERY') queried++
+        if (ev.name === 'PROVIDER' && ev.providers.some(p => p.id.equals(want))) {
+          found++
+          if (headIds.has(ev.from.toString())) viaHydra++
+          maxHops = Math.max(maxHops, queried)
+          ctl.abort()
+          break
+        }
+      }
+    } catch (err) {
+      if (!ctl.signal.aborted) log('findProviders failed:', err.message)
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+  return { found, viaHydra, maxHops }
+}
+
+async function main () {
+  if (heads.length === 0) throw new Error('HEADS is empty')
+  const started = []
+  try {
+    if (mode === 'provide-find') {
+      const provider = await node(true); started.push(provider)
+      await dialHeads(provider)
+      const list = await cids(count)
+      const provided = await provideAll(provider, list)
+      const finder = await node(true); started.push(finder)
+      await dialHeads(finder)
+      const r = await findAll(finder, list, provider.peerId)
+      console.log(JSON.stringify({ mode, provided, ...r }))
+    } else if (mode === 'walk') {
+      const provider = await node(true); started.push(provider)
+      await dialHeads(provider)
+      const list = await cids(count)
+      const provided = await provideAll(provider, list)
+      await provider.stop(); started.shift()
+
+      const s1 = await node(false); started.push(s1)
+      await dialHeads(s1)
+      const s2 = await node(false); started.push(s2)
+      await s2.dial(s1.getMultiaddrs()[0])
+      await waitFor('s1 in s2 table', () => s2.services.dht.routingTable.size >= 1)
+      const s3 = await node(false); started.push(s3)
+      await s3.dial(s2.getMultiaddrs()[0])
+      await waitFor('s2 in s3 table', () => s3.services.dht.routingTable.size >= 1)
+      const finder = await node(true); started.push(finder)
+      await finder.dial(s3.getMultiaddrs()[0])
+      await waitFor('s3 in finder table', () => finder.services.dht.routingTable.size >= 1)
+      const direct = finder.getConnections().map(c => c.remotePeer.toString())
+      if (direct.some(p => headIds.has(p))) throw new Error('finder must not start connected to a head')
+      const r = await findAll(finder, list, provider.peerId)
+      console.log(JSON.stringify({ mode, provided, ...r }))
+    } else {
+      throw new Error(`unknown mode ${mode}`)
+    }
+  } finally {
+    await Promise.allSettled(started.map(n => n.stop()))
+  }
+}
+
+main().then(() => process.exit(0), err => { log(err?.stack ?? err); process.exit(1) })
