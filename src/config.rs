@@ -37,6 +37,23 @@ pub struct ConfigFile {
     pub routing: RoutingSection,
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
+    pub postgres: PostgresSection,
+}
+
+/// Settings of the PostgreSQL store (used when `database_url` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Connections in the pool. Flushes and batched reads are the only users; past ~4 writers
+    /// and a few readers PostgreSQL gains nothing on a small machine and 64 connections are
+    /// slower than 16 (shared/pg-ceiling.md), so the default is 16.
+    pub pool_size: usize,
+    /// How long to keep retrying an unreachable database at start before giving up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side limit on any one statement (a safety net behind the per-request deadlines).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +129,25 @@ pub struct ProvidersSection {
     /// How often expired rows are collected.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
-    /// Rows deleted per garbage-collection statement.
+    /// Rows deleted per garbage-collection statement (embedded store).
     pub gc_chunk_rows: usize,
+    /// Heap pages swept per garbage-collection statement (PostgreSQL; 8 KiB each).
+    pub gc_chunk_pages: usize,
+    /// Keys whose providers are cached (one cache shared by all heads).
+    pub cache_entries: usize,
+    /// How long a cached provider set is served without asking the datastore again.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long "no providers" is cached.
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// Distinct keys looked up in one statement.
+    pub read_batch_keys: usize,
+    /// Lookup statements in flight at once.
+    pub max_read_queries: usize,
+    /// How often record counts are re-estimated from the catalogue.
+    #[serde(with = "humantime_serde")]
+    pub count_interval: Duration,
 }
 
 impl Default for ConfigFile {
@@ -130,6 +164,17 @@ impl Default for ConfigFile {
             routing: RoutingSection::default(),
             limits: LimitsSection::default(),
             providers: ProvidersSection::default(),
+            postgres: PostgresSection::default(),
+        }
+    }
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(60),
+            statement_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -160,7 +205,7 @@ impl Default for ProvidersSection {
             write_buffer_entries: 200_000,
             flush_batch: 1000,
             flush_interval: Duration::from_secs(1),
-            max_flushes_in_flight: 2,
+            max_flushes_in_flight: 4,
             max_reads_in_flight: 256,
             read_deadline: Duration::from_millis(500),
             record_ttl: Duration::from_secs(48 * 3600),
@@ -168,6 +213,13 @@ impl Default for ProvidersSection {
             value_ttl: Duration::from_secs(36 * 3600),
             gc_interval: Duration::from_secs(600),
             gc_chunk_rows: 10_000,
+            gc_chunk_pages: 1000,
+            cache_entries: 100_000,
+            cache_ttl: Duration::from_secs(30),
+            negative_cache_ttl: Duration::from_secs(5),
+            read_batch_keys: 128,
+            max_read_queries: 8,
+            count_interval: Duration::from_secs(60),
         }
     }
 }
@@ -206,7 +258,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 pub enum StoreKind {
     /// Embedded SQLite file at this path.
     Sqlite(PathBuf),
-    /// PostgreSQL at this URL (the fleet store; served by the Postgres issue).
+    /// PostgreSQL at this URL (the fleet store).
     Postgres(String),
 }
 
@@ -224,6 +276,7 @@ pub struct Config {
     pub address_filter: AddressFilter,
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
+    pub postgres: PostgresSection,
 }
 
 impl ConfigFile {
@@ -330,6 +383,17 @@ impl ConfigFile {
         positive("providers.max_flushes_in_flight", p.max_flushes_in_flight)?;
         positive("providers.max_reads_in_flight", p.max_reads_in_flight)?;
         positive("providers.gc_chunk_rows", p.gc_chunk_rows)?;
+        positive("providers.gc_chunk_pages", p.gc_chunk_pages)?;
+        positive("providers.cache_entries", p.cache_entries)?;
+        positive("providers.read_batch_keys", p.read_batch_keys)?;
+        positive("providers.max_read_queries", p.max_read_queries)?;
+        positive("postgres.pool_size", self.postgres.pool_size)?;
+        if p.max_read_queries + p.max_flushes_in_flight > self.postgres.pool_size && matches!(store, StoreKind::Postgres(_)) {
+            return Err(invalid(
+                "postgres.pool_size",
+                "must be at least providers.max_read_queries + providers.max_flushes_in_flight",
+            ));
+        }
         if p.flush_batch > p.write_buffer_entries {
             return Err(invalid("providers.flush_batch", "must not exceed providers.write_buffer_entries"));
         }
@@ -340,6 +404,11 @@ impl ConfigFile {
             ("providers.address_ttl", p.address_ttl),
             ("providers.value_ttl", p.value_ttl),
             ("providers.gc_interval", p.gc_interval),
+            ("providers.cache_ttl", p.cache_ttl),
+            ("providers.negative_cache_ttl", p.negative_cache_ttl),
+            ("providers.count_interval", p.count_interval),
+            ("postgres.connect_timeout", self.postgres.connect_timeout),
+            ("postgres.statement_timeout", self.postgres.statement_timeout),
         ] {
             nonzero_duration(field, d)?;
         }
@@ -355,6 +424,7 @@ impl ConfigFile {
             address_filter: self.routing.address_filter,
             limits: self.limits.clone(),
             providers: self.providers.clone(),
+            postgres: self.postgres.clone(),
         })
     }
 

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod kad_server;
 pub mod metrics;
 pub mod node;
+pub mod pgcluster;
 pub mod providers;
 pub mod records;
 pub mod routing;

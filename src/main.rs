@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the node.
     Run(NodeArgs),
+    /// Apply pending datastore migrations and exit (the node also applies them at start).
+    Migrate(NodeArgs),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -83,6 +85,13 @@ fn parse_filter(s: &str) -> Result<AddressFilter, String> {
     }
 }
 
+#[derive(PartialEq, Eq)]
+enum Mode {
+    Run,
+    Migrate,
+    Check,
+}
+
 /// Exit code for configuration errors (as for command-line usage errors).
 const EXIT_CONFIG: u8 = 2;
 
@@ -117,9 +126,10 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, check_only) = match &cli.command {
-        Command::Run(a) => (a.clone(), false),
-        Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), true),
+    let (args, mode) = match &cli.command {
+        Command::Run(a) => (a.clone(), Mode::Run),
+        Command::Migrate(a) => (a.clone(), Mode::Migrate),
+        Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), Mode::Check),
     };
     let file = match load(&args) {
         Ok(f) => f,
@@ -135,7 +145,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if check_only {
+    if mode == Mode::Check {
         print!("{}", file.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
@@ -147,7 +157,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg)) {
+    let res = match mode {
+        Mode::Migrate => rt.block_on(async {
+            hydra::store::Store::migrate_only(&cfg.store, &cfg.postgres).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }),
+        _ => rt.block_on(run(cfg)),
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

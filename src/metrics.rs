@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::wire::MessageType;
@@ -80,11 +80,19 @@ pub enum DbOp {
     GetValue,
     Gc,
     Migrate,
+    Estimate,
 }
 
 impl DbOp {
-    pub const ALL: [DbOp; 6] =
-        [DbOp::PutProviders, DbOp::GetProviders, DbOp::PutValue, DbOp::GetValue, DbOp::Gc, DbOp::Migrate];
+    pub const ALL: [DbOp; 7] = [
+        DbOp::PutProviders,
+        DbOp::GetProviders,
+        DbOp::PutValue,
+        DbOp::GetValue,
+        DbOp::Gc,
+        DbOp::Migrate,
+        DbOp::Estimate,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             DbOp::PutProviders => "put_providers",
@@ -93,6 +101,7 @@ impl DbOp {
             DbOp::GetValue => "get_value",
             DbOp::Gc => "gc",
             DbOp::Migrate => "migrate",
+            DbOp::Estimate => "estimate",
         }
     }
 }
@@ -123,6 +132,25 @@ impl ShedReason {
             ShedReason::ReadsInFlight => "reads_in_flight",
             ShedReason::ReadDeadline => "read_deadline",
             ShedReason::DatastoreError => "datastore_error",
+        }
+    }
+}
+
+/// Result of a provider-cache lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    NegativeHit,
+    Miss,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 3] = [CacheResult::Hit, CacheResult::NegativeHit, CacheResult::Miss];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::NegativeHit => "negative_hit",
+            CacheResult::Miss => "miss",
         }
     }
 }
@@ -162,6 +190,13 @@ pub struct ProviderMetrics {
     pub shed: IntCounterVec,
     pub reads_in_flight: IntGauge,
     pub gc_deleted_rows: IntCounter,
+    /// 1 while this process holds the fleet's garbage-collection lease.
+    pub gc_leader: IntGauge,
+    /// Unix time of this process's last completed GC round.
+    pub gc_last_run: Gauge,
+    pub cache: IntCounterVec,
+    pub records_estimate: Gauge,
+    pub peers_estimate: Gauge,
 }
 
 #[derive(Clone)]
@@ -258,6 +293,17 @@ impl Metrics {
         for r in ShedReason::ALL {
             shed.with_label_values(&[r.as_str()]);
         }
+        let cache = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_providers_cache_lookups_total", "Provider cache lookups by result"),
+                &["result"],
+            )
+            .unwrap(),
+        );
+        for r in CacheResult::ALL {
+            cache.with_label_values(&[r.as_str()]);
+        }
         let providers = ProviderMetrics {
             write_buffer_entries: reg(
                 registry,
@@ -286,11 +332,38 @@ impl Metrics {
             shed,
             reads_in_flight: reg(
                 registry,
-                IntGauge::new("hydra_providers_reads_in_flight", "Datastore reads in flight").unwrap(),
+                IntGauge::new("hydra_providers_reads_in_flight", "Distinct keys queued for or in a datastore lookup").unwrap(),
             ),
             gc_deleted_rows: reg(
                 registry,
                 IntCounter::new("hydra_providers_gc_deleted_rows_total", "Expired rows deleted").unwrap(),
+            ),
+            gc_leader: reg(
+                registry,
+                IntGauge::new("hydra_providers_gc_leader", "1 while this process holds the fleet's GC lease")
+                    .unwrap(),
+            ),
+            gc_last_run: reg(
+                registry,
+                Gauge::new(
+                    "hydra_providers_gc_last_run_timestamp_seconds",
+                    "Unix time of this process's last completed garbage-collection round",
+                )
+                .unwrap(),
+            ),
+            cache,
+            records_estimate: reg(
+                registry,
+                Gauge::new(
+                    "hydra_providers_records_estimate",
+                    "Provider records in the datastore (catalogue estimate, not count(*))",
+                )
+                .unwrap(),
+            ),
+            peers_estimate: reg(
+                registry,
+                Gauge::new("hydra_providers_peers_estimate", "Peers with stored addresses (catalogue estimate)")
+                    .unwrap(),
             ),
         };
 

@@ -1,83 +1,57 @@
 //! The provider manager: one per process, shared by every head.
 //!
-//! It owns the write-behind buffer, read admission and garbage collection over a [`Store`]; it
-//! does not own the SQL (the store does) or the wire format (the server does).
+//! It owns the write-behind buffer ([`buffer`]), the read path ([`reads`]: shared cache,
+//! single-flight, batched lookups), garbage collection and record-count estimates over a
+//! [`Store`]. It does not own SQL (the store does) or the wire format (the server does).
+//! Nothing here holds a lock across an `.await`; every background task is bounded.
 //!
-//! **Writes.** `add_provider` puts the record into one of [`SHARDS`] buffer shards, each a map
-//! keyed by (key, provider) under a std `Mutex` held only for a map operation (never across an
-//! `.await`), so repeated announcements coalesce and no lock is global. A shard is flushed as one
-//! batched write when it holds `flush_batch` entries or its oldest entry is `flush_interval` old;
-//! at most `max_flushes_in_flight` flushes run at once. Entries count against
-//! `write_buffer_entries` from the moment they are buffered until their flush completes; at the
-//! limit `add_provider` is refused (counted) — memory never grows past it.
+//! **Writes.** `add_provider` buffers the record in one of [`buffer::SHARDS`] shards keyed by
+//! (key, provider), so repeated announcements coalesce. A shard is flushed as one batched write
+//! when it holds `flush_batch` entries or its oldest entry is `flush_interval` old; at most
+//! `max_flushes_in_flight` flushes run at once. At `write_buffer_entries` (pending plus being
+//! written) `add_provider` is refused and counted: memory never grows past it.
 //!
-//! **Crash loss.** Acknowledged records still in the buffer are lost on a crash: at most
-//! `write_buffer_entries` records, and in steady state about `flush_interval` worth of
-//! announcements. A graceful shutdown flushes everything ([`ProviderManager::shutdown`]). A flush
-//! that fails is counted (`hydra_providers_flush_failures_total`) and its rows are dropped; clients
+//! **Crash loss.** Accepted records still buffered are lost on a crash: at most
+//! `write_buffer_entries`, in steady state about `flush_interval` worth of announcements. A
+//! graceful shutdown flushes everything ([`ProviderManager::shutdown`]). A failed flush is logged
+//! and counted (`hydra_providers_flush_failures_total`); its rows are dropped, and clients
 //! re-announce every 22 h.
 //!
-//! **Reads.** `get_providers` merges the datastore's unexpired rows with this process's buffered
-//! and in-flight writes (read-your-writes across heads). At most `max_reads_in_flight` datastore
-//! reads run at once and each has `read_deadline`; beyond either the read is shed and the caller
-//! answers with closer peers only.
+//! **Reads.** `get_providers` = cached-or-looked-up datastore answer ∪ this process's buffered and
+//! in-flight writes, within `read_deadline`; when the deadline passes or too many lookups are
+//! pending, the read is shed and the caller answers with closer peers only.
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+pub mod buffer;
+pub mod reads;
 
-use libp2p::{Multiaddr, PeerId};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::buffer::{Full, Pending, WriteBuffer, SHARDS};
+use self::reads::{ReadConfig, Reads};
 use crate::config::ProvidersSection;
 use crate::metrics::{ProviderMetrics, ShedReason};
-use crate::store::{ms_after, now_ms, ProviderWrite, Store};
+use crate::store::{ms_after, now_ms, Store};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
-
-/// Number of buffer shards. More shards than cores keeps lock hold times uncontended.
-pub const SHARDS: usize = 16;
 
 /// A request the manager deliberately did not serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("shed: {}", .0.as_str())]
 pub struct Shed(pub ShedReason);
 
-#[derive(Debug, Clone)]
-struct Pending {
-    addrs: Vec<Multiaddr>,
-    expires_at: i64,
-    addrs_expire_at: i64,
-}
-
-type Batch = HashMap<ProviderKey, HashMap<PeerId, Pending>>;
-
-#[derive(Default)]
-struct Shard {
-    /// Buffered, not yet handed to a flush.
-    pending: Batch,
-    pending_entries: usize,
-    /// When the oldest pending entry arrived.
-    oldest: Option<Instant>,
-    /// Batches being written; still visible to reads until the write completes.
-    in_flight: Vec<Arc<Batch>>,
-}
-
 struct Inner {
     store: Store,
     cfg: ProvidersSection,
-    /// `max_providers_per_reply`: the cap of one read.
+    /// Cap of providers returned for one key.
     per_key: usize,
-    shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
-    /// Entries pending or in flight, over all shards.
-    entries: AtomicUsize,
+    buffer: Arc<WriteBuffer>,
+    reads: Arc<Reads>,
     flush_permits: Arc<Semaphore>,
-    read_permits: Arc<Semaphore>,
+    value_permits: Semaphore,
     flush_wanted: Notify,
     metrics: ProviderMetrics,
     cancel: CancellationToken,
@@ -91,33 +65,53 @@ pub struct ProviderManager {
 }
 
 impl ProviderManager {
-    /// Start the manager and its background flusher and garbage collector.
+    /// Start the manager and its background tasks (flusher, lookup batcher, GC, counts).
     pub fn start(store: Store, cfg: ProvidersSection, per_key: usize, metrics: ProviderMetrics) -> Self {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let buffer = Arc::new(WriteBuffer::new(cfg.write_buffer_entries, cfg.flush_batch));
+        let (reads, batcher) = Reads::new(
+            ReadConfig {
+                cache_entries: cfg.cache_entries,
+                cache_ttl: cfg.cache_ttl,
+                negative_ttl: cfg.negative_cache_ttl,
+                max_pending: cfg.max_reads_in_flight,
+                batch_keys: cfg.read_batch_keys,
+                max_queries: cfg.max_read_queries,
+                per_key,
+            },
+            store.clone(),
+            buffer.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(batcher);
         let inner = Arc::new(Inner {
             store,
             per_key,
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
-            entries: AtomicUsize::new(0),
+            buffer,
+            reads,
             flush_permits: Arc::new(Semaphore::new(cfg.max_flushes_in_flight)),
-            read_permits: Arc::new(Semaphore::new(cfg.max_reads_in_flight)),
+            value_permits: Semaphore::new(cfg.max_read_queries),
             flush_wanted: Notify::new(),
             metrics,
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            cancel,
+            tasks,
             cfg,
         });
         let this = Self { inner };
         this.inner.tasks.spawn(this.clone().flusher());
         this.inner.tasks.spawn(this.clone().collector());
+        this.inner.tasks.spawn(this.clone().counter());
         this
     }
 
-    fn shard_of(&self, key: &ProviderKey) -> usize {
-        (self.inner.hasher.hash_one(key) as usize) % SHARDS
+    fn shed(&self, r: ShedReason) -> Shed {
+        self.inner.metrics.shed.with_label_values(&[r.as_str()]).inc();
+        Shed(r)
     }
 
-    /// Buffer one provider record. Returns `Err(Shed)` if the buffer is full.
+    /// Buffer one provider record. `Err(Shed)` if the buffer is full.
     pub fn add_provider(&self, key: ProviderKey, record: PeerRecord) -> Result<(), Shed> {
         let inner = &self.inner;
         let now = now_ms();
@@ -126,138 +120,64 @@ impl ProviderManager {
             expires_at: ms_after(now, inner.cfg.record_ttl),
             addrs_expire_at: ms_after(now, inner.cfg.address_ttl),
         };
-        let idx = self.shard_of(&key);
-        let full;
-        {
-            // Critical section: one map update, no await.
-            let mut shard = inner.shards[idx].lock().expect("shard lock poisoned");
-            let by_peer = shard.pending.entry(key).or_default();
-            if let Some(existing) = by_peer.get_mut(&record.peer) {
-                *existing = pending; // coalesced: no new entry
-                return Ok(());
+        match inner.buffer.add(key, record.peer, pending) {
+            Ok(due) => {
+                inner.metrics.write_buffer_entries.set(inner.buffer.entries() as i64);
+                if due {
+                    inner.flush_wanted.notify_one();
+                }
+                Ok(())
             }
-            if inner.entries.load(Ordering::Relaxed) >= inner.cfg.write_buffer_entries {
-                drop(shard);
-                inner.metrics.shed.with_label_values(&[ShedReason::WriteBufferFull.as_str()]).inc();
-                return Err(Shed(ShedReason::WriteBufferFull));
-            }
-            by_peer.insert(record.peer, pending);
-            shard.pending_entries += 1;
-            shard.oldest.get_or_insert_with(Instant::now);
-            full = shard.pending_entries >= inner.cfg.flush_batch;
+            Err(Full) => Err(self.shed(ShedReason::WriteBufferFull)),
         }
-        let n = inner.entries.fetch_add(1, Ordering::Relaxed) + 1;
-        inner.metrics.write_buffer_entries.set(n as i64);
-        if full {
-            inner.flush_wanted.notify_one();
-        }
-        Ok(())
     }
 
-    /// Unexpired providers of `key`, from the datastore merged with local buffered writes.
+    /// Unexpired providers of `key` (at most `max_providers_per_reply`).
     pub async fn get_providers(&self, key: &ProviderKey) -> Result<Vec<PeerRecord>, Shed> {
         let inner = &self.inner;
-        let local = self.local_providers(key);
-        let Ok(_permit) = inner.read_permits.try_acquire() else {
-            inner.metrics.shed.with_label_values(&[ShedReason::ReadsInFlight.as_str()]).inc();
-            return Err(Shed(ShedReason::ReadsInFlight));
-        };
-        inner.metrics.reads_in_flight.inc();
-        let res = tokio::time::timeout(
-            inner.cfg.read_deadline,
-            inner.store.get_providers(std::slice::from_ref(key), now_ms(), inner.per_key),
-        )
-        .await;
-        inner.metrics.reads_in_flight.dec();
-        let stored = match res {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "provider read failed");
-                inner.metrics.shed.with_label_values(&[ShedReason::DatastoreError.as_str()]).inc();
-                return Err(Shed(ShedReason::DatastoreError));
-            }
-            Err(_) => {
-                inner.metrics.shed.with_label_values(&[ShedReason::ReadDeadline.as_str()]).inc();
-                return Err(Shed(ShedReason::ReadDeadline));
-            }
-        };
-        let mut out = local;
-        for (_, rec) in stored {
+        let stored = inner.reads.get(key, inner.cfg.read_deadline).await.map_err(|r| self.shed(r))?;
+        let mut out = inner.buffer.local(key, inner.per_key);
+        for rec in stored.iter() {
             if out.len() >= inner.per_key {
                 break;
             }
             if !out.iter().any(|r| r.peer == rec.peer) {
-                out.push(rec);
+                out.push(rec.clone());
             }
         }
         Ok(out)
     }
 
-    /// Buffered and in-flight providers of `key` in this process (newest first wins).
-    fn local_providers(&self, key: &ProviderKey) -> Vec<PeerRecord> {
-        let now = now_ms();
-        let shard = self.inner.shards[self.shard_of(key)].lock().expect("shard lock poisoned");
-        let mut out: Vec<PeerRecord> = Vec::new();
-        let batches = std::iter::once(&shard.pending).chain(shard.in_flight.iter().rev().map(|b| &**b));
-        for batch in batches {
-            let Some(by_peer) = batch.get(key) else { continue };
-            for (peer, p) in by_peer {
-                if p.expires_at > now
-                    && !out.iter().any(|r| &r.peer == peer)
-                    && out.len() < self.inner.per_key
-                {
-                    out.push(PeerRecord { peer: *peer, addrs: p.addrs.clone() });
-                }
-            }
-        }
-        out
-    }
-
     /// Store a validated value record (written through; values are rare).
     pub async fn put_value(&self, record: &ValueRecord) -> Result<(), Shed> {
-        let inner = &self.inner;
-        let Ok(_permit) = inner.read_permits.try_acquire() else {
-            inner.metrics.shed.with_label_values(&[ShedReason::ReadsInFlight.as_str()]).inc();
-            return Err(Shed(ShedReason::ReadsInFlight));
-        };
-        let expires = ms_after(now_ms(), inner.cfg.value_ttl);
-        match tokio::time::timeout(inner.cfg.read_deadline, inner.store.put_value(record, expires)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "value write failed");
-                inner.metrics.shed.with_label_values(&[ShedReason::DatastoreError.as_str()]).inc();
-                Err(Shed(ShedReason::DatastoreError))
-            }
-            Err(_) => {
-                inner.metrics.shed.with_label_values(&[ShedReason::ReadDeadline.as_str()]).inc();
-                Err(Shed(ShedReason::ReadDeadline))
-            }
-        }
+        let expires = ms_after(now_ms(), self.inner.cfg.value_ttl);
+        self.value_op(self.inner.store.put_value(record, expires)).await
     }
 
     pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, Shed> {
-        let inner = &self.inner;
-        let Ok(_permit) = inner.read_permits.try_acquire() else {
-            inner.metrics.shed.with_label_values(&[ShedReason::ReadsInFlight.as_str()]).inc();
-            return Err(Shed(ShedReason::ReadsInFlight));
+        self.value_op(self.inner.store.get_value(key, now_ms())).await
+    }
+
+    async fn value_op<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, Shed> {
+        let Ok(_permit) = self.inner.value_permits.try_acquire() else {
+            return Err(self.shed(ShedReason::ReadsInFlight));
         };
-        match tokio::time::timeout(inner.cfg.read_deadline, inner.store.get_value(key, now_ms())).await {
+        match tokio::time::timeout(self.inner.cfg.read_deadline, op).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "value read failed");
-                inner.metrics.shed.with_label_values(&[ShedReason::DatastoreError.as_str()]).inc();
-                Err(Shed(ShedReason::DatastoreError))
+                tracing::warn!(error = %e, "value operation failed");
+                Err(self.shed(ShedReason::DatastoreError))
             }
-            Err(_) => {
-                inner.metrics.shed.with_label_values(&[ShedReason::ReadDeadline.as_str()]).inc();
-                Err(Shed(ShedReason::ReadDeadline))
-            }
+            Err(_) => Err(self.shed(ShedReason::ReadDeadline)),
         }
     }
 
     /// Entries buffered or being written.
     pub fn buffered(&self) -> usize {
-        self.inner.entries.load(Ordering::Relaxed)
+        self.inner.buffer.entries()
     }
 
     /// Flush every shard now and wait until all writes (also earlier ones) have completed.
@@ -281,47 +201,22 @@ impl ProviderManager {
         self.inner.store.close().await;
     }
 
-    /// Take shard `idx`'s pending entries and write them as one batch, waiting for a flush slot.
+    /// Write shard `idx`'s pending entries as one batch, once a flush slot is free.
     async fn flush_shard(&self, idx: usize) {
         let Ok(permit) = self.inner.flush_permits.clone().acquire_owned().await else { return };
-        let batch = {
-            let mut shard = self.inner.shards[idx].lock().expect("shard lock poisoned");
-            if shard.pending_entries == 0 {
-                return;
-            }
-            let batch = Arc::new(std::mem::take(&mut shard.pending));
-            shard.pending_entries = 0;
-            shard.oldest = None;
-            shard.in_flight.push(batch.clone());
-            batch
-        };
+        let Some(batch) = self.inner.buffer.take(idx) else { return };
         let this = self.clone();
-        // Not in `tasks`: shutdown waits for flushes through the permits instead.
+        // Not in `tasks`: `flush` waits for these through the permits.
         tokio::spawn(async move {
-            let rows: Vec<ProviderWrite> = batch
-                .iter()
-                .flat_map(|(key, by_peer)| {
-                    by_peer.iter().map(move |(peer, p)| ProviderWrite {
-                        key: key.clone(),
-                        provider: *peer,
-                        addrs: p.addrs.clone(),
-                        expires_at: p.expires_at,
-                        addrs_expire_at: p.addrs_expire_at,
-                    })
-                })
-                .collect();
             let inner = &this.inner;
+            let rows = buffer::rows(&batch);
             inner.metrics.flush_rows.observe(rows.len() as f64);
             if let Err(e) = inner.store.put_providers(&rows).await {
                 tracing::error!(error = %e, rows = rows.len(), "provider flush failed; rows dropped");
                 inner.metrics.flushes_failed.inc();
             }
-            {
-                let mut shard = inner.shards[idx].lock().expect("shard lock poisoned");
-                shard.in_flight.retain(|b| !Arc::ptr_eq(b, &batch));
-            }
-            let n = inner.entries.fetch_sub(rows.len(), Ordering::Relaxed) - rows.len();
-            inner.metrics.write_buffer_entries.set(n as i64);
+            inner.buffer.complete(idx, &batch, || inner.reads.invalidate(batch.keys()));
+            inner.metrics.write_buffer_entries.set(inner.buffer.entries() as i64);
             drop(permit);
         });
     }
@@ -337,12 +232,7 @@ impl ProviderManager {
                 _ = tokio::time::sleep(tick) => {}
             }
             for idx in 0..SHARDS {
-                let due = {
-                    let shard = self.inner.shards[idx].lock().expect("shard lock poisoned");
-                    shard.pending_entries >= self.inner.cfg.flush_batch
-                        || shard.oldest.is_some_and(|t| t.elapsed() >= interval)
-                };
-                if due {
+                if self.inner.buffer.due(idx, interval) {
                     tokio::select! {
                         _ = self.inner.cancel.cancelled() => return,
                         _ = self.flush_shard(idx) => {}
@@ -352,101 +242,56 @@ impl ProviderManager {
         }
     }
 
-    /// Deletes expired rows in bounded chunks every `gc_interval`.
+    /// Every `gc_interval`: one GC round if this process holds the fleet's GC lease.
     async fn collector(self) {
         let cfg = &self.inner.cfg;
+        let m = &self.inner.metrics;
         loop {
+            let round = self.inner.store.gc_round(now_ms(), cfg.gc_chunk_rows, cfg.gc_chunk_pages);
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                res = round => match res {
+                    Ok(Some(n)) => {
+                        m.gc_leader.set(1);
+                        m.gc_deleted_rows.inc_by(n);
+                        m.gc_last_run.set(unix_seconds());
+                    }
+                    Ok(None) => m.gc_leader.set(0),
+                    Err(e) => {
+                        m.gc_leader.set(0);
+                        tracing::warn!(error = %e, "garbage collection failed");
+                    }
+                },
+            }
             tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.gc_interval) => {}
             }
-            // Bounded: at most 1,000 chunks per round, with a pause so writers get the lock.
-            for _ in 0..1000 {
-                match self.inner.store.gc_chunk(now_ms(), cfg.gc_chunk_rows).await {
-                    Ok(n) => {
-                        self.inner.metrics.gc_deleted_rows.inc_by(n);
-                        if n == 0 {
-                            break;
-                        }
+        }
+    }
+
+    /// Every `count_interval`: refresh the record-count estimates.
+    async fn counter(self) {
+        let m = &self.inner.metrics;
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                res = self.inner.store.estimate_counts() => match res {
+                    Ok((records, peers)) => {
+                        m.records_estimate.set(records);
+                        m.peers_estimate.set(peers);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "garbage collection failed");
-                        break;
-                    }
-                }
-                tokio::select! {
-                    _ = self.inner.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
+                    Err(e) => tracing::warn!(error = %e, "record count estimate failed"),
+                },
+            }
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.inner.cfg.count_interval) => {}
             }
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::StoreKind;
-
-    async fn manager(dir: &std::path::Path, buffer: usize) -> (ProviderManager, prometheus::Registry) {
-        let registry = prometheus::Registry::new();
-        let metrics = crate::metrics::Metrics::new(&registry, 1);
-        let store =
-            Store::open(&StoreKind::Sqlite(dir.join("p.sqlite")), metrics.datastore.clone()).await.unwrap();
-        let cfg = ProvidersSection {
-            write_buffer_entries: buffer,
-            flush_batch: buffer,
-            flush_interval: Duration::from_secs(3600),
-            ..Default::default()
-        };
-        (ProviderManager::start(store, cfg, 100, metrics.providers.clone()), registry)
-    }
-
-    fn rec(peer: PeerId) -> PeerRecord {
-        PeerRecord { peer, addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()] }
-    }
-
-    #[tokio::test]
-    async fn repeated_announcements_coalesce_and_a_full_buffer_sheds() {
-        let dir = tempfile::tempdir().unwrap();
-        let (m, _reg) = manager(dir.path(), 3).await;
-        let key = |i: u8| ProviderKey::new(vec![i]).unwrap();
-        let p = PeerId::random();
-        for _ in 0..10 {
-            m.add_provider(key(1), rec(p)).unwrap();
-        }
-        assert_eq!(m.buffered(), 1, "ten announcements of one (key, provider) are one entry");
-        m.add_provider(key(2), rec(p)).unwrap();
-        m.add_provider(key(3), rec(p)).unwrap();
-        assert_eq!(m.add_provider(key(4), rec(p)), Err(Shed(ShedReason::WriteBufferFull)));
-        // A refresh of a buffered entry is still accepted when full: it takes no new space.
-        m.add_provider(key(2), rec(p)).unwrap();
-        assert_eq!(m.buffered(), 3);
-        // Buffered records are readable before they are written…
-        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
-        // …and after the flush, from the store; the space is free again.
-        m.flush().await;
-        assert_eq!(m.buffered(), 0);
-        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
-        m.add_provider(key(4), rec(p)).unwrap();
-        m.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn shutdown_flushes_every_buffered_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let (m, _reg) = manager(dir.path(), 10_000).await;
-        let p = PeerId::random();
-        for i in 0..5000u32 {
-            m.add_provider(ProviderKey::new(i.to_be_bytes().to_vec()).unwrap(), rec(p)).unwrap();
-        }
-        assert_eq!(m.buffered(), 5000);
-        m.shutdown().await;
-        let (m2, _reg) = manager(dir.path(), 10).await;
-        for i in (0..5000u32).step_by(499) {
-            let got = m2.get_providers(&ProviderKey::new(i.to_be_bytes().to_vec()).unwrap()).await.unwrap();
-            assert_eq!(got, vec![rec(p)], "key {i} lost");
-        }
-        m2.shutdown().await;
-    }
+fn unix_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

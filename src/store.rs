@@ -13,12 +13,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::{Multiaddr, PeerId};
 
-use crate::config::StoreKind;
+use std::sync::Arc;
+
+use crate::config::{PostgresSection, StoreKind};
 use crate::metrics::{DatastoreMetrics, DbOp};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Milliseconds since the Unix epoch, the time unit of every stored expiry.
@@ -49,10 +53,14 @@ pub enum StoreError {
     Sqlx(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("postgres error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
-    #[error("the PostgreSQL store is not available in this build yet (database_url = {0})")]
-    PostgresUnsupported(String),
 }
 
 /// Handle to the configured datastore.
@@ -65,11 +73,22 @@ pub struct Store {
 #[derive(Clone)]
 enum Backend {
     Sqlite(SqliteStore),
+    Postgres(Arc<PgStore>),
+}
+
+/// Dispatch one call to the backend, timed and counted under `op`.
+macro_rules! call {
+    ($self:ident, $op:expr, |$s:ident| $body:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($s) => $self.metrics.time($op, $body).await,
+            Backend::Postgres($s) => $self.metrics.time($op, $body).await,
+        }
+    };
 }
 
 impl Store {
     /// Open the datastore and apply pending migrations.
-    pub async fn open(kind: &StoreKind, metrics: DatastoreMetrics) -> Result<Self, StoreError> {
+    pub async fn open(kind: &StoreKind, pg: &PostgresSection, metrics: DatastoreMetrics) -> Result<Self, StoreError> {
         let backend = match kind {
             StoreKind::Sqlite(path) => {
                 let store = SqliteStore::open(path).await?;
@@ -77,16 +96,34 @@ impl Store {
                 Backend::Sqlite(store)
             }
             StoreKind::Postgres(url) => {
-                return Err(StoreError::PostgresUnsupported(crate::config::redact_url(url)))
+                let store = PgStore::connect(url, pg).await?;
+                metrics.time(DbOp::Migrate, PgStore::migrate(url)).await?;
+                Backend::Postgres(Arc::new(store))
             }
         };
         Ok(Self { backend, metrics })
     }
 
+    /// Apply migrations only (`hydra migrate`).
+    pub async fn migrate_only(kind: &StoreKind, pg: &PostgresSection) -> Result<(), StoreError> {
+        match kind {
+            StoreKind::Sqlite(path) => {
+                let s = SqliteStore::open(path).await?;
+                s.migrate().await?;
+                s.close().await;
+            }
+            StoreKind::Postgres(url) => {
+                let s = PgStore::connect(url, pg).await?;
+                PgStore::migrate(url).await?;
+                s.close().await;
+            }
+        }
+        Ok(())
+    }
+
     /// Upsert a batch of provider records and their addresses.
     pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
-        let Backend::Sqlite(s) = &self.backend;
-        self.metrics.time(DbOp::PutProviders, s.put_providers(rows)).await
+        call!(self, DbOp::PutProviders, |s| s.put_providers(rows))
     }
 
     /// Unexpired providers of each key, at most `per_key` per key, with their unexpired addresses.
@@ -96,29 +133,34 @@ impl Store {
         now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
-        let Backend::Sqlite(s) = &self.backend;
-        self.metrics.time(DbOp::GetProviders, s.get_providers(keys, now, per_key)).await
+        call!(self, DbOp::GetProviders, |s| s.get_providers(keys, now, per_key))
     }
 
     pub async fn put_value(&self, record: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
-        let Backend::Sqlite(s) = &self.backend;
-        self.metrics.time(DbOp::PutValue, s.put_value(record, expires_at)).await
+        call!(self, DbOp::PutValue, |s| s.put_value(record, expires_at))
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
-        let Backend::Sqlite(s) = &self.backend;
-        self.metrics.time(DbOp::GetValue, s.get_value(key, now)).await
+        call!(self, DbOp::GetValue, |s| s.get_value(key, now))
     }
 
-    /// Delete up to `chunk` expired rows from each table; returns rows deleted.
-    pub async fn gc_chunk(&self, now: i64, chunk: usize) -> Result<u64, StoreError> {
-        let Backend::Sqlite(s) = &self.backend;
-        self.metrics.time(DbOp::Gc, s.gc_chunk(now, chunk)).await
+    /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per
+    /// statement on SQLite, `chunk_pages` heap pages on PostgreSQL). `Ok(None)` means another
+    /// process of the fleet holds the GC lease.
+    pub async fn gc_round(&self, now: i64, chunk_rows: usize, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
+        call!(self, DbOp::Gc, |s| s.gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
     }
 
-    /// Close all connections (after the last flush).
+    /// Estimated (provider records, peers with addresses), from catalogue statistics.
+    pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
+        call!(self, DbOp::Estimate, |s| s.estimate_counts())
+    }
+
+    /// Close all connections (after the last flush). Releases the GC lease.
     pub async fn close(&self) {
-        let Backend::Sqlite(s) = &self.backend;
-        s.close().await
+        match &self.backend {
+            Backend::Sqlite(s) => s.close().await,
+            Backend::Postgres(s) => s.close().await,
+        }
     }
 }

@@ -3,9 +3,19 @@
 
 mod common;
 
+both_backends!(
+    rust_kad_client_provides_finds_and_stores_records,
+    provider_announced_to_one_head_is_returned_with_addresses_by_another,
+    spoofed_add_provider_stores_nothing,
+    oversized_message_is_refused_without_harming_other_streams,
+    stored_records_survive_a_restart,
+    many_requests_on_one_stream_and_http_api,
+    idle_streams_are_reset,
+);
+
 use std::time::Duration;
 
-use common::{head_addrs, metric, start, KadClient, RawClient, WAIT};
+use common::{head_addrs, metric, start, Backend, KadClient, RawClient, WAIT};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use hydra::wire::{self, MessageType};
 use libp2p::kad::{self, PutRecordOk, QueryResult, Quorum, Record, RecordKey};
@@ -18,10 +28,9 @@ fn random_key() -> Vec<u8> {
     k
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rust_kad_client_provides_finds_and_stores_records() {
+async fn rust_kad_client_provides_finds_and_stores_records(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 3).await;
+    let node = start(dir.path(), 3, backend).await;
     let heads = head_addrs(&node);
 
     // Client A announces; client B, a separate peer, finds A through the heads.
@@ -79,10 +88,9 @@ async fn rust_kad_client_provides_finds_and_stores_records() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provider_announced_to_one_head_is_returned_with_addresses_by_another() {
+async fn provider_announced_to_one_head_is_returned_with_addresses_by_another(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 3).await;
+    let node = start(dir.path(), 3, backend).await;
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads).await;
     let key = random_key();
@@ -111,10 +119,9 @@ async fn provider_announced_to_one_head_is_returned_with_addresses_by_another() 
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spoofed_add_provider_stores_nothing() {
+async fn spoofed_add_provider_stores_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 1).await;
+    let node = start(dir.path(), 1, backend).await;
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads).await;
     let key = random_key();
@@ -136,10 +143,9 @@ async fn spoofed_add_provider_stores_nothing() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_message_is_refused_without_harming_other_streams() {
+async fn oversized_message_is_refused_without_harming_other_streams(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 1).await;
+    let node = start(dir.path(), 1, backend).await;
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads).await;
     let ping = wire::encode_request(MessageType::Ping, &[], &[]);
@@ -165,24 +171,26 @@ async fn oversized_message_is_refused_without_harming_other_streams() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_records_survive_a_restart() {
+async fn stored_records_survive_a_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let key = random_key();
+    let mut cfg = common::config_on(dir.path(), 2, backend).await;
+    // Only the shutdown may flush: the record must still be buffered when we stop.
+    cfg.providers.flush_interval = Duration::from_secs(3600);
     let provider;
     {
-        let node = start(dir.path(), 2).await;
+        let node = hydra::Node::start(cfg.clone()).await.unwrap();
         let heads = head_addrs(&node);
         let client = RawClient::connect(&heads).await;
         provider = (client.peer_id, client.addr.clone());
         let mut s = client.open(heads[0].0).await;
         RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
         RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
-        assert_eq!(node.providers().buffered(), 1, "a 50 ms flush interval has not passed yet");
+        assert_eq!(node.providers().buffered(), 1, "nothing flushed before shutdown");
         // Graceful shutdown must flush the buffered record.
         node.shutdown().await;
     }
-    let node = start(dir.path(), 2).await;
+    let node = hydra::Node::start(cfg).await.unwrap();
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads).await;
     let reply = client.get_providers(heads[1].0, &key).await;
@@ -192,10 +200,9 @@ async fn stored_records_survive_a_restart() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_requests_on_one_stream_and_http_api() {
+async fn many_requests_on_one_stream_and_http_api(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 2).await;
+    let node = start(dir.path(), 2, backend).await;
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads).await;
     let mut s = client.open(heads[0].0).await;
@@ -242,10 +249,9 @@ async fn many_requests_on_one_stream_and_http_api() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_streams_are_reset() {
+async fn idle_streams_are_reset(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::config(dir.path(), 1);
+    let mut cfg = common::config_on(dir.path(), 1, backend).await;
     cfg.limits.stream_idle_timeout = Duration::from_millis(300);
     let node = hydra::Node::start(cfg).await.unwrap();
     let client = RawClient::connect(&head_addrs(&node)).await;

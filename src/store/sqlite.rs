@@ -229,6 +229,45 @@ impl SqliteStore {
         Ok(deleted)
     }
 
+    /// Collect every expired row, `chunk` rows per statement per table (this process is the only
+    /// user of the file, so it always holds the "lease").
+    pub async fn gc_round(&self, now: i64, chunk: usize) -> Result<Option<u64>, StoreError> {
+        let mut total = 0;
+        // Bounded: a round deletes at most 10,000 chunks; the rest waits for the next round.
+        for _ in 0..10_000 {
+            let n = self.gc_chunk(now, chunk).await?;
+            total += n;
+            if n == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(Some(total))
+    }
+
+    /// Row estimates from `sqlite_stat1`, refreshed by a sampling ANALYZE (at most ~1,000 rows
+    /// per index are read, so this stays cheap on any table size).
+    pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        sqlx::query("PRAGMA analysis_limit = 1000").execute(&mut *conn).await?;
+        sqlx::query("ANALYZE providers").execute(&mut *conn).await?;
+        sqlx::query("ANALYZE peer_addrs").execute(&mut *conn).await?;
+        let rows = sqlx::query("SELECT tbl, stat FROM sqlite_stat1 WHERE tbl IN ('providers', 'peer_addrs')")
+            .fetch_all(&mut *conn)
+            .await?;
+        let (mut providers, mut peers) = (0f64, 0f64);
+        for row in rows {
+            let tbl: String = row.try_get("tbl")?;
+            let stat: String = row.try_get("stat")?;
+            let n: f64 = stat.split(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            match tbl.as_str() {
+                "providers" => providers = providers.max(n),
+                _ => peers = peers.max(n),
+            }
+        }
+        Ok((providers, peers))
+    }
+
     pub async fn close(&self) {
         self.writer.close().await;
         self.readers.close().await;

@@ -2,12 +2,14 @@
 //! messages a well-behaved client never sends), and a real rust-libp2p kad client.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hydra::config::{AddressFilter, ConfigFile};
+use hydra::config::{AddressFilter, ConfigFile, StoreKind};
 use hydra::kad_server::KAD_PROTOCOL;
 use hydra::types::PeerRecord;
 use hydra::wire::{self, MessageType, PbMessage};
@@ -34,8 +36,47 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     f.validate().expect("test config is valid")
 }
 
-pub async fn start(dir: &Path, heads: usize) -> Node {
-    Node::start(config(dir, heads)).await.expect("node starts")
+/// Which datastore a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test config on `backend` (a fresh database for PostgreSQL).
+pub async fn config_on(dir: &Path, heads: usize, backend: Backend) -> Config {
+    let mut c = config(dir, heads);
+    if backend == Backend::Postgres {
+        c.store = StoreKind::Postgres(pg::fresh_database().await);
+    }
+    c
+}
+
+pub async fn start(dir: &Path, heads: usize, backend: Backend) -> Node {
+    Node::start(config_on(dir, heads, backend).await).await.expect("node starts")
+}
+
+/// Generate one test per backend from `async fn name(backend: Backend)` functions.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
 }
 
 /// (peer id, TCP address) of every head.

@@ -1,0 +1,139 @@
+//! Throwaway PostgreSQL clusters for tests and benchmarks.
+//!
+//! Starts a private cluster from the installed server binaries (`/usr/lib/postgresql/*/bin`, else
+//! `pg_config --bindir`) on a free loopback port, with its socket and data in a temporary
+//! directory. As root (initdb refuses to run as root) the server runs as the `postgres` user via
+//! `runuser`. Dropping the handle stops the cluster and removes its directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _};
+
+/// A running throwaway cluster.
+pub struct PgCluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+fn find_bindir() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.retain(|p| p.join("initdb").exists());
+    versions.sort();
+    if let Some(p) = versions.pop() {
+        return Ok(p);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().context("run pg_config --bindir")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if p.join("initdb").exists() {
+        return Ok(p);
+    }
+    bail!("no PostgreSQL server binaries found (install postgresql, or set DATABASE_URL)")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgCluster {
+    /// Create and start a cluster. `fsync = false` is for functional tests only; benchmarks keep
+    /// the production default.
+    pub fn start(fsync: bool) -> anyhow::Result<Self> {
+        let bindir = find_bindir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = std::env::temp_dir().join(format!("hydra-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let as_postgres = is_root();
+        if as_postgres {
+            let ok = Command::new("chown").arg("postgres:").arg(&dir).status()?.success();
+            if !ok {
+                bail!("chown postgres {} failed", dir.display());
+            }
+        }
+        let c = Self { dir, bindir, port, as_postgres };
+        let data = c.dir.join("data");
+        c.run("initdb", &["-D", &data.to_string_lossy(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .context("initdb")?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300 \
+             -c shared_buffers=256MB",
+            c.dir.display(),
+            if fsync { "on" } else { "off" }
+        );
+        let log = c.dir.join("log");
+        c.run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "start"])
+            .with_context(|| format!("pg_ctl start (log: {})", log.display()))?;
+        Ok(c)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let bin = self.bindir.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let out = cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("run {}", bin.display()))?;
+        if !out.status.success() {
+            bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of database `db` on this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stop the server at once and remove its files.
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        let _ = self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Create a new, empty database on the server at `admin_url` and return its URL.
+pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connect to {}", crate::config::redact_url(admin_url)))?;
+    tokio::spawn(conn);
+    // Identifiers cannot be bound; the name is ours and restricted to [a-z0-9_].
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        bail!("database name {name:?} must be [a-z0-9_]");
+    }
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.context("create database")?;
+    // Rebuild the URL with the new database name.
+    let base = admin_url.split('?').next().unwrap_or(admin_url);
+    let without_db = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    Ok(format!("{without_db}/{name}"))
+}

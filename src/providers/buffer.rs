@@ -1,0 +1,165 @@
+//! The write-behind buffer: sharded maps keyed by (key, provider), so repeated announcements
+//! coalesce. Each shard's std `Mutex` is held for one map operation and never across an
+//! `.await`. Entries count against the limit from the moment they are buffered until their batch
+//! is written; batches being written stay visible to reads until then.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+
+use crate::store::{now_ms, ProviderWrite};
+use crate::types::{PeerRecord, ProviderKey};
+
+/// Number of shards (buffer and single-flight). More shards than cores keeps locks uncontended.
+pub const SHARDS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub addrs: Vec<Multiaddr>,
+    pub expires_at: i64,
+    pub addrs_expire_at: i64,
+}
+
+pub type Batch = HashMap<ProviderKey, HashMap<PeerId, Pending>>;
+
+#[derive(Default)]
+struct Shard {
+    pending: Batch,
+    pending_entries: usize,
+    oldest: Option<Instant>,
+    in_flight: Vec<Arc<Batch>>,
+}
+
+/// Why `add` refused an entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+pub struct WriteBuffer {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+    entries: AtomicUsize,
+    /// Per shard: how many batches have completed. Lets a reader detect that a write landed while
+    /// its datastore query ran (and then not cache a possibly stale answer).
+    epochs: Vec<AtomicU64>,
+    limit: usize,
+    flush_batch: usize,
+}
+
+impl WriteBuffer {
+    pub fn new(limit: usize, flush_batch: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            entries: AtomicUsize::new(0),
+            epochs: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            limit,
+            flush_batch,
+        }
+    }
+
+    pub fn shard_of(&self, key: &ProviderKey) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    fn lock(&self, idx: usize) -> std::sync::MutexGuard<'_, Shard> {
+        // A poisoned shard only means another thread panicked mid-update of a plain map; the data
+        // is still a valid map, so keep serving rather than cascade the panic.
+        self.shards[idx].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Buffer an entry. Returns whether the shard is now due for a size-triggered flush.
+    pub fn add(&self, key: ProviderKey, peer: PeerId, p: Pending) -> Result<bool, Full> {
+        let idx = self.shard_of(&key);
+        let mut shard = self.lock(idx);
+        let by_peer = shard.pending.entry(key).or_default();
+        if let Some(existing) = by_peer.get_mut(&peer) {
+            *existing = p; // coalesced: takes no new space
+            return Ok(false);
+        }
+        if self.entries.load(Ordering::Relaxed) >= self.limit {
+            return Err(Full);
+        }
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        by_peer.insert(peer, p);
+        shard.pending_entries += 1;
+        shard.oldest.get_or_insert_with(Instant::now);
+        Ok(shard.pending_entries >= self.flush_batch)
+    }
+
+    /// Entries pending or being written.
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    pub fn epoch(&self, idx: usize) -> u64 {
+        self.epochs[idx].load(Ordering::Acquire)
+    }
+
+    /// Unexpired buffered and in-flight providers of `key` (newest batch wins), at most `cap`.
+    pub fn local(&self, key: &ProviderKey, cap: usize) -> Vec<PeerRecord> {
+        let now = now_ms();
+        let shard = self.lock(self.shard_of(key));
+        let mut out: Vec<PeerRecord> = Vec::new();
+        let batches = std::iter::once(&shard.pending).chain(shard.in_flight.iter().rev().map(|b| &**b));
+        for batch in batches {
+            let Some(by_peer) = batch.get(key) else { continue };
+            for (peer, p) in by_peer {
+                if out.len() < cap && p.expires_at > now && !out.iter().any(|r| &r.peer == peer) {
+                    out.push(PeerRecord { peer: *peer, addrs: p.addrs.clone() });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether shard `idx` should be flushed now.
+    pub fn due(&self, idx: usize, interval: Duration) -> bool {
+        let shard = self.lock(idx);
+        shard.pending_entries >= self.flush_batch || shard.oldest.is_some_and(|t| t.elapsed() >= interval)
+    }
+
+    /// Move shard `idx`'s pending entries into a batch being written.
+    pub fn take(&self, idx: usize) -> Option<Arc<Batch>> {
+        let mut shard = self.lock(idx);
+        if shard.pending_entries == 0 {
+            return None;
+        }
+        let batch = Arc::new(std::mem::take(&mut shard.pending));
+        shard.pending_entries = 0;
+        shard.oldest = None;
+        shard.in_flight.push(batch.clone());
+        Some(batch)
+    }
+
+    /// The batch's write finished (or failed): release its entries. `before_release` runs after
+    /// the epoch moved and before the entries stop being visible (cache invalidation goes there).
+    pub fn complete(&self, idx: usize, batch: &Arc<Batch>, before_release: impl FnOnce()) -> usize {
+        self.epochs[idx].fetch_add(1, Ordering::AcqRel);
+        before_release();
+        let n: usize = batch.values().map(|m| m.len()).sum();
+        self.lock(idx).in_flight.retain(|b| !Arc::ptr_eq(b, batch));
+        self.entries.fetch_sub(n, Ordering::Relaxed);
+        n
+    }
+}
+
+/// Rows of a batch as the store writes them.
+pub fn rows(batch: &Batch) -> Vec<ProviderWrite> {
+    batch
+        .iter()
+        .flat_map(|(key, by_peer)| {
+            by_peer.iter().map(move |(peer, p)| ProviderWrite {
+                key: key.clone(),
+                provider: *peer,
+                addrs: p.addrs.clone(),
+                expires_at: p.expires_at,
+                addrs_expire_at: p.addrs_expire_at,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,212 @@
+//! The read path: one shared bounded cache, single-flight per key, and batched lookups.
+//!
+//! A miss registers the caller as a waiter for its key; only the first waiter of a key enqueues
+//! it, so concurrent reads of one key share one lookup. A batcher takes queued keys, waits for one
+//! of `max_read_queries` query slots, then drains whatever else queued meanwhile (up to
+//! `read_batch_keys`) into one statement: under load batches grow, at rest a key waits for nothing.
+//! At most `max_reads_in_flight` distinct keys are queued or being looked up; beyond that a read is
+//! shed. Callers wait at most `read_deadline`; a late answer still fills the cache.
+//!
+//! Coherence: the cache holds datastore answers only; the caller merges this process's buffered
+//! and in-flight writes on top, and a completed flush evicts its keys. An answer whose query raced
+//! a completed flush of the same shard is returned but not cached. Writes by other processes
+//! become visible when a cached entry expires (`cache_ttl`, `negative_cache_ttl`).
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::buffer::{WriteBuffer, SHARDS};
+use crate::metrics::{CacheResult, ProviderMetrics, ShedReason};
+use crate::store::{now_ms, Store};
+use crate::types::{PeerRecord, ProviderKey};
+
+pub type Providers = Arc<Vec<PeerRecord>>;
+
+#[derive(Clone)]
+struct Cached {
+    providers: Providers,
+    until: Instant,
+}
+
+pub struct Reads {
+    cache: quick_cache::sync::Cache<ProviderKey, Cached>,
+    waiting: Vec<Mutex<HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>>>,
+    hasher: RandomState,
+    queue: mpsc::Sender<ProviderKey>,
+    /// Distinct keys queued or being looked up.
+    pending: AtomicUsize,
+    max_pending: usize,
+    cache_ttl: Duration,
+    negative_ttl: Duration,
+    metrics: ProviderMetrics,
+}
+
+/// Settings of the read path.
+pub struct ReadConfig {
+    pub cache_entries: usize,
+    pub cache_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub max_pending: usize,
+    pub batch_keys: usize,
+    pub max_queries: usize,
+    pub per_key: usize,
+}
+
+impl Reads {
+    /// Create the read path; returns it and the batcher future to spawn.
+    pub fn new(
+        cfg: ReadConfig,
+        store: Store,
+        buffer: Arc<WriteBuffer>,
+        metrics: ProviderMetrics,
+        cancel: CancellationToken,
+    ) -> (Arc<Self>, impl std::future::Future<Output = ()>) {
+        let (tx, rx) = mpsc::channel(cfg.max_pending);
+        let reads = Arc::new(Self {
+            cache: quick_cache::sync::Cache::new(cfg.cache_entries),
+            waiting: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            queue: tx,
+            pending: AtomicUsize::new(0),
+            max_pending: cfg.max_pending,
+            cache_ttl: cfg.cache_ttl,
+            negative_ttl: cfg.negative_ttl,
+            metrics,
+        });
+        let batcher = reads.clone().batcher(rx, store, buffer, cfg, cancel);
+        (reads, batcher)
+    }
+
+    fn waiting(&self, key: &ProviderKey) -> std::sync::MutexGuard<'_, HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>> {
+        let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
+        // Poisoning cannot leave the map invalid; keep serving.
+        self.waiting[idx].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stored providers of `key`: from the cache, or from one shared, batched lookup.
+    pub async fn get(&self, key: &ProviderKey, deadline: Duration) -> Result<Providers, ShedReason> {
+        if let Some(c) = self.cache.get(key) {
+            if c.until > Instant::now() {
+                let r = if c.providers.is_empty() { CacheResult::NegativeHit } else { CacheResult::Hit };
+                self.metrics.cache.with_label_values(&[r.as_str()]).inc();
+                return Ok(c.providers);
+            }
+        }
+        self.metrics.cache.with_label_values(&[CacheResult::Miss.as_str()]).inc();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiting = self.waiting(key);
+            if let Some(w) = waiting.get_mut(key) {
+                w.push(tx); // single-flight: join the lookup already under way
+            } else {
+                if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    return Err(ShedReason::ReadsInFlight);
+                }
+                if self.queue.try_send(key.clone()).is_err() {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    return Err(ShedReason::ReadsInFlight);
+                }
+                waiting.insert(key.clone(), vec![tx]);
+            }
+        }
+        self.metrics.reads_in_flight.set(self.pending.load(Ordering::Relaxed) as i64);
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ShedReason::DatastoreError),
+            Err(_) => Err(ShedReason::ReadDeadline),
+        }
+    }
+
+    /// Drop cached answers for keys just written by this process.
+    pub fn invalidate<'a>(&self, keys: impl Iterator<Item = &'a ProviderKey>) {
+        for k in keys {
+            self.cache.remove(k);
+        }
+    }
+
+    async fn batcher(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<ProviderKey>,
+        store: Store,
+        buffer: Arc<WriteBuffer>,
+        cfg: ReadConfig,
+        cancel: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(cfg.max_queries));
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return,
+                k = rx.recv() => match k { Some(k) => k, None => return },
+            };
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let mut keys = vec![first];
+            while keys.len() < cfg.batch_keys {
+                match rx.try_recv() {
+                    Ok(k) => keys.push(k),
+                    Err(_) => break,
+                }
+            }
+            let this = self.clone();
+            let store = store.clone();
+            let buffer = buffer.clone();
+            let per_key = cfg.per_key;
+            // Bounded by `slots`: at most `max_read_queries` of these run at once.
+            tokio::spawn(async move {
+                let epochs: Vec<u64> = keys.iter().map(|k| buffer.epoch(buffer.shard_of(k))).collect();
+                let res = store.get_providers(&keys, now_ms(), per_key).await;
+                this.finish(keys, epochs, res, &buffer);
+                drop(permit);
+            });
+        }
+    }
+
+    fn finish(
+        &self,
+        keys: Vec<ProviderKey>,
+        epochs: Vec<u64>,
+        res: Result<Vec<(ProviderKey, PeerRecord)>, crate::store::StoreError>,
+        buffer: &WriteBuffer,
+    ) {
+        let n = keys.len();
+        match res {
+            Ok(rows) => {
+                let mut by_key: HashMap<ProviderKey, Vec<PeerRecord>> = HashMap::new();
+                for (k, r) in rows {
+                    by_key.entry(k).or_default().push(r);
+                }
+                let now = Instant::now();
+                for (key, epoch) in keys.into_iter().zip(epochs) {
+                    let providers: Providers = Arc::new(by_key.remove(&key).unwrap_or_default());
+                    if buffer.epoch(buffer.shard_of(&key)) == epoch {
+                        let ttl = if providers.is_empty() { self.negative_ttl } else { self.cache_ttl };
+                        self.cache.insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
+                    }
+                    let waiters = self.waiting(&key).remove(&key).unwrap_or_default();
+                    for w in waiters {
+                        let _ = w.send(providers.clone());
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, keys = n, "provider lookup failed");
+                for key in keys {
+                    // Dropping the senders tells every waiter the lookup failed.
+                    drop(self.waiting(&key).remove(&key));
+                }
+            }
+        }
+        let left = self.pending.fetch_sub(n, Ordering::AcqRel) - n;
+        self.metrics.reads_in_flight.set(left as i64);
+    }
+}

@@ -1,0 +1,285 @@
+//! The fleet store: PostgreSQL through a `deadpool-postgres` pool of `tokio-postgres` clients.
+//!
+//! Hot-path statements are prepared once per connection (`prepare_cached`) and move whole batches
+//! as arrays: writes are `INSERT … SELECT FROM unnest(…) ON CONFLICT …` (as fast as binary COPY up
+//! to 1,000 rows here, one round trip, no staging table), reads are one `unnest` + `LATERAL … LIMIT`
+//! statement for many keys. Rows are sorted before writing so concurrent flushes, from this process
+//! or another, lock rows in the same order and cannot deadlock.
+//!
+//! Garbage collection sweeps heap-page ranges (`hydra_gc_pages`) on a dedicated session that holds
+//! a fleet-wide advisory lock: only the holder collects, and a crashed holder's lock ends with its
+//! session. Migrations (`migrations/postgres/`) run through sqlx, which serialises concurrent
+//! migrators with its own advisory lock.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use libp2p::PeerId;
+use sqlx::migrate::Migrator;
+use sqlx::Connection;
+use tokio::sync::Mutex;
+use tokio_postgres::NoTls;
+
+use super::sqlite::Embedded;
+use super::{ProviderWrite, StoreError};
+use crate::config::{redact_url, PostgresSection};
+use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
+
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Advisory lock key of the garbage-collection lease ("hydra gc").
+const GC_LOCK_KEY: i64 = 0x6879_6472_6167_63;
+
+const UPSERT_PROVIDERS: &str = "\
+    INSERT INTO providers (key, provider, expires_at) \
+    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
+    ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at \
+    WHERE providers.expires_at < excluded.expires_at";
+
+const UPSERT_ADDRS: &str = "\
+    INSERT INTO peer_addrs (peer, addrs, expires_at) \
+    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
+    ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
+    WHERE peer_addrs.expires_at < excluded.expires_at OR peer_addrs.addrs <> excluded.addrs";
+
+const LOOKUP: &str = "\
+    SELECT k.key, p.provider, a.addrs \
+    FROM unnest($1::bytea[]) AS k(key) \
+    CROSS JOIN LATERAL ( \
+        SELECT provider FROM providers \
+        WHERE providers.key = k.key AND providers.expires_at > $2 LIMIT $3) p \
+    LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2";
+
+/// Convert the store's millisecond timestamps to the `timestamptz` values PostgreSQL keeps.
+pub fn to_time(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// Handle to the PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+    /// The session holding the GC advisory lock, if this process is the leaseholder.
+    lease: Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl PgStore {
+    /// Connect, retrying an unreachable server until `cfg.connect_timeout` (one log line per try).
+    pub async fn connect(url: &str, cfg: &PostgresSection) -> Result<Self, StoreError> {
+        let mut pg_config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Unreachable(format!("{}: {e}", redact_url(url))))?;
+        pg_config
+            .options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()))
+            .connect_timeout(Duration::from_secs(5))
+            .application_name("hydra");
+        let mgr = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let start = Instant::now();
+        let mut attempt = 1;
+        loop {
+            match pool.get().await {
+                Ok(_) => break,
+                Err(e) if start.elapsed() < cfg.connect_timeout => {
+                    tracing::warn!(attempt, error = %e, url = %redact_url(url), "database not reachable; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Unreachable(format!(
+                        "{} not reachable after {attempt} attempts in {:?}: {e}",
+                        redact_url(url),
+                        cfg.connect_timeout
+                    )))
+                }
+            }
+        }
+        Ok(Self { pool, pg_config, lease: Mutex::new(None) })
+    }
+
+    /// Apply pending migrations (sqlx holds an advisory lock while it does).
+    pub async fn migrate(url: &str) -> Result<(), StoreError> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        migrator.run(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+
+    pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut sorted: Vec<&ProviderWrite> = rows.iter().collect();
+        sorted.sort_unstable_by(|a, b| (a.key.as_bytes(), a.provider).cmp(&(b.key.as_bytes(), b.provider)));
+        let keys: Vec<&[u8]> = sorted.iter().map(|r| r.key.as_bytes()).collect();
+        let providers: Vec<Vec<u8>> = sorted.iter().map(|r| r.provider.to_bytes()).collect();
+        let expires: Vec<SystemTime> = sorted.iter().map(|r| to_time(r.expires_at)).collect();
+
+        // One row per peer: the latest addresses and expiry in this batch.
+        let mut by_peer: HashMap<PeerId, &ProviderWrite> = HashMap::new();
+        for r in rows {
+            by_peer
+                .entry(r.provider)
+                .and_modify(|cur| {
+                    if r.addrs_expire_at > cur.addrs_expire_at {
+                        *cur = r
+                    }
+                })
+                .or_insert(r);
+        }
+        let mut peers: Vec<(Vec<u8>, &ProviderWrite)> =
+            by_peer.into_iter().map(|(p, r)| (p.to_bytes(), r)).collect();
+        peers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let peer_ids: Vec<&[u8]> = peers.iter().map(|(p, _)| p.as_slice()).collect();
+        let addrs: Vec<Vec<u8>> = peers.iter().map(|(_, r)| encode_addrs(&r.addrs)).collect();
+        let addr_expires: Vec<SystemTime> = peers.iter().map(|(_, r)| to_time(r.addrs_expire_at)).collect();
+
+        let client = self.pool.get().await?;
+        let up = client.prepare_cached(UPSERT_PROVIDERS).await?;
+        let ua = client.prepare_cached(UPSERT_ADDRS).await?;
+        // Two autocommit statements, pipelined: records first, then addresses.
+        let p1: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&keys, &providers, &expires];
+        let p2: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&peer_ids, &addrs, &addr_expires];
+        let (r1, r2) = tokio::join!(client.execute(&up, &p1), client.execute(&ua, &p2));
+        r1?;
+        r2?;
+        Ok(())
+    }
+
+    pub async fn get_providers(
+        &self,
+        keys: &[ProviderKey],
+        now: i64,
+        per_key: usize,
+    ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(LOOKUP).await?;
+        let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let limit = i64::try_from(per_key).unwrap_or(i64::MAX);
+        let rows = client.query(&stmt, &[&key_bytes, &to_time(now), &limit]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key: Vec<u8> = row.try_get(0)?;
+            let provider: &[u8] = row.try_get(1)?;
+            let addrs: Option<&[u8]> = row.try_get(2)?;
+            let (Ok(key), Ok(peer)) = (ProviderKey::new(key), PeerId::from_bytes(provider)) else { continue };
+            out.push((key, PeerRecord { peer, addrs: addrs.map(decode_addrs).unwrap_or_default() }));
+        }
+        Ok(out)
+    }
+
+    pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO value_records (key, value, time_received, expires_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                 time_received = excluded.time_received, expires_at = excluded.expires_at",
+            )
+            .await?;
+        client.execute(&stmt, &[&r.key, &r.value, &r.time_received, &to_time(expires_at)]).await?;
+        Ok(())
+    }
+
+    pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT key, value, time_received FROM value_records WHERE key = $1 AND expires_at > $2",
+            )
+            .await?;
+        let row = client.query_opt(&stmt, &[&key, &to_time(now)]).await?;
+        Ok(match row {
+            Some(row) => {
+                Some(ValueRecord { key: row.try_get(0)?, value: row.try_get(1)?, time_received: row.try_get(2)? })
+            }
+            None => None,
+        })
+    }
+
+    /// Take (or confirm) the fleet-wide GC lease. Returns whether this process holds it.
+    pub async fn hold_gc_lease(&self) -> Result<bool, StoreError> {
+        let mut lease = self.lease.lock().await;
+        if let Some(c) = lease.as_ref() {
+            if c.simple_query("SELECT 1").await.is_ok() {
+                return Ok(true);
+            }
+            *lease = None; // the session died: so did the lock
+        }
+        let (client, conn) = self.pg_config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "GC lease session ended");
+            }
+        });
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&GC_LOCK_KEY]).await?.try_get(0)?;
+        if got {
+            *lease = Some(client);
+        }
+        Ok(got)
+    }
+
+    /// One garbage-collection sweep, if this process holds the lease: every heap relation of
+    /// every table, `chunk_pages` pages per statement. `Ok(None)`: another process holds it.
+    pub async fn gc_round(&self, now: i64, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
+        if !self.hold_gc_lease().await? {
+            return Ok(None);
+        }
+        let lease = self.lease.lock().await;
+        let Some(client) = lease.as_ref() else { return Ok(None) };
+        let now = to_time(now);
+        let chunk = i64::try_from(chunk_pages).unwrap_or(i64::MAX);
+        let mut deleted = 0u64;
+        for table in ["providers", "peer_addrs", "value_records"] {
+            let rels = client
+                .query("SELECT rel::oid, pages FROM hydra_heap_relations($1::text::regclass)", &[&table])
+                .await?;
+            for rel in rels {
+                let oid: u32 = rel.try_get(0)?;
+                let pages: i64 = rel.try_get(1)?;
+                let mut first = 0i64;
+                while first < pages {
+                    let n: i64 = client
+                        .query_one(
+                            "SELECT hydra_gc_pages($1::oid::regclass, $2, $3, $4)",
+                            &[&oid, &first, &(first + chunk), &now],
+                        )
+                        .await?
+                        .try_get(0)?;
+                    deleted += n as u64;
+                    first += chunk;
+                }
+            }
+        }
+        Ok(Some(deleted))
+    }
+
+    /// Catalogue estimates of (provider records, peers with addresses).
+    pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT hydra_estimate_rows('providers'), hydra_estimate_rows('peer_addrs')", &[])
+            .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    /// Release the GC lease and close the pool.
+    pub async fn close(&self) {
+        self.lease.lock().await.take();
+        self.pool.close();
+    }
+}
