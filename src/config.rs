@@ -388,7 +388,9 @@ impl ConfigFile {
         positive("providers.read_batch_keys", p.read_batch_keys)?;
         positive("providers.max_read_queries", p.max_read_queries)?;
         positive("postgres.pool_size", self.postgres.pool_size)?;
-        if p.max_read_queries + p.max_flushes_in_flight > self.postgres.pool_size && matches!(store, StoreKind::Postgres(_)) {
+        if p.max_read_queries + p.max_flushes_in_flight > self.postgres.pool_size
+            && matches!(store, StoreKind::Postgres(_))
+        {
             return Err(invalid(
                 "postgres.pool_size",
                 "must be at least providers.max_read_queries + providers.max_flushes_in_flight",

@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::wire::MessageType;
@@ -332,7 +333,11 @@ impl Metrics {
             shed,
             reads_in_flight: reg(
                 registry,
-                IntGauge::new("hydra_providers_reads_in_flight", "Distinct keys queued for or in a datastore lookup").unwrap(),
+                IntGauge::new(
+                    "hydra_providers_reads_in_flight",
+                    "Distinct keys queued for or in a datastore lookup",
+                )
+                .unwrap(),
             ),
             gc_deleted_rows: reg(
                 registry,
@@ -362,8 +367,11 @@ impl Metrics {
             ),
             peers_estimate: reg(
                 registry,
-                Gauge::new("hydra_providers_peers_estimate", "Peers with stored addresses (catalogue estimate)")
-                    .unwrap(),
+                Gauge::new(
+                    "hydra_providers_peers_estimate",
+                    "Peers with stored addresses (catalogue estimate)",
+                )
+                .unwrap(),
             ),
         };
 

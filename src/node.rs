@@ -43,7 +43,9 @@ impl Node {
     pub async fn start(cfg: Config) -> anyhow::Result<Node> {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry, cfg.heads);
-        let store = Store::open(&cfg.store, &cfg.postgres, metrics.datastore.clone()).await.context("open datastore")?;
+        let store = Store::open(&cfg.store, &cfg.postgres, metrics.datastore.clone())
+            .await
+            .context("open datastore")?;
         let providers = ProviderManager::start(
             store,
             cfg.providers.clone(),

@@ -61,8 +61,11 @@ impl PgCluster {
         }
         let c = Self { dir, bindir, port, as_postgres };
         let data = c.dir.join("data");
-        c.run("initdb", &["-D", &data.to_string_lossy(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-            .context("initdb")?;
+        c.run(
+            "initdb",
+            &["-D", &data.to_string_lossy(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+        )
+        .context("initdb")?;
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300 \
              -c shared_buffers=256MB",
@@ -70,8 +73,11 @@ impl PgCluster {
             if fsync { "on" } else { "off" }
         );
         let log = c.dir.join("log");
-        c.run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "start"])
-            .with_context(|| format!("pg_ctl start (log: {})", log.display()))?;
+        c.run(
+            "pg_ctl",
+            &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "start"],
+        )
+        .with_context(|| format!("pg_ctl start (log: {})", log.display()))?;
         Ok(c)
     }
 
@@ -84,7 +90,8 @@ impl PgCluster {
         } else {
             Command::new(&bin)
         };
-        let out = cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("run {}", bin.display()))?;
+        let out =
+            cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("run {}", bin.display()))?;
         if !out.status.success() {
             bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -295,3 +295,146 @@ impl ProviderManager {
 fn unix_seconds() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PostgresSection, StoreKind};
+
+    async fn manager(
+        dir: &std::path::Path,
+        cfg: ProvidersSection,
+    ) -> (ProviderManager, crate::metrics::Metrics) {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::new(&registry, 1);
+        let store = Store::open(
+            &StoreKind::Sqlite(dir.join("p.sqlite")),
+            &PostgresSection::default(),
+            metrics.datastore.clone(),
+        )
+        .await
+        .unwrap();
+        (ProviderManager::start(store, cfg, 100, metrics.providers.clone()), metrics)
+    }
+
+    fn small(buffer: usize) -> ProvidersSection {
+        ProvidersSection {
+            write_buffer_entries: buffer,
+            flush_batch: buffer,
+            flush_interval: Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
+
+    fn rec(peer: libp2p::PeerId) -> PeerRecord {
+        PeerRecord { peer, addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()] }
+    }
+
+    fn key(i: u32) -> ProviderKey {
+        ProviderKey::new(i.to_be_bytes().to_vec()).unwrap()
+    }
+
+    fn lookups(m: &crate::metrics::Metrics) -> u64 {
+        m.datastore.duration.with_label_values(&["get_providers"]).get_sample_count()
+    }
+
+    #[tokio::test]
+    async fn repeated_announcements_coalesce_and_a_full_buffer_sheds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path(), small(3)).await;
+        let p = libp2p::PeerId::random();
+        for _ in 0..10 {
+            m.add_provider(key(1), rec(p)).unwrap();
+        }
+        assert_eq!(m.buffered(), 1, "ten announcements of one (key, provider) are one entry");
+        m.add_provider(key(2), rec(p)).unwrap();
+        m.add_provider(key(3), rec(p)).unwrap();
+        assert_eq!(m.add_provider(key(4), rec(p)), Err(Shed(ShedReason::WriteBufferFull)));
+        // A refresh of a buffered entry is still accepted when full: it takes no new space.
+        m.add_provider(key(2), rec(p)).unwrap();
+        assert_eq!(m.buffered(), 3);
+        // Buffered records are readable before they are written…
+        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
+        // …and after the flush, from the store; the space is free again.
+        m.flush().await;
+        assert_eq!(m.buffered(), 0);
+        assert_eq!(m.get_providers(&key(3)).await.unwrap(), vec![rec(p)]);
+        m.add_provider(key(4), rec(p)).unwrap();
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_every_buffered_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path(), small(10_000)).await;
+        let p = libp2p::PeerId::random();
+        for i in 0..5000u32 {
+            m.add_provider(key(i), rec(p)).unwrap();
+        }
+        assert_eq!(m.buffered(), 5000);
+        m.shutdown().await;
+        let (m2, _) = manager(dir.path(), small(10)).await;
+        for i in (0..5000u32).step_by(499) {
+            assert_eq!(m2.get_providers(&key(i)).await.unwrap(), vec![rec(p)], "key {i} lost");
+        }
+        m2.shutdown().await;
+    }
+
+    // Current-thread runtime: join_all polls every read once (each registers or enqueues) before
+    // the batcher task can run, so statement counts are exact.
+    #[tokio::test]
+    async fn concurrent_reads_of_one_key_share_one_lookup_and_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, metrics) = manager(dir.path(), small(100)).await;
+        let p = libp2p::PeerId::random();
+        m.add_provider(key(7), rec(p)).unwrap();
+        m.flush().await;
+        let before = lookups(&metrics);
+        let k = key(7);
+        for r in futures::future::join_all((0..50).map(|_| m.get_providers(&k))).await {
+            assert_eq!(r.unwrap(), vec![rec(p)]);
+        }
+        assert_eq!(lookups(&metrics) - before, 1, "50 concurrent reads, one datastore lookup");
+        m.get_providers(&key(7)).await.unwrap();
+        assert_eq!(lookups(&metrics) - before, 1, "then served from the cache");
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn distinct_keys_are_looked_up_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ProvidersSection { max_read_queries: 1, ..small(100) };
+        let (m, metrics) = manager(dir.path(), cfg).await;
+        let before = lookups(&metrics);
+        let keys: Vec<_> = (0..200u32).map(key).collect();
+        for r in futures::future::join_all(keys.iter().map(|k| m.get_providers(k))).await {
+            assert!(r.unwrap().is_empty());
+        }
+        // read_batch_keys = 128: 200 queued keys take two statements.
+        assert_eq!(lookups(&metrics) - before, 2);
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_coherent_with_local_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path(), small(100)).await;
+        // A negative answer is cached…
+        assert!(m.get_providers(&key(9)).await.unwrap().is_empty());
+        let (p, q) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        // …yet a local write shows at once (buffer merge), and after its flush (cache evicted).
+        m.add_provider(key(9), rec(p)).unwrap();
+        assert_eq!(m.get_providers(&key(9)).await.unwrap(), vec![rec(p)]);
+        m.flush().await;
+        assert_eq!(m.get_providers(&key(9)).await.unwrap(), vec![rec(p)]);
+        // A positive cached answer also picks up a second provider written later.
+        m.add_provider(key(9), rec(q)).unwrap();
+        m.flush().await;
+        let mut got: Vec<_> = m.get_providers(&key(9)).await.unwrap().into_iter().map(|r| r.peer).collect();
+        got.sort();
+        let mut want = vec![p, q];
+        want.sort();
+        assert_eq!(got, want);
+        m.shutdown().await;
+    }
+}

@@ -88,7 +88,11 @@ macro_rules! call {
 
 impl Store {
     /// Open the datastore and apply pending migrations.
-    pub async fn open(kind: &StoreKind, pg: &PostgresSection, metrics: DatastoreMetrics) -> Result<Self, StoreError> {
+    pub async fn open(
+        kind: &StoreKind,
+        pg: &PostgresSection,
+        metrics: DatastoreMetrics,
+    ) -> Result<Self, StoreError> {
         let backend = match kind {
             StoreKind::Sqlite(path) => {
                 let store = SqliteStore::open(path).await?;
@@ -147,8 +151,14 @@ impl Store {
     /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per
     /// statement on SQLite, `chunk_pages` heap pages on PostgreSQL). `Ok(None)` means another
     /// process of the fleet holds the GC lease.
-    pub async fn gc_round(&self, now: i64, chunk_rows: usize, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
-        call!(self, DbOp::Gc, |s| s.gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
+    pub async fn gc_round(
+        &self,
+        now: i64,
+        chunk_rows: usize,
+        chunk_pages: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        call!(self, DbOp::Gc, |s| s
+            .gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
     }
 
     /// Estimated (provider records, peers with addresses), from catalogue statistics.

@@ -5,12 +5,17 @@
 
 mod common;
 
+both_backends!(
+    js_peer_provides_and_finds_100_cids_through_the_heads,
+    js_dht_walk_through_a_mixed_js_and_hydra_network
+);
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{metric, start};
+use common::{metric, start, Backend};
 
 static NPM: Mutex<()> = Mutex::new(());
 
@@ -76,13 +81,12 @@ fn heads_json(node: &hydra::Node) -> String {
     serde_json::to_string(&heads).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn js_peer_provides_and_finds_100_cids_through_the_heads() {
+async fn js_peer_provides_and_finds_100_cids_through_the_heads(backend: Backend) {
     ensure_js_deps();
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 4).await;
+    let node = start(dir.path(), 4, backend).await;
     let r = run_js(&heads_json(&node), "provide-find", 100).await;
-    println!("js provide-find: {r:?}");
+    println!("js provide-find ({backend:?}): {r:?}");
     assert_eq!(r.provided, 100);
     assert_eq!(r.found, 100, "{r:?}");
     // The js peers are DHT clients: only hydra heads can have answered.
@@ -92,13 +96,12 @@ async fn js_peer_provides_and_finds_100_cids_through_the_heads() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn js_dht_walk_through_a_mixed_js_and_hydra_network() {
+async fn js_dht_walk_through_a_mixed_js_and_hydra_network(backend: Backend) {
     ensure_js_deps();
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 4).await;
+    let node = start(dir.path(), 4, backend).await;
     let r = run_js(&heads_json(&node), "walk", 20).await;
-    println!("js walk: {r:?}");
+    println!("js walk ({backend:?}): {r:?}");
     assert_eq!(r.provided, 20);
     assert_eq!(r.found, 20, "{r:?}");
     assert_eq!(r.via_hydra, 20, "the records live only on the heads: {r:?}");

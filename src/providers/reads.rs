@@ -84,7 +84,10 @@ impl Reads {
         (reads, batcher)
     }
 
-    fn waiting(&self, key: &ProviderKey) -> std::sync::MutexGuard<'_, HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>> {
+    fn waiting(
+        &self,
+        key: &ProviderKey,
+    ) -> std::sync::MutexGuard<'_, HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>> {
         let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
         // Poisoning cannot leave the map invalid; keep serving.
         self.waiting[idx].lock().unwrap_or_else(|e| e.into_inner())
@@ -190,7 +193,8 @@ impl Reads {
                     let providers: Providers = Arc::new(by_key.remove(&key).unwrap_or_default());
                     if buffer.epoch(buffer.shard_of(&key)) == epoch {
                         let ttl = if providers.is_empty() { self.negative_ttl } else { self.cache_ttl };
-                        self.cache.insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
+                        self.cache
+                            .insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
                     }
                     let waiters = self.waiting(&key).remove(&key).unwrap_or_default();
                     for w in waiters {

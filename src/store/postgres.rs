@@ -30,7 +30,7 @@ const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
 
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
-const GC_LOCK_KEY: i64 = 0x6879_6472_6167_63;
+const GC_LOCK_KEY: i64 = 0x0068_7964_7261_6763;
 
 const UPSERT_PROVIDERS: &str = "\
     INSERT INTO providers (key, provider, expires_at) \
@@ -204,9 +204,11 @@ impl PgStore {
             .await?;
         let row = client.query_opt(&stmt, &[&key, &to_time(now)]).await?;
         Ok(match row {
-            Some(row) => {
-                Some(ValueRecord { key: row.try_get(0)?, value: row.try_get(1)?, time_received: row.try_get(2)? })
-            }
+            Some(row) => Some(ValueRecord {
+                key: row.try_get(0)?,
+                value: row.try_get(1)?,
+                time_received: row.try_get(2)?,
+            }),
             None => None,
         })
     }
@@ -226,7 +228,8 @@ impl PgStore {
                 tracing::debug!(error = %e, "GC lease session ended");
             }
         });
-        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&GC_LOCK_KEY]).await?.try_get(0)?;
+        let got: bool =
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&GC_LOCK_KEY]).await?.try_get(0)?;
         if got {
             *lease = Some(client);
         }

@@ -139,6 +139,83 @@ async fn listen_local<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
     .expect("client listens")
 }
 
+/// A `hydra run` child process.
+pub struct Process {
+    pub child: std::process::Child,
+    pub http: String,
+    pub lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Process {
+    /// Start the binary with `args` (JSON logs on stdout) and wait for "node started".
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"));
+        cmd.env_remove("RUST_LOG");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HYDRA_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .args(args)
+            .args(["--log-format", "json"])
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn hydra");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let http = loop {
+            let line = lines.next().expect("node logs until it has started").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["fields"]["message"] == "node started" {
+                break v["fields"]["http"].as_str().unwrap().to_string();
+            }
+        };
+        Process { child, http, lines }
+    }
+
+    /// GET `path` from the process's HTTP server; returns the body.
+    pub fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(&self.http).unwrap();
+        write!(sock, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        sock.read_to_string(&mut resp).unwrap();
+        resp.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// Heads listed by `/v1/heads`, as (peer id, TCP address).
+    pub fn heads(&self) -> Vec<(PeerId, Multiaddr)> {
+        let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&self.get("/v1/heads")).unwrap();
+        heads
+            .into_iter()
+            .map(|h| {
+                let tcp = h.addrs.iter().find(|a| a.contains("/tcp/")).unwrap().parse().unwrap();
+                (h.peer_id.parse().unwrap(), tcp)
+            })
+            .collect()
+    }
+
+    /// SIGTERM, then wait (bounded) for exit; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.success();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// A client speaking the raw kad wire protocol over real libp2p connections.
 pub struct RawClient {
     pub peer_id: PeerId,

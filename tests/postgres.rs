@@ -1,0 +1,302 @@
+//! The PostgreSQL fleet store: sharing between processes, expiry and garbage collection under a
+//! single leaseholder, shutdown flushing, the hash-partitioned layout, catalogue estimates, and
+//! start-up against an unreachable database. Runs against a real PostgreSQL (see common/pg.rs).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{head_addrs, pg, Backend, Process, RawClient};
+use hydra::config::{PostgresSection, ProvidersSection, StoreKind};
+use hydra::metrics::Metrics;
+use hydra::providers::ProviderManager;
+use hydra::store::{now_ms, ProviderWrite, Store};
+use hydra::types::{PeerRecord, ProviderKey};
+use libp2p::{Multiaddr, PeerId};
+
+fn key(i: u32) -> ProviderKey {
+    let mut k = vec![0x12, 0x20];
+    k.extend_from_slice(&i.to_be_bytes());
+    k.extend_from_slice(&[7u8; 28]);
+    ProviderKey::new(k).unwrap()
+}
+
+fn write(k: &ProviderKey, peer: PeerId, expires_at: i64) -> ProviderWrite {
+    ProviderWrite {
+        key: k.clone(),
+        provider: peer,
+        addrs: vec!["/ip4/127.0.0.1/tcp/4001".parse::<Multiaddr>().unwrap()],
+        expires_at,
+        addrs_expire_at: expires_at,
+    }
+}
+
+async fn open(url: &str) -> (Store, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry, 1);
+    let store =
+        Store::open(&StoreKind::Postgres(url.into()), &PostgresSection::default(), metrics.datastore.clone())
+            .await
+            .unwrap();
+    (store, registry)
+}
+
+async fn count(url: &str, table: &str) -> i64 {
+    let c = pg::client(url).await;
+    // count(*) is fine in a test; the product never runs it.
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_sharing_postgres_returns_the_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config_on(dir.path(), 2, Backend::Postgres).await;
+    let StoreKind::Postgres(url) = cfg.store.clone() else { unreachable!() };
+    let a = hydra::Node::start(cfg).await.unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = Process::spawn(
+        &[
+            "run",
+            "--heads",
+            "2",
+            "--listen-ip",
+            "127.0.0.1",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--address-filter",
+            "any",
+        ],
+        &[("HYDRA_DATABASE_URL", &url), ("HYDRA_DATA_DIR", b_dir.path().to_str().unwrap())],
+    );
+    let a_heads = head_addrs(&a);
+    let b_heads = b.heads();
+    let all: Vec<_> = a_heads.iter().chain(b_heads.iter()).cloned().collect();
+    let client = RawClient::connect(&all).await;
+    let k = key(1);
+    let mut s = client.open(a_heads[0].0).await;
+    RawClient::send(&mut s, &client.add_provider_body(k.as_bytes())).await.unwrap();
+    RawClient::request(&mut s, &hydra::wire::encode_request(hydra::wire::MessageType::Ping, &[], &[]))
+        .await
+        .unwrap();
+    a.providers().flush().await;
+    for (head, _) in &b_heads {
+        let reply = client.get_providers(*head, k.as_bytes()).await;
+        assert_eq!(reply.provider_peers.len(), 1, "process B head {head}");
+        assert_eq!(reply.provider_peers[0].id, client.peer_id.to_bytes());
+        assert_eq!(reply.provider_peers[0].addrs, vec![client.addr.to_vec()]);
+    }
+    assert!(b.stop(), "process B exits cleanly on SIGTERM");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_are_never_returned_and_are_collected() {
+    let url = pg::fresh_database().await;
+    let (store, _r) = open(&url).await;
+    let now = now_ms();
+    let (live, dead) = (PeerId::random(), PeerId::random());
+    let mut rows = Vec::new();
+    for i in 0..2000 {
+        rows.push(write(&key(i), live, now + 3_600_000));
+        rows.push(write(&key(i), dead, now - 1));
+    }
+    store.put_providers(&rows).await.unwrap();
+    let keys: Vec<_> = (0..2000).map(key).collect();
+    let got = store.get_providers(&keys, now, 100).await.unwrap();
+    assert_eq!(got.len(), 2000);
+    assert!(got.iter().all(|(_, r)| r.peer == live), "an expired record was returned");
+    // A refresh with an older expiry never shortens a record's life.
+    store.put_providers(&[write(&key(0), live, now - 5)]).await.unwrap();
+    assert_eq!(store.get_providers(&[key(0)], now, 100).await.unwrap().len(), 1);
+
+    assert_eq!(count(&url, "providers").await, 4000);
+    // Small chunks: the sweep takes many bounded statements.
+    let deleted = store.gc_round(now, 100, 2).await.unwrap().expect("sole process holds the lease");
+    assert_eq!(deleted, 2000 + 1, "2000 records and the dead peer's addresses");
+    assert_eq!(count(&url, "providers").await, 2000);
+    assert_eq!(count(&url, "peer_addrs").await, 1);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_process_collects_garbage_at_a_time() {
+    let url = pg::fresh_database().await;
+    let (s1, _r1) = open(&url).await;
+    let (s2, _r2) = open(&url).await;
+    let now = now_ms();
+    assert!(s1.gc_round(now, 100, 100).await.unwrap().is_some(), "first asker takes the lease");
+    for _ in 0..3 {
+        assert!(s2.gc_round(now, 100, 100).await.unwrap().is_none(), "second process must not collect");
+        assert!(s1.gc_round(now, 100, 100).await.unwrap().is_some(), "the holder keeps collecting");
+    }
+    let c = pg::client(&url).await;
+    let holders: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holders, 1);
+    // The holder stops (or dies: its session ends either way); the other takes over.
+    s1.close().await;
+    let mut took_over = false;
+    for _ in 0..50 {
+        if s2.gc_round(now, 100, 100).await.unwrap().is_some() {
+            took_over = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(took_over, "lease not taken over after the holder stopped");
+    s2.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_never_lead_gc_together() {
+    let url = pg::fresh_database().await;
+    let mut gauges = Vec::new();
+    let mut managers = Vec::new();
+    for _ in 0..2 {
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry, 1);
+        let store = Store::open(
+            &StoreKind::Postgres(url.clone()),
+            &PostgresSection::default(),
+            metrics.datastore.clone(),
+        )
+        .await
+        .unwrap();
+        let cfg = ProvidersSection { gc_interval: Duration::from_millis(20), ..Default::default() };
+        gauges.push(metrics.providers.gc_leader.clone());
+        managers.push(ProviderManager::start(store, cfg, 100, metrics.providers.clone()));
+    }
+    let mut seen_leader = [false, false];
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (a, b) = (gauges[0].get(), gauges[1].get());
+        assert!(a + b <= 1, "both processes hold the GC lease");
+        seen_leader[0] |= a == 1;
+        seen_leader[1] |= b == 1;
+    }
+    assert!(seen_leader.iter().any(|x| *x), "someone collects");
+    let leader = if gauges[0].get() == 1 { 0 } else { 1 };
+    managers.remove(leader).shutdown().await;
+    let other = &gauges[1 - leader];
+    for _ in 0..200 {
+        if other.get() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(other.get(), 1, "the survivor takes the lease over");
+    managers.pop().unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_every_buffered_write() {
+    let url = pg::fresh_database().await;
+    let (store, _r) = open(&url).await;
+    let metrics = Metrics::new(&prometheus::Registry::new(), 1);
+    let cfg = ProvidersSection { flush_interval: Duration::from_secs(3600), ..Default::default() };
+    let m = ProviderManager::start(store, cfg, 100, metrics.providers.clone());
+    let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+    for i in 0..3000 {
+        for p in &peers {
+            let rec = PeerRecord { peer: *p, addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()] };
+            m.add_provider(key(i), rec).unwrap();
+        }
+    }
+    // flush_batch (1000) fills some shards and triggers flushes; whatever is left waits for shutdown.
+    m.shutdown().await;
+    assert_eq!(count(&url, "providers").await, 15_000);
+    assert_eq!(count(&url, "peer_addrs").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_works_hash_partitioned() {
+    let url = pg::fresh_database().await;
+    let ddl =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/partitioned.sql"))
+            .unwrap();
+    pg::client(&url).await.batch_execute(&ddl).await.unwrap();
+    let (store, _r) = open(&url).await; // migrations keep the partitioned tables
+    let now = now_ms();
+    let peer = PeerId::random();
+    let old = PeerId::random();
+    let mut rows: Vec<_> = (0..1000).map(|i| write(&key(i), peer, now + 3_600_000)).collect();
+    rows.extend((0..1000).map(|i| write(&key(i), old, now - 1)));
+    store.put_providers(&rows).await.unwrap();
+    let keys: Vec<_> = (0..1000).map(key).collect();
+    let got = store.get_providers(&keys, now, 100).await.unwrap();
+    assert_eq!(got.len(), 1000);
+    let c = pg::client(&url).await;
+    for p in 0..4 {
+        let n: i64 = c.query_one(&format!("SELECT count(*) FROM providers_p{p}"), &[]).await.unwrap().get(0);
+        assert!(n > 300, "partition {p} holds {n} rows: keys are spread over partitions");
+    }
+    let deleted = store.gc_round(now, 100, 10).await.unwrap().unwrap();
+    assert_eq!(deleted, 1001);
+    assert_eq!(count(&url, "providers").await, 1000);
+    c.batch_execute("ANALYZE").await.unwrap();
+    let (records, peers) = store.estimate_counts().await.unwrap();
+    assert!((records - 1000.0).abs() < 50.0, "estimate {records}");
+    assert!((peers - 1.0).abs() < 0.5, "estimate {peers}");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_are_catalogue_estimates() {
+    let url = pg::fresh_database().await;
+    let (store, _r) = open(&url).await;
+    assert_eq!(store.estimate_counts().await.unwrap(), (0.0, 0.0));
+    let now = now_ms();
+    let rows: Vec<_> = (0..5000).map(|i| write(&key(i), PeerId::random(), now + 3_600_000)).collect();
+    store.put_providers(&rows).await.unwrap();
+    pg::client(&url).await.batch_execute("ANALYZE providers; ANALYZE peer_addrs").await.unwrap();
+    let (records, peers) = store.estimate_counts().await.unwrap();
+    assert!((records - 5000.0).abs() < 250.0, "{records}");
+    assert!((peers - 5000.0).abs() < 250.0, "{peers}");
+    store.close().await;
+}
+
+#[test]
+fn an_unreachable_database_fails_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[postgres]\nconnect_timeout = \"2s\"\n").unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .args(["--database-url", "postgres://hydra:secret@127.0.0.1:1/hydra", "--http-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not reachable after"), "{stderr}");
+    assert!(
+        stdout.matches("database not reachable; retrying").count() >= 2,
+        "one line per attempt: {stdout}"
+    );
+    assert!(!stderr.contains("secret") && !stdout.contains("secret"), "password leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_command_creates_the_schema() {
+    let url = pg::fresh_database().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"))
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(&url, "providers").await, 0);
+    let c = pg::client(&url).await;
+    let n: i64 =
+        c.query_one("SELECT count(*) FROM _sqlx_migrations WHERE success", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+}
