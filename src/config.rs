@@ -218,7 +218,7 @@ impl Default for ProvidersSection {
             cache_ttl: Duration::from_secs(30),
             negative_cache_ttl: Duration::from_secs(5),
             read_batch_keys: 128,
-            max_read_queries: 8,
+            max_read_queries: 4,
             count_interval: Duration::from_secs(60),
         }
     }

@@ -2,6 +2,7 @@
 //! sharing one provider manager over a datastore. See `ARCHITECTURE.md` for the request flow and
 //! the module map.
 
+pub mod bench;
 pub mod config;
 pub mod head;
 pub mod http;

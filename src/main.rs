@@ -20,10 +20,44 @@ enum Command {
     Run(NodeArgs),
     /// Apply pending datastore migrations and exit (the node also applies them at start).
     Migrate(NodeArgs),
+    /// Benchmarks (see docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Provider manager vs the raw PostgreSQL ceiling (writes and reads), side by side.
+    Store {
+        /// Server to use (must allow CREATE DATABASE); default: a throwaway local cluster.
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 400_000)]
+        preload: usize,
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 50_000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
+    Gc {
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 200_000)]
+        writes: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
 }
 
@@ -126,10 +160,41 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { command } = &cli.command {
+        init_tracing(LogFormat::Text);
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        let res = match command {
+            BenchCommand::Store { database_url, preload, rows, lookups, runs } => {
+                rt.block_on(hydra::bench::store(hydra::bench::StoreBenchOpts {
+                    database_url: database_url.clone(),
+                    preload: *preload,
+                    rows: *rows,
+                    lookups: *lookups,
+                    runs: (*runs).max(1),
+                }))
+            }
+            BenchCommand::Gc { database_url, rows, writes, runs } => {
+                rt.block_on(hydra::bench::gc(hydra::bench::GcBenchOpts {
+                    database_url: database_url.clone(),
+                    rows: *rows,
+                    writes: *writes,
+                    runs: (*runs).max(1),
+                }))
+            }
+        };
+        return match res {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hydra bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (args, mode) = match &cli.command {
         Command::Run(a) => (a.clone(), Mode::Run),
         Command::Migrate(a) => (a.clone(), Mode::Migrate),
         Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), Mode::Check),
+        Command::Bench { .. } => unreachable!("handled above"),
     };
     let file = match load(&args) {
         Ok(f) => f,

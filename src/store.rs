@@ -22,7 +22,9 @@ use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 mod postgres;
 mod sqlite;
 
-pub use postgres::PgStore;
+pub use postgres::{
+    to_time as postgres_time, PgStore, LOOKUP as LOOKUP_SQL, UPSERT_PROVIDERS as UPSERT_PROVIDERS_SQL,
+};
 pub use sqlite::SqliteStore;
 
 /// Milliseconds since the Unix epoch, the time unit of every stored expiry.

@@ -119,6 +119,62 @@ async fn expired_rows_are_never_returned_and_are_collected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_never_deadlocks_with_a_refresh_of_the_rows_it_collects() {
+    // The collector walks rows in page order, writers lock them in key order. Two expired rows
+    // whose page order is the reverse of their key order, a writer that has refreshed one and is
+    // about to refresh the other, and a sweep in between: a collector that waited for row locks
+    // would deadlock here, and PostgreSQL would abort one side (a flush's rows, or the sweep).
+    let url = pg::fresh_database().await;
+    let (store, _r) = open(&url).await;
+    let peer = PeerId::random();
+    let past = now_ms() - 1;
+    let (ka, kb) = (key(2), key(1)); // kb < ka ...
+    store.put_providers(&[write(&ka, peer, past)]).await.unwrap(); // ... but A sits on an earlier tuple
+    store.put_providers(&[write(&kb, peer, past)]).await.unwrap();
+
+    let mut w = pg::client(&url).await;
+    let tx = w.transaction().await.unwrap();
+    let future = hydra::store::postgres_time(now_ms() + 3_600_000);
+    let refresh = |k: &ProviderKey| (vec![k.as_bytes().to_vec()], vec![peer.to_bytes()], vec![future]);
+    let (k, p, e) = refresh(&kb);
+    tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e]).await.unwrap(); // holds B
+
+    let gc = tokio::spawn(async move {
+        let r = store.gc_round(now_ms(), 100, 1000).await;
+        (r, store)
+    });
+    // Wait until the sweep has finished or is blocked on a row lock.
+    let watcher = pg::client(&url).await;
+    for _ in 0..200 {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%hydra_gc_pages%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 || gc.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (k, p, e) = refresh(&ka);
+    let second = tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e]).await;
+    let committed = match second {
+        Ok(_) => tx.commit().await,
+        Err(e) => Err(e),
+    };
+    let (swept, store) = gc.await.unwrap();
+    assert!(committed.is_ok(), "the writer was aborted: {committed:?}");
+    assert!(swept.is_ok(), "the sweep was aborted: {swept:?}");
+    let live = store.get_providers(&[ka, kb], now_ms(), 10).await.unwrap();
+    assert_eq!(live.len(), 2, "both refreshes survive the sweep");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_one_process_collects_garbage_at_a_time() {
     let url = pg::fresh_database().await;
     let (s1, _r1) = open(&url).await;

@@ -29,13 +29,19 @@ CREATE TABLE IF NOT EXISTS value_records (
 
 -- Delete expired rows of one heap relation in the page range [first_page, end_page).
 -- A TID range scan touches only those pages: no expiry index, no rescans between chunks.
+-- Rows a writer holds are skipped (SKIP LOCKED), so the collector never waits on a writer: it
+-- takes row locks in page order while writers take them in key order, and waiting would let the
+-- two deadlock. A skipped row is collected by a later round, if it is still expired then.
 -- The relation comes in as regclass, so the dynamic statement names a real table.
 CREATE OR REPLACE FUNCTION hydra_gc_pages(rel regclass, first_page bigint, end_page bigint, now_ts timestamptz)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     deleted bigint;
 BEGIN
-    EXECUTE format('DELETE FROM %s WHERE ctid >= $1 AND ctid < $2 AND expires_at <= $3', rel)
+    EXECUTE format(
+        'DELETE FROM %s WHERE ctid = ANY (ARRAY('
+        '  SELECT ctid FROM %s WHERE ctid >= $1 AND ctid < $2 AND expires_at <= $3'
+        '  FOR UPDATE SKIP LOCKED))', rel, rel)
         USING format('(%s,0)', first_page)::tid, format('(%s,0)', end_page)::tid, now_ts;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN deleted;

@@ -32,7 +32,8 @@ const MIGRATIONS: &[(i64, &str, &str)] =
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
 const GC_LOCK_KEY: i64 = 0x0068_7964_7261_6763;
 
-const UPSERT_PROVIDERS: &str = "\
+/// The batched provider upsert (also used raw by the benchmark and tests).
+pub const UPSERT_PROVIDERS: &str = "\
     INSERT INTO providers (key, provider, expires_at) \
     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
     ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at \
@@ -44,13 +45,21 @@ const UPSERT_ADDRS: &str = "\
     ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
     WHERE peer_addrs.expires_at < excluded.expires_at OR peer_addrs.addrs <> excluded.addrs";
 
-const LOOKUP: &str = "\
+/// The batched lookup statement (also used raw by the benchmark).
+pub const LOOKUP: &str = "\
     SELECT k.key, p.provider, a.addrs \
     FROM unnest($1::bytea[]) AS k(key) \
     CROSS JOIN LATERAL ( \
         SELECT provider FROM providers \
         WHERE providers.key = k.key AND providers.expires_at > $2 LIMIT $3) p \
     LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2";
+
+/// Deadlock or serialization failure: the statement may succeed if run again.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code()
+        .is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
 
 /// Convert the store's millisecond timestamps to the `timestamptz` values PostgreSQL keeps.
 pub fn to_time(ms: i64) -> SystemTime {
@@ -119,7 +128,23 @@ impl PgStore {
         Ok(())
     }
 
+    /// Upsert a batch. A deadlock or serialization failure (which sorted rows make unlikely but
+    /// not impossible against other writers of the same database) is retried, at most twice.
     pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.put_providers_once(rows).await {
+                Err(StoreError::Postgres(e)) if attempt < 2 && is_transient(&e) => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "provider flush retried");
+                    tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
+                }
+                res => return res,
+            }
+        }
+    }
+
+    async fn put_providers_once(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
