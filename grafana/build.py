@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Generate hydra's Grafana dashboards (grafana/*.json) from the panel lists below.
+
+Run `python3 grafana/build.py` after editing; commit the JSON. Every `expr` here is evaluated
+against a real Prometheus scraping a real node by `tests/observability.rs`, which fails if any
+expression is invalid or returns no series. Template variables: `$node` (the scrape instance)
+and `$head` (head index).
+"""
+import json
+import pathlib
+
+DS = {"type": "prometheus", "uid": "prometheus"}
+N = 'instance=~"$node"'
+NH = 'instance=~"$node",head=~"$head"'
+RI = "$__rate_interval"
+
+
+def panel(title, exprs, unit="short", kind="timeseries", desc=""):
+    return {"title": title, "exprs": exprs, "unit": unit, "kind": kind, "desc": desc}
+
+
+OVERVIEW = [
+    ("Fleet", [
+        panel("Heads up", [(f"count(hydra_head_connections{{{NH}}})", "heads")], kind="stat",
+              desc="Heads exporting metrics. Compare with the heads you configured."),
+        panel("Connections per head", [(f"hydra_head_connections{{{NH}}}", "{{instance}} head {{head}}")]),
+        panel("Routing table peers per head", [(f"hydra_head_routing_table_peers{{{NH}}}", "{{instance}} head {{head}}")]),
+        panel("Unique remote peers (estimate)", [(f"hydra_kad_unique_peers_estimate{{{N}}}", "{{instance}}")],
+              desc="HyperLogLog estimate of distinct peers that opened kad streams since start."),
+    ]),
+    ("Requests", [
+        panel("Requests/s by type", [(f"sum by (type) (rate(hydra_kad_requests_total{{{NH}}}[{RI}]))", "{{type}}")], "reqps"),
+        panel("Requests/s by outcome", [(f"sum by (outcome) (rate(hydra_kad_requests_total{{{NH}}}[{RI}]))", "{{outcome}}")], "reqps"),
+        panel("Shed requests/s by type", [(f'sum by (type) (rate(hydra_kad_requests_total{{{NH},outcome="shed"}}[{RI}]))', "{{type}}")], "reqps",
+              desc="Requests deliberately not served in full. Rising together with datastore latency means the datastore is the bottleneck."),
+        panel("Request latency p99 by type", [(f"histogram_quantile(0.99, sum by (type, le) (rate(hydra_kad_request_duration_seconds_bucket{{{N}}}[{RI}])))", "{{type}}")], "s"),
+        panel("Request latency p50 by type", [(f"histogram_quantile(0.5, sum by (type, le) (rate(hydra_kad_request_duration_seconds_bucket{{{N}}}[{RI}])))", "{{type}}")], "s"),
+    ]),
+    ("Streams and shedding", [
+        panel("Inbound stream events/s", [(f"sum by (event) (rate(hydra_kad_streams_total{{{N}}}[{RI}]))", "{{event}}")], "ops",
+              desc="queue_full: the intake queue was full and new streams were reset."),
+        panel("Active streams", [(f"hydra_kad_active_streams{{{N}}}", "{{instance}}")]),
+        panel("Provider sheds/s by reason", [(f"sum by (reason) (rate(hydra_providers_shed_total{{{N}}}[{RI}]))", "{{reason}}")], "ops"),
+    ]),
+    ("Datastore", [
+        panel("Datastore latency p99 by operation", [(f"histogram_quantile(0.99, sum by (op, le) (rate(hydra_datastore_operation_duration_seconds_bucket{{{N}}}[{RI}])))", "{{op}}")], "s",
+              desc="Look here first when requests are shed: every datastore call is timed here."),
+        panel("Datastore errors/s", [(f"sum by (op) (rate(hydra_datastore_errors_total{{{N}}}[{RI}]))", "{{op}}")], "ops"),
+        panel("Write buffer entries", [(f"hydra_providers_write_buffer_entries{{{N}}}", "{{instance}}")]),
+        panel("Cache hit ratio", [(f'sum(rate(hydra_providers_cache_lookups_total{{{N},result!="miss"}}[{RI}])) / clamp_min(sum(rate(hydra_providers_cache_lookups_total{{{N}}}[{RI}])), 1e-9)', "hit ratio")], "percentunit"),
+    ]),
+    ("Records", [
+        panel("Provider records (estimate)", [(f"max(hydra_providers_records_estimate{{{N}}})", "records")], kind="stat"),
+        panel("Peers with addresses (estimate)", [(f"max(hydra_providers_peers_estimate{{{N}}})", "peers")], kind="stat"),
+        panel("GC leaseholders", [(f"sum(hydra_providers_gc_leader{{{N}}})", "leaders")], kind="stat",
+              desc="Must be 1 across the fleet."),
+        panel("Expired rows deleted/s", [(f"sum(rate(hydra_providers_gc_deleted_rows_total{{{N}}}[{RI}]))", "rows/s")], "ops"),
+    ]),
+    ("Process", [
+        panel("Resident memory", [(f"process_resident_memory_bytes{{{N}}}", "{{instance}}")], "bytes"),
+        panel("CPU", [(f"rate(process_cpu_seconds_total{{{N}}}[{RI}])", "{{instance}}")], "percentunit"),
+        panel("Open file descriptors", [(f"process_open_fds{{{N}}}", "{{instance}}")]),
+    ]),
+]
+
+DATASTORE = [
+    ("Latency", [
+        panel("p50 by operation", [(f"histogram_quantile(0.5, sum by (op, le) (rate(hydra_datastore_operation_duration_seconds_bucket{{{N}}}[{RI}])))", "{{op}}")], "s"),
+        panel("p95 by operation", [(f"histogram_quantile(0.95, sum by (op, le) (rate(hydra_datastore_operation_duration_seconds_bucket{{{N}}}[{RI}])))", "{{op}}")], "s"),
+        panel("p99 by operation", [(f"histogram_quantile(0.99, sum by (op, le) (rate(hydra_datastore_operation_duration_seconds_bucket{{{N}}}[{RI}])))", "{{op}}")], "s"),
+        panel("Operations/s", [(f"sum by (op) (rate(hydra_datastore_operation_duration_seconds_count{{{N}}}[{RI}]))", "{{op}}")], "ops"),
+    ]),
+    ("Pool", [
+        panel("Connections", [
+            (f"sum(hydra_datastore_pool_connections{{{N}}})", "open"),
+            (f"sum(hydra_datastore_pool_in_use{{{N}}})", "in use"),
+        ]),
+        panel("Waiting for a connection", [(f"sum(hydra_datastore_pool_waiting{{{N}}})", "waiting")]),
+        panel("Pool wait p99", [(f"histogram_quantile(0.99, sum by (le) (rate(hydra_datastore_pool_wait_seconds_bucket{{{N}}}[{RI}])))", "p99")], "s"),
+        panel("Errors/s", [(f"sum by (op) (rate(hydra_datastore_errors_total{{{N}}}[{RI}]))", "{{op}}")], "ops"),
+    ]),
+    ("Writes", [
+        panel("Write buffer entries", [(f"hydra_providers_write_buffer_entries{{{N}}}", "{{instance}}")]),
+        panel("Rows per flush (p50)", [(f"histogram_quantile(0.5, sum by (le) (rate(hydra_providers_flush_rows_bucket{{{N}}}[{RI}])))", "p50")]),
+        panel("Failed flushes/s", [(f"sum(rate(hydra_providers_flush_failures_total{{{N}}}[{RI}]))", "failed")], "ops"),
+    ]),
+    ("Reads", [
+        panel("Cache lookups/s", [(f"sum by (result) (rate(hydra_providers_cache_lookups_total{{{N}}}[{RI}]))", "{{result}}")], "ops"),
+        panel("Keys pending a lookup", [(f"hydra_providers_reads_in_flight{{{N}}}", "{{instance}}")]),
+    ]),
+    ("Expiry and counts", [
+        panel("Records (estimate)", [(f"max(hydra_providers_records_estimate{{{N}}})", "records")]),
+        panel("Peers (estimate)", [(f"max(hydra_providers_peers_estimate{{{N}}})", "peers")]),
+        panel("Seconds since last GC round", [(f"time() - max(hydra_providers_gc_last_run_timestamp_seconds{{{N}}})", "age")], "s",
+              desc="Only the leaseholder runs GC; the age is over the fleet."),
+        panel("GC leaseholders", [(f"sum(hydra_providers_gc_leader{{{N}}})", "leaders")]),
+    ]),
+]
+
+
+def build(title, uid, rows, with_head):
+    panels, y, pid = [], 0, 1
+    for row_title, row in rows:
+        panels.append({"type": "row", "title": row_title, "id": pid, "collapsed": False,
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        pid += 1
+        y += 1
+        for i, p in enumerate(row):
+            w = 24 // min(len(row), 4)
+            if i and i % 4 == 0:
+                y += 8
+            panels.append({
+                "type": "stat" if p["kind"] == "stat" else "timeseries",
+                "title": p["title"], "description": p["desc"], "id": pid, "datasource": DS,
+                "gridPos": {"h": 8, "w": w, "x": (i % 4) * w, "y": y},
+                "fieldConfig": {"defaults": {"unit": p["unit"]}, "overrides": []},
+                "targets": [{"datasource": DS, "expr": e, "legendFormat": lf, "refId": chr(65 + j)}
+                            for j, (e, lf) in enumerate(p["exprs"])],
+            })
+            pid += 1
+        y += 8
+    var = lambda name, query, label: {
+        "name": name, "label": label, "type": "query", "datasource": DS,
+        "query": {"query": query, "refId": name}, "definition": query,
+        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
+    templating = [var("node", "label_values(hydra_kad_active_streams, instance)", "Node")]
+    if with_head:
+        templating.append(var("head", 'label_values(hydra_head_connections{instance=~"$node"}, head)', "Head"))
+    return {"title": title, "uid": uid, "schemaVersion": 39, "version": 1, "editable": True,
+            "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["hydra"],
+            "templating": {"list": templating}, "panels": panels}
+
+
+here = pathlib.Path(__file__).parent
+for name, dash in [
+    ("hydra-overview.json", build("hydra: fleet overview", "hydra-overview", OVERVIEW, True)),
+    ("hydra-datastore.json", build("hydra: datastore", "hydra-datastore", DATASTORE, False)),
+]:
+    (here / name).write_text(json.dumps(dash, indent=2) + "\n")
+    print("wrote", here / name)
