@@ -351,6 +351,18 @@ async fn preload(url: &str, d: Arc<Dataset>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server to benchmark against: `url`, or a throwaway cluster with production durability
+/// (kept alive by the returned handle).
+fn server(url: &Option<String>) -> anyhow::Result<(String, Option<PgCluster>)> {
+    match url {
+        Some(u) => Ok((u.clone(), None)),
+        None => {
+            let c = PgCluster::start(true).context("start a throwaway PostgreSQL (fsync on)")?;
+            Ok((c.url("postgres"), Some(c)))
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
@@ -358,16 +370,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the benchmark and print its report.
 pub async fn store(o: StoreBenchOpts) -> anyhow::Result<()> {
-    let _cluster;
-    let admin = match &o.database_url {
-        Some(u) => u.clone(),
-        None => {
-            let c = PgCluster::start(true).context("start a throwaway PostgreSQL (fsync on)")?;
-            let u = c.url("postgres");
-            _cluster = c;
-            u
-        }
-    };
+    let (admin, _cluster) = server(&o.database_url)?;
     println!(
         "hydra bench store: preload {} rows, write {} rows (half refreshes), look up {} keys, {} runs",
         o.preload, o.rows, o.lookups, o.runs
@@ -472,16 +475,7 @@ pub struct GcBenchOpts {
 /// `hydra bench gc`: the page-range collector's rate, alone and under concurrent writes, and what
 /// it costs those writes, measured side by side on identical databases.
 pub async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
-    let _cluster;
-    let admin = match &o.database_url {
-        Some(u) => u.clone(),
-        None => {
-            let c = PgCluster::start(true).context("start a throwaway PostgreSQL (fsync on)")?;
-            let u = c.url("postgres");
-            _cluster = c;
-            u
-        }
-    };
+    let (admin, _cluster) = server(&o.database_url)?;
     let chunk_pages = ProvidersSection::default().gc_chunk_pages;
     println!(
         "hydra bench gc: {} rows preloaded (half expired), {} rows written, chunk {} pages, {} runs",

@@ -27,6 +27,14 @@ const MIGRATIONS: &[(i64, &str, &str)] =
 const ROWS_PER_STATEMENT: usize = 1000;
 /// Keys per lookup statement.
 const KEYS_PER_STATEMENT: usize = 500;
+/// One bounded delete of expired rows per table (binds: now, chunk).
+const GC_STATEMENTS: [&str; 3] = [
+    "DELETE FROM providers WHERE (key, provider) IN \
+     (SELECT key, provider FROM providers WHERE expires_at <= ? LIMIT ?)",
+    "DELETE FROM peer_addrs WHERE peer IN (SELECT peer FROM peer_addrs WHERE expires_at <= ? LIMIT ?)",
+    "DELETE FROM value_records WHERE key IN (SELECT key FROM value_records WHERE expires_at <= ? LIMIT ?)",
+];
+
 /// Reader connections. Reads are point lookups that finish in microseconds; four keep both cores
 /// busy while a write is in progress.
 const READERS: u32 = 4;
@@ -199,33 +207,9 @@ impl SqliteStore {
     pub async fn gc_chunk(&self, now: i64, chunk: usize) -> Result<u64, StoreError> {
         let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
         let mut deleted = 0;
-        deleted += sqlx::query(
-            "DELETE FROM providers WHERE (key, provider) IN \
-             (SELECT key, provider FROM providers WHERE expires_at <= ? LIMIT ?)",
-        )
-        .bind(now)
-        .bind(chunk)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        deleted += sqlx::query(
-            "DELETE FROM peer_addrs WHERE peer IN \
-             (SELECT peer FROM peer_addrs WHERE expires_at <= ? LIMIT ?)",
-        )
-        .bind(now)
-        .bind(chunk)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        deleted += sqlx::query(
-            "DELETE FROM value_records WHERE key IN \
-             (SELECT key FROM value_records WHERE expires_at <= ? LIMIT ?)",
-        )
-        .bind(now)
-        .bind(chunk)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
+        for sql in GC_STATEMENTS {
+            deleted += sqlx::query(sql).bind(now).bind(chunk).execute(&self.writer).await?.rows_affected();
+        }
         Ok(deleted)
     }
 
