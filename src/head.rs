@@ -156,6 +156,7 @@ impl StartingHead {
             }
         }
         let head_label = self.shared.index.to_string();
+        self.metrics.up.with_label_values(&[&head_label]).set(1);
         let mut dirty = true;
         let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -177,6 +178,7 @@ impl StartingHead {
                 }
             }
         }
+        self.metrics.up.with_label_values(&[&head_label]).set(0);
         tracing::debug!(head = self.shared.index, "head stopped");
     }
 

@@ -17,10 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::head::HeadShared;
 
+/// Called before each scrape to refresh sampled gauges.
+pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Clone)]
 struct AppState {
     heads: Arc<Vec<Arc<HeadShared>>>,
     registry: Registry,
+    on_scrape: ScrapeHook,
 }
 
 /// One head as listed by `GET /v1/heads`.
@@ -36,6 +40,7 @@ pub async fn bind(
     addr: SocketAddr,
     heads: Arc<Vec<Arc<HeadShared>>>,
     registry: Registry,
+    on_scrape: ScrapeHook,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let listener =
@@ -45,7 +50,7 @@ pub async fn bind(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/heads", get(heads_list))
-        .with_state(AppState { heads, registry });
+        .with_state(AppState { heads, registry, on_scrape });
     let fut = async move {
         let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         if let Err(e) = res {
@@ -56,6 +61,7 @@ pub async fn bind(
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (s.on_scrape)();
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
         tracing::warn!(error = %e, "metrics encoding failed");

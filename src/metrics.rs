@@ -3,7 +3,13 @@
 //! fixed enums or the head index, never from a peer ID or a key. Every label series is created up
 //! front so dashboards show zeros rather than gaps.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
+
+use libp2p::PeerId;
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -165,6 +171,49 @@ pub struct Metrics {
     pub heads: HeadMetrics,
 }
 
+/// HyperLogLog over peer IDs: 2^12 one-byte registers (4 KiB, ~1.6 % standard error), updated
+/// lock-free. Bounded memory however many peers connect, unlike a set.
+pub struct UniquePeers {
+    regs: Vec<AtomicU8>,
+    hasher: RandomState,
+}
+
+impl Default for UniquePeers {
+    fn default() -> Self {
+        Self { regs: (0..Self::M).map(|_| AtomicU8::new(0)).collect(), hasher: RandomState::new() }
+    }
+}
+
+impl UniquePeers {
+    const P: u32 = 12;
+    const M: usize = 1 << Self::P;
+
+    pub fn observe(&self, peer: &PeerId) {
+        let h = self.hasher.hash_one(peer);
+        let idx = (h >> (64 - Self::P)) as usize;
+        // A sentinel bit bounds the rank at 64 - P + 1.
+        let rank = ((h << Self::P) | (1 << (Self::P - 1))).leading_zeros() as u8 + 1;
+        self.regs[idx].fetch_max(rank, Ordering::Relaxed);
+    }
+
+    pub fn estimate(&self) -> f64 {
+        let m = Self::M as f64;
+        let mut sum = 0.0;
+        let mut zeros = 0usize;
+        for r in &self.regs {
+            let v = r.load(Ordering::Relaxed);
+            sum += 2f64.powi(-i32::from(v));
+            zeros += usize::from(v == 0);
+        }
+        let raw = 0.7213 / (1.0 + 1.079 / m) * m * m / sum;
+        if raw <= 2.5 * m && zeros > 0 {
+            m * (m / zeros as f64).ln() // linear counting for small cardinalities
+        } else {
+            raw
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct KadMetrics {
     /// Requests by head, message type and outcome.
@@ -175,12 +224,20 @@ pub struct KadMetrics {
     pub streams: IntCounterVec,
     /// Stream tasks running now.
     pub active_streams: IntGauge,
+    /// Distinct peers that opened a kad stream (estimate), and its gauge.
+    pub unique: Arc<UniquePeers>,
+    pub unique_peers: Gauge,
 }
 
 #[derive(Clone)]
 pub struct DatastoreMetrics {
     pub duration: HistogramVec,
     pub errors: IntCounterVec,
+    /// Time spent waiting for a pooled connection.
+    pub pool_wait: Histogram,
+    pub pool_connections: IntGauge,
+    pub pool_in_use: IntGauge,
+    pub pool_waiting: IntGauge,
 }
 
 #[derive(Clone)]
@@ -204,6 +261,8 @@ pub struct ProviderMetrics {
 pub struct HeadMetrics {
     pub routing_table_peers: IntGaugeVec,
     pub connections: IntGaugeVec,
+    /// 1 while the head's swarm task runs.
+    pub up: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -282,6 +341,21 @@ impl Metrics {
             duration.with_label_values(&[op.as_str()]);
             errors.with_label_values(&[op.as_str()]);
         }
+        let pool_wait = reg(
+            registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "hydra_datastore_pool_wait_seconds",
+                    "Time spent waiting for a pooled datastore connection",
+                )
+                .buckets(vec![0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+            )
+            .unwrap(),
+        );
+        let gauge = |name: &str, help: &str| reg(registry, IntGauge::new(name, help).unwrap());
+        let pool_connections = gauge("hydra_datastore_pool_connections", "Open datastore connections");
+        let pool_in_use = gauge("hydra_datastore_pool_in_use", "Datastore connections in use");
+        let pool_waiting = gauge("hydra_datastore_pool_waiting", "Tasks waiting for a datastore connection");
 
         let shed = reg(
             registry,
@@ -383,6 +457,11 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let up = reg(
+            registry,
+            IntGaugeVec::new(Opts::new("hydra_head_up", "1 while the head's swarm task runs"), &["head"])
+                .unwrap(),
+        );
         let connections = reg(
             registry,
             IntGaugeVec::new(
@@ -394,6 +473,7 @@ impl Metrics {
         for h in 0..heads {
             routing_table_peers.with_label_values(&[&h.to_string()]);
             connections.with_label_values(&[&h.to_string()]);
+            up.with_label_values(&[&h.to_string()]);
         }
 
         #[cfg(target_os = "linux")]
@@ -402,11 +482,33 @@ impl Metrics {
             registry.register(Box::new(pc)).expect("process collector registers once");
         }
 
+        let unique_peers = reg(
+            registry,
+            Gauge::new(
+                "hydra_kad_unique_peers_estimate",
+                "Distinct remote peers that opened a kad stream since start (HyperLogLog estimate)",
+            )
+            .unwrap(),
+        );
         Metrics {
-            kad: KadMetrics { requests, request_duration, streams, active_streams },
-            datastore: DatastoreMetrics { duration, errors },
+            kad: KadMetrics {
+                requests,
+                request_duration,
+                streams,
+                active_streams,
+                unique: Arc::new(UniquePeers::default()),
+                unique_peers,
+            },
+            datastore: DatastoreMetrics {
+                duration,
+                errors,
+                pool_wait,
+                pool_connections,
+                pool_in_use,
+                pool_waiting,
+            },
             providers,
-            heads: HeadMetrics { routing_table_peers, connections },
+            heads: HeadMetrics { routing_table_peers, connections, up },
         }
     }
 }
@@ -430,5 +532,25 @@ impl DatastoreMetrics {
             self.errors.with_label_values(&[op.as_str()]).inc();
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_peer_estimate_is_close() {
+        for n in [10usize, 1000, 50_000] {
+            let u = UniquePeers::default();
+            for _ in 0..n {
+                let p = PeerId::random();
+                u.observe(&p);
+                u.observe(&p); // repeats do not count
+            }
+            let e = u.estimate();
+            let err = (e - n as f64).abs() / n as f64;
+            assert!(err < 0.06, "n = {n}: estimate {e:.0} is {:.1} % off", err * 100.0);
+        }
     }
 }

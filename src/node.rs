@@ -99,8 +99,16 @@ impl Node {
             tasks.spawn(h.run(bootstrap, cancel.clone()));
         }
 
+        let on_scrape: crate::http::ScrapeHook = {
+            let (providers, kad) = (providers.clone(), metrics.kad.clone());
+            Arc::new(move || {
+                providers.refresh_gauges();
+                kad.unique_peers.set(kad.unique.estimate());
+            })
+        };
         let (http_addr, http) =
-            crate::http::bind(cfg.http_listen, heads.clone(), registry.clone(), cancel.clone()).await?;
+            crate::http::bind(cfg.http_listen, heads.clone(), registry.clone(), on_scrape, cancel.clone())
+                .await?;
         tasks.spawn(http);
         tracing::info!(heads = heads.len(), http = %http_addr, "node started");
         Ok(Node { heads, http_addr, providers, intake, registry, cancel, tasks })

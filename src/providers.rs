@@ -175,6 +175,11 @@ impl ProviderManager {
         }
     }
 
+    /// Refresh gauges that are sampled rather than counted (called at scrape time).
+    pub fn refresh_gauges(&self) {
+        self.inner.store.refresh_pool_gauges();
+    }
+
     /// Entries buffered or being written.
     pub fn buffered(&self) -> usize {
         self.inner.buffer.entries()

@@ -93,6 +93,7 @@ pub async fn dispatch(
 /// not closed resets it.
 async fn serve_stream(svc: &Service, s: InboundStream) {
     let InboundStream { head, peer, mut stream } = s;
+    svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
     loop {
         let len = match tokio::time::timeout(l.stream_idle_timeout, wire::read_length(&mut stream)).await {

@@ -97,12 +97,12 @@ impl Store {
     ) -> Result<Self, StoreError> {
         let backend = match kind {
             StoreKind::Sqlite(path) => {
-                let store = SqliteStore::open(path).await?;
+                let store = SqliteStore::open(path, metrics.pool_wait.clone()).await?;
                 metrics.time(DbOp::Migrate, store.migrate()).await?;
                 Backend::Sqlite(store)
             }
             StoreKind::Postgres(url) => {
-                let store = PgStore::connect(url, pg).await?;
+                let store = PgStore::connect(url, pg, metrics.pool_wait.clone()).await?;
                 metrics.time(DbOp::Migrate, PgStore::migrate(url)).await?;
                 Backend::Postgres(Arc::new(store))
             }
@@ -112,14 +112,16 @@ impl Store {
 
     /// Apply migrations only (`hydra migrate`).
     pub async fn migrate_only(kind: &StoreKind, pg: &PostgresSection) -> Result<(), StoreError> {
+        let unused = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("unused", "unused"))
+            .expect("valid histogram options");
         match kind {
             StoreKind::Sqlite(path) => {
-                let s = SqliteStore::open(path).await?;
+                let s = SqliteStore::open(path, unused).await?;
                 s.migrate().await?;
                 s.close().await;
             }
             StoreKind::Postgres(url) => {
-                let s = PgStore::connect(url, pg).await?;
+                let s = PgStore::connect(url, pg, unused).await?;
                 PgStore::migrate(url).await?;
                 s.close().await;
             }
@@ -166,6 +168,17 @@ impl Store {
     /// Estimated (provider records, peers with addresses), from catalogue statistics.
     pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
         call!(self, DbOp::Estimate, |s| s.estimate_counts())
+    }
+
+    /// Publish the pool's state to the pool gauges (called at scrape time).
+    pub fn refresh_pool_gauges(&self) {
+        let (size, in_use, waiting) = match &self.backend {
+            Backend::Sqlite(s) => s.pool_status(),
+            Backend::Postgres(s) => s.pool_status(),
+        };
+        self.metrics.pool_connections.set(size as i64);
+        self.metrics.pool_in_use.set(in_use as i64);
+        self.metrics.pool_waiting.set(waiting as i64);
     }
 
     /// Close all connections (after the last flush). Releases the GC lease.

@@ -234,18 +234,25 @@ async fn many_requests_on_one_stream_and_http_api(backend: Backend) {
     );
 
     // HTTP: /v1/heads lists both heads with their addresses; /metrics and /healthz answer.
-    let base = format!("http://{}", node.http_addr());
-    let listed: Vec<hydra::http::HeadInfo> =
-        serde_json::from_str(&http_get(&format!("{base}/v1/heads")).await).unwrap();
+    let addr = node.http_addr().to_string();
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let (status, body) = common::http_get(&addr, path).await;
+            assert_eq!(status, 200, "{path}");
+            body
+        }
+    };
+    let listed: Vec<hydra::http::HeadInfo> = serde_json::from_str(&get("/v1/heads").await).unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].peer_id, heads[0].0.to_string());
     assert!(listed[0].addrs.contains(&heads[0].1.to_string()));
-    let metrics = http_get(&format!("{base}/metrics")).await;
+    let metrics = get("/metrics").await;
     assert!(
         metrics.contains("hydra_kad_requests_total{head=\"0\",outcome=\"ok\",type=\"add_provider\"} 200"),
         "{metrics}"
     );
-    assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
+    assert_eq!(get("/healthz").await, "ok\n");
     node.shutdown().await;
 }
 
@@ -263,21 +270,4 @@ async fn idle_streams_are_reset(backend: Backend) {
     assert!(matches!(read, Ok(0) | Err(_)));
     assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "idle_timeout")]), 1.0);
     node.shutdown().await;
-}
-
-/// Minimal HTTP/1.1 GET over a TCP socket (keeps the test free of an HTTP client dependency).
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut sock = tokio::net::TcpStream::connect(host).await.unwrap();
-    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    sock.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }

@@ -73,6 +73,8 @@ pub fn to_time(ms: i64) -> SystemTime {
 /// Handle to the PostgreSQL store.
 pub struct PgStore {
     pool: Pool,
+    /// Time spent waiting for a pooled connection.
+    pool_wait: prometheus::Histogram,
     pg_config: tokio_postgres::Config,
     /// The session holding the GC advisory lock, if this process is the leaseholder.
     lease: Mutex<Option<tokio_postgres::Client>>,
@@ -80,7 +82,11 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connect, retrying an unreachable server until `cfg.connect_timeout` (one log line per try).
-    pub async fn connect(url: &str, cfg: &PostgresSection) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        cfg: &PostgresSection,
+        pool_wait: prometheus::Histogram,
+    ) -> Result<Self, StoreError> {
         let mut pg_config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Unreachable(format!("{}: {e}", redact_url(url))))?;
         pg_config
@@ -116,7 +122,21 @@ impl PgStore {
                 }
             }
         }
-        Ok(Self { pool, pg_config, lease: Mutex::new(None) })
+        Ok(Self { pool, pool_wait, pg_config, lease: Mutex::new(None) })
+    }
+
+    /// A pooled connection; the wait is measured.
+    async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let t = Instant::now();
+        let c = self.pool.get().await?;
+        self.pool_wait.observe(t.elapsed().as_secs_f64());
+        Ok(c)
+    }
+
+    /// (open connections, in use, tasks waiting).
+    pub fn pool_status(&self) -> (usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.size.saturating_sub(s.available), s.waiting)
     }
 
     /// Apply pending migrations (sqlx holds an advisory lock while it does).
@@ -173,7 +193,7 @@ impl PgStore {
         let addrs: Vec<Vec<u8>> = peers.iter().map(|(_, r)| encode_addrs(&r.addrs)).collect();
         let addr_expires: Vec<SystemTime> = peers.iter().map(|(_, r)| to_time(r.addrs_expire_at)).collect();
 
-        let client = self.pool.get().await?;
+        let client = self.conn().await?;
         let up = client.prepare_cached(UPSERT_PROVIDERS).await?;
         let ua = client.prepare_cached(UPSERT_ADDRS).await?;
         // Two autocommit statements, pipelined: records first, then addresses.
@@ -191,7 +211,7 @@ impl PgStore {
         now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.conn().await?;
         let stmt = client.prepare_cached(LOOKUP).await?;
         let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
         let limit = i64::try_from(per_key).unwrap_or(i64::MAX);
@@ -208,7 +228,7 @@ impl PgStore {
     }
 
     pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.conn().await?;
         let stmt = client
             .prepare_cached(
                 "INSERT INTO value_records (key, value, time_received, expires_at) VALUES ($1, $2, $3, $4) \
@@ -221,7 +241,7 @@ impl PgStore {
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.conn().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT key, value, time_received FROM value_records WHERE key = $1 AND expires_at > $2",
@@ -298,7 +318,7 @@ impl PgStore {
 
     /// Catalogue estimates of (provider records, peers with addresses).
     pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.conn().await?;
         let row = client
             .query_one("SELECT hydra_estimate_rows('providers'), hydra_estimate_rows('peer_addrs')", &[])
             .await?;

@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{ProviderWrite, StoreError};
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
@@ -62,10 +63,12 @@ impl MigrationSource<'static> for Embedded {
 pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Time spent waiting for a pooled connection.
+    pool_wait: prometheus::Histogram,
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    pub async fn open(path: &Path, pool_wait: prometheus::Histogram) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|source| StoreError::DataDir { path: dir.display().to_string(), source })?;
@@ -78,7 +81,22 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5));
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         let readers = SqlitePoolOptions::new().max_connections(READERS).connect_with(opts).await?;
-        Ok(Self { writer, readers })
+        Ok(Self { writer, readers, pool_wait })
+    }
+
+    /// A connection from `pool`; the wait is measured.
+    async fn acquire(&self, pool: &SqlitePool) -> Result<PoolConnection<Sqlite>, StoreError> {
+        let t = std::time::Instant::now();
+        let c = pool.acquire().await?;
+        self.pool_wait.observe(t.elapsed().as_secs_f64());
+        Ok(c)
+    }
+
+    /// (open connections, in use, tasks waiting — not exposed by sqlx, reported as 0).
+    pub fn pool_status(&self) -> (usize, usize, usize) {
+        let size = (self.writer.size() + self.readers.size()) as usize;
+        let idle = self.writer.num_idle() + self.readers.num_idle();
+        (size, size.saturating_sub(idle), 0)
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -98,7 +116,8 @@ impl SqliteStore {
         }
         let addrs: Vec<&ProviderWrite> = addrs.into_values().collect();
 
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.acquire(&self.writer).await?;
+        let mut tx = conn.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO providers (key, provider, expires_at) ");
@@ -137,6 +156,7 @@ impl SqliteStore {
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
         let mut out = Vec::new();
         let per_key = i64::try_from(per_key).unwrap_or(i64::MAX);
+        let mut conn = self.acquire(&self.readers).await?;
         for chunk in keys.chunks(KEYS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT key, provider, addrs FROM (\
@@ -155,7 +175,7 @@ impl SqliteStore {
             }
             qb.push(")) WHERE rn <= ");
             qb.push_bind(per_key);
-            let rows = qb.build().fetch_all(&self.readers).await?;
+            let rows = qb.build().fetch_all(&mut *conn).await?;
             for row in rows {
                 let key: Vec<u8> = row.try_get("key")?;
                 let provider: Vec<u8> = row.try_get("provider")?;
@@ -181,7 +201,7 @@ impl SqliteStore {
         .bind(&r.value)
         .bind(&r.time_received)
         .bind(expires_at)
-        .execute(&self.writer)
+        .execute(&mut *self.acquire(&self.writer).await?)
         .await?;
         Ok(())
     }
@@ -192,7 +212,7 @@ impl SqliteStore {
         )
         .bind(key)
         .bind(now)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&mut *self.acquire(&self.readers).await?)
         .await?;
         Ok(match row {
             Some(row) => Some(ValueRecord {
@@ -263,6 +283,10 @@ mod tests {
     use super::*;
     use libp2p::Multiaddr;
 
+    fn test_histogram() -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
+    }
+
     fn row(key: &ProviderKey, peer: PeerId, expires_at: i64, addrs_expire_at: i64) -> ProviderWrite {
         ProviderWrite {
             key: key.clone(),
@@ -276,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn expired_rows_are_never_returned_and_are_collected() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("t.sqlite")).await.unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
         s.migrate().await.unwrap();
         let now = 1_000_000;
         let key = ProviderKey::new(b"k1".to_vec()).unwrap();
@@ -317,7 +341,7 @@ mod tests {
     #[tokio::test]
     async fn reads_cap_providers_per_key() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("t.sqlite")).await.unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
         s.migrate().await.unwrap();
         let key = ProviderKey::new(b"popular".to_vec()).unwrap();
         let rows: Vec<_> = (0..50).map(|_| row(&key, PeerId::random(), i64::MAX, i64::MAX)).collect();

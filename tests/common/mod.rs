@@ -33,6 +33,9 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     };
     f.routing.address_filter = AddressFilter::Any;
     f.providers.flush_interval = Duration::from_millis(50);
+    // Functional tests must not depend on how busy the machine is: deadline sheds are a load
+    // behaviour, tested where load is the subject.
+    f.providers.read_deadline = Duration::from_secs(10);
     f.validate().expect("test config is valid")
 }
 
@@ -380,4 +383,28 @@ impl KadClient {
         }
         found
     }
+}
+
+/// `GET path` from an HTTP server on `addr` (HTTP/1.0: the body ends when the connection does).
+/// Returns (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut out)).await.expect("HTTP reply in time").unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// Percent-encode a query-string value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
