@@ -34,10 +34,44 @@ pub struct ConfigFile {
     pub database_url: String,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// This process's name in the fleet; it gets back the same head identities after a restart.
+    /// Empty: the host name.
+    pub node_name: String,
+    /// File holding the fleet's secret identity seed (64 hex characters). Empty: a seed generated
+    /// into `data_dir/identity.seed` on first start (fine for a single node; a fleet needs one
+    /// shared file).
+    pub identity_seed_file: String,
+    pub identity: IdentitySection,
     pub routing: RoutingSection,
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
+}
+
+/// Head-identity leases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentitySection {
+    /// A process's leases expire this long after its last heartbeat (renewed every third of it);
+    /// then other processes may take its identities over.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for IdentitySection {
+    fn default() -> Self {
+        Self { lease_ttl: Duration::from_secs(60) }
+    }
+}
+
+/// The host name, for the default `node_name`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "hydra".into())
 }
 
 /// Settings of the PostgreSQL store (used when `database_url` is set).
@@ -161,6 +195,9 @@ impl Default for ConfigFile {
             bootstrap: Vec::new(),
             database_url: String::new(),
             log_format: LogFormat::Text,
+            node_name: String::new(),
+            identity_seed_file: String::new(),
+            identity: IdentitySection::default(),
             routing: RoutingSection::default(),
             limits: LimitsSection::default(),
             providers: ProvidersSection::default(),
@@ -236,6 +273,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
     pub log_format: Option<LogFormat>,
     pub address_filter: Option<AddressFilter>,
+    pub node_name: Option<String>,
+    pub identity_seed_file: Option<String>,
 }
 
 /// A configuration error that names the offending field.
@@ -274,6 +313,9 @@ pub struct Config {
     pub store: StoreKind,
     pub log_format: LogFormat,
     pub address_filter: AddressFilter,
+    pub node_name: String,
+    pub identity_seed_file: Option<PathBuf>,
+    pub lease_ttl: Duration,
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
@@ -319,6 +361,12 @@ impl ConfigFile {
         }
         if let Some(v) = o.address_filter {
             self.routing.address_filter = v;
+        }
+        if let Some(v) = o.node_name {
+            self.node_name = v;
+        }
+        if let Some(v) = o.identity_seed_file {
+            self.identity_seed_file = v;
         }
     }
 
@@ -411,10 +459,19 @@ impl ConfigFile {
             ("providers.count_interval", p.count_interval),
             ("postgres.connect_timeout", self.postgres.connect_timeout),
             ("postgres.statement_timeout", self.postgres.statement_timeout),
+            ("identity.lease_ttl", self.identity.lease_ttl),
         ] {
             nonzero_duration(field, d)?;
         }
+        let node_name = if self.node_name.is_empty() { host_name() } else { self.node_name.clone() };
+        if node_name.len() > 255 || node_name.chars().any(char::is_whitespace) {
+            return Err(invalid("node_name", "must be at most 255 characters without white space"));
+        }
         Ok(Config {
+            node_name,
+            identity_seed_file: (!self.identity_seed_file.is_empty())
+                .then(|| PathBuf::from(&self.identity_seed_file)),
+            lease_ttl: self.identity.lease_ttl,
             heads: self.heads,
             listen_ip,
             port_base: self.port_base,

@@ -30,7 +30,10 @@ const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
 /// The part of a head that other tasks read: identity, addresses, routing snapshot.
 pub struct HeadShared {
+    /// Slot in this process (head i listens on port_base + i).
     pub index: usize,
+    /// Index in the fleet's balanced identity sequence.
+    pub identity: u32,
     pub peer_id: PeerId,
     /// Current listen addresses (without `/p2p`).
     pub listen_addrs: ArcSwap<Vec<Multiaddr>>,
@@ -58,6 +61,7 @@ pub struct StartingHead {
 /// Build head `index`'s swarm and wait until its TCP and QUIC listeners are up.
 pub async fn bind(
     index: usize,
+    identity: u32,
     keypair: Keypair,
     cfg: &Config,
     intake: Intake,
@@ -129,10 +133,16 @@ pub async fn bind(
         }
     }
     for a in &addrs {
-        tracing::info!(head = index, "head {index} listening on {}", a.clone().with(Protocol::P2p(peer_id)));
+        tracing::info!(
+            head = index,
+            identity,
+            "head {index} listening on {}",
+            a.clone().with(Protocol::P2p(peer_id))
+        );
     }
     let shared = Arc::new(HeadShared {
         index,
+        identity,
         peer_id,
         listen_addrs: ArcSwap::from_pointee(addrs),
         routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),

@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::head::HeadShared;
+use crate::store::Store;
 
 /// Called before each scrape to refresh sampled gauges.
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
@@ -23,22 +24,34 @@ pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
 #[derive(Clone)]
 struct AppState {
     heads: Arc<Vec<Arc<HeadShared>>>,
+    store: Store,
     registry: Registry,
     on_scrape: ScrapeHook,
 }
 
-/// One head as listed by `GET /v1/heads`.
+/// One head of this process as listed by `GET /v1/heads`.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct HeadInfo {
+    /// Slot in this process (port_base + index).
     pub index: usize,
+    /// Index in the fleet's identity sequence.
+    #[serde(default)]
+    pub identity: u32,
     pub peer_id: String,
     pub addrs: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeadsQuery {
+    #[serde(default)]
+    fleet: bool,
 }
 
 /// Bind the listener (so the caller learns the real port) and return the server future.
 pub async fn bind(
     addr: SocketAddr,
     heads: Arc<Vec<Arc<HeadShared>>>,
+    store: Store,
     registry: Registry,
     on_scrape: ScrapeHook,
     cancel: CancellationToken,
@@ -50,7 +63,7 @@ pub async fn bind(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/heads", get(heads_list))
-        .with_state(AppState { heads, registry, on_scrape });
+        .with_state(AppState { heads, store, registry, on_scrape });
     let fut = async move {
         let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         if let Err(e) = res {
@@ -69,15 +82,28 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
 }
 
-async fn heads_list(State(s): State<AppState>) -> Json<Vec<HeadInfo>> {
+/// `GET /v1/heads`: this process's heads; with `?fleet=true`, every identity of the fleet with
+/// its node, addresses and lease (read from the datastore).
+async fn heads_list(State(s): State<AppState>, Query(q): Query<HeadsQuery>) -> Response {
+    if q.fleet {
+        return match s.store.list_heads().await {
+            Ok(all) => Json(all).into_response(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing fleet heads failed");
+                (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")).into_response()
+            }
+        };
+    }
     Json(
         s.heads
             .iter()
             .map(|h| HeadInfo {
                 index: h.index,
+                identity: h.identity,
                 peer_id: h.peer_id.to_string(),
                 addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
             })
-            .collect(),
+            .collect::<Vec<_>>(),
     )
+    .into_response()
 }

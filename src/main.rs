@@ -20,6 +20,8 @@ enum Command {
     Run(NodeArgs),
     /// Apply pending datastore migrations and exit (the node also applies them at start).
     Migrate(NodeArgs),
+    /// List every head identity of the fleet with its node, addresses and lease state.
+    Heads(NodeArgs),
     /// Benchmarks (see docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
@@ -98,6 +100,12 @@ struct NodeArgs {
     /// Log format.
     #[arg(long, env = "HYDRA_LOG_FORMAT", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
+    /// This process's name in the fleet (default: the host name).
+    #[arg(long, env = "HYDRA_NODE_NAME")]
+    node_name: Option<String>,
+    /// File with the fleet's secret identity seed (64 hex characters).
+    #[arg(long, env = "HYDRA_IDENTITY_SEED_FILE")]
+    identity_seed_file: Option<String>,
     /// Which peer addresses may enter routing tables: public or any.
     #[arg(long, env = "HYDRA_ADDRESS_FILTER", value_parser = parse_filter)]
     address_filter: Option<AddressFilter>,
@@ -123,6 +131,7 @@ fn parse_filter(s: &str) -> Result<AddressFilter, String> {
 enum Mode {
     Run,
     Migrate,
+    Heads,
     Check,
 }
 
@@ -144,6 +153,8 @@ fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
         database_url: args.database_url.clone(),
         log_format: args.log_format,
         address_filter: args.address_filter,
+        node_name: args.node_name.clone(),
+        identity_seed_file: args.identity_seed_file.clone(),
     });
     Ok(file)
 }
@@ -193,6 +204,7 @@ fn main() -> ExitCode {
     let (args, mode) = match &cli.command {
         Command::Run(a) => (a.clone(), Mode::Run),
         Command::Migrate(a) => (a.clone(), Mode::Migrate),
+        Command::Heads(a) => (a.clone(), Mode::Heads),
         Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), Mode::Check),
         Command::Bench { .. } => unreachable!("handled above"),
     };
@@ -228,6 +240,7 @@ fn main() -> ExitCode {
             tracing::info!("migrations applied");
             Ok(())
         }),
+        Mode::Heads => rt.block_on(print_heads(cfg)),
         _ => rt.block_on(run(cfg)),
     };
     match res {
@@ -245,6 +258,33 @@ async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
+    Ok(())
+}
+
+async fn print_heads(cfg: hydra::Config) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let metrics = hydra::metrics::Metrics::new(&registry, 0);
+    let store = hydra::store::Store::open(&cfg.store, &cfg.postgres, metrics.datastore).await?;
+    let heads = store.list_heads().await?;
+    println!("{:>8}  {:<20} {:>5}  {:<8} {:<52}  addrs", "identity", "node", "slot", "lease", "peer id");
+    for h in &heads {
+        println!(
+            "{:>8}  {:<20} {:>5}  {:<8} {:<52}  {}",
+            h.identity,
+            h.node.as_deref().unwrap_or("-"),
+            h.slot.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            if h.lease_active {
+                "active"
+            } else if h.node.is_some() {
+                "expired"
+            } else {
+                "free"
+            },
+            h.peer_id,
+            h.addrs.join(" ")
+        );
+    }
+    store.close().await;
     Ok(())
 }
 

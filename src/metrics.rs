@@ -88,10 +88,11 @@ pub enum DbOp {
     Gc,
     Migrate,
     Estimate,
+    Leases,
 }
 
 impl DbOp {
-    pub const ALL: [DbOp; 7] = [
+    pub const ALL: [DbOp; 8] = [
         DbOp::PutProviders,
         DbOp::GetProviders,
         DbOp::PutValue,
@@ -99,6 +100,7 @@ impl DbOp {
         DbOp::Gc,
         DbOp::Migrate,
         DbOp::Estimate,
+        DbOp::Leases,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -109,6 +111,7 @@ impl DbOp {
             DbOp::Gc => "gc",
             DbOp::Migrate => "migrate",
             DbOp::Estimate => "estimate",
+            DbOp::Leases => "leases",
         }
     }
 }

@@ -47,7 +47,7 @@ impl Node {
             .await
             .context("open datastore")?;
         let providers = ProviderManager::start(
-            store,
+            store.clone(),
             cfg.providers.clone(),
             cfg.limits.max_providers_per_reply,
             metrics.providers.clone(),
@@ -58,22 +58,46 @@ impl Node {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        // Key generation is CPU work: keep it off the async workers.
+        // Identities: lease them in the datastore, then derive their keys off the async workers.
+        let seed = Arc::new(
+            crate::identity::Seed::load_or_create(cfg.identity_seed_file.as_deref(), &cfg.data_dir)
+                .context("load the identity seed")?,
+        );
         let n = cfg.heads;
+        let leased = match store.acquire_heads(&cfg.node_name, n as u32, cfg.lease_ttl, seed.clone()).await {
+            Ok(l) => l,
+            Err(e) => {
+                providers.shutdown().await;
+                return Err(e).context("lease head identities");
+            }
+        };
+        tracing::info!(node = %cfg.node_name, heads = leased.len(), "leased head identities");
         let keys = tokio::task::spawn_blocking(move || {
-            (0..n).map(crate::identity::head_keypair).collect::<Vec<_>>()
+            leased
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    if n >= 100 && (i + 1) % 100 == 0 {
+                        tracing::info!("derived keys of {}/{n} heads", i + 1);
+                    }
+                    (*h, crate::identity::derive(&seed, h.index, h.choice))
+                })
+                .collect::<Vec<_>>()
         })
         .await
-        .context("generate head keys")?;
+        .context("derive head keys")?;
         let mut starting = Vec::with_capacity(n);
-        for (i, key) in keys.into_iter().enumerate() {
-            let h = head::bind(i, key, &cfg, intake.clone(), metrics.heads.clone()).await;
-            match h {
+        for (h, key) in keys {
+            let slot = h.slot as usize;
+            match head::bind(slot, h.index, key, &cfg, intake.clone(), metrics.heads.clone()).await {
                 Ok(h) => starting.push(h),
                 Err(e) => {
                     providers.shutdown().await;
                     return Err(e);
                 }
+            }
+            if n >= 100 && (slot + 1) % 100 == 0 {
+                tracing::info!("started {}/{n} heads", slot + 1);
             }
         }
         // Every head knows its siblings: they are DHT servers spread over the keyspace.
@@ -98,6 +122,15 @@ impl Node {
         for h in starting {
             tasks.spawn(h.run(bootstrap, cancel.clone()));
         }
+        // Record the heads' addresses in their leases now, then keep the leases alive.
+        let heartbeat = Heartbeat {
+            store: store.clone(),
+            node: cfg.node_name.clone(),
+            ttl: cfg.lease_ttl,
+            heads: heads.clone(),
+        };
+        heartbeat.beat().await;
+        tasks.spawn(heartbeat.run(cancel.clone()));
 
         let on_scrape: crate::http::ScrapeHook = {
             let (providers, kad) = (providers.clone(), metrics.kad.clone());
@@ -106,9 +139,15 @@ impl Node {
                 kad.unique_peers.set(kad.unique.estimate());
             })
         };
-        let (http_addr, http) =
-            crate::http::bind(cfg.http_listen, heads.clone(), registry.clone(), on_scrape, cancel.clone())
-                .await?;
+        let (http_addr, http) = crate::http::bind(
+            cfg.http_listen,
+            heads.clone(),
+            store.clone(),
+            registry.clone(),
+            on_scrape,
+            cancel.clone(),
+        )
+        .await?;
         tasks.spawn(http);
         tracing::info!(heads = heads.len(), http = %http_addr, "node started");
         Ok(Node { heads, http_addr, providers, intake, registry, cancel, tasks })
@@ -145,5 +184,45 @@ impl Node {
         let buffered = self.providers.buffered();
         self.providers.shutdown().await;
         tracing::info!(flushed = buffered, "node stopped");
+    }
+}
+
+/// Renews this process's head leases every third of their lifetime, recording head addresses.
+struct Heartbeat {
+    store: Store,
+    node: String,
+    ttl: Duration,
+    heads: Arc<Vec<Arc<HeadShared>>>,
+}
+
+impl Heartbeat {
+    async fn beat(&self) {
+        let rows: Vec<(u32, String)> = self
+            .heads
+            .iter()
+            .map(|h| {
+                let addrs: Vec<String> = h.listen_addrs.load().iter().map(|a| a.to_string()).collect();
+                (h.identity, addrs.join(" "))
+            })
+            .collect();
+        match self.store.renew_leases(&self.node, self.ttl, &rows).await {
+            Ok(held) if held as usize == rows.len() => {}
+            Ok(held) => tracing::error!(
+                held,
+                expected = rows.len(),
+                "lost head leases: another process took over identities this one still runs \
+                 (was this process paused longer than identity.lease_ttl?); restart it"
+            ),
+            Err(e) => tracing::warn!(error = %e, "renewing head leases failed; retrying"),
+        }
+    }
+
+    async fn run(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.ttl / 3) => self.beat().await,
+            }
+        }
     }
 }

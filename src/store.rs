@@ -19,8 +19,11 @@ use crate::config::{PostgresSection, StoreKind};
 use crate::metrics::{DatastoreMetrics, DbOp};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
+mod leases;
 mod postgres;
 mod sqlite;
+
+pub use leases::{FleetHead, LeasedHead};
 
 pub use postgres::{
     to_time as postgres_time, PgStore, LOOKUP as LOOKUP_SQL, UPSERT_PROVIDERS as UPSERT_PROVIDERS_SQL,
@@ -61,6 +64,8 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database unreachable: {0}")]
     Unreachable(String),
+    #[error("head identities: {0}")]
+    Identity(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
 }
@@ -168,6 +173,47 @@ impl Store {
     /// Estimated (provider records, peers with addresses), from catalogue statistics.
     pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
         call!(self, DbOp::Estimate, |s| s.estimate_counts())
+    }
+
+    /// Lease `n` head identities for process `node` (its own first, then free ones, then new ones).
+    pub async fn acquire_heads(
+        &self,
+        node: &str,
+        n: u32,
+        ttl: std::time::Duration,
+        seed: Arc<crate::identity::Seed>,
+    ) -> Result<Vec<LeasedHead>, StoreError> {
+        call!(self, DbOp::Leases, |s| s.acquire_heads(node, n, ttl, seed))
+    }
+
+    /// Extend `node`'s leases to `ttl` from now and record its heads' addresses
+    /// ((identity, space-separated multiaddrs)). Returns how many leases `node` still held.
+    pub async fn renew_leases(
+        &self,
+        node: &str,
+        ttl: std::time::Duration,
+        heads: &[(u32, String)],
+    ) -> Result<u64, StoreError> {
+        let expires = ms_after(now_ms(), ttl);
+        call!(self, DbOp::Leases, |s| s.renew_leases(node, expires, heads))
+    }
+
+    /// Every identity of the fleet with its lease.
+    pub async fn list_heads(&self) -> Result<Vec<FleetHead>, StoreError> {
+        let rows = call!(self, DbOp::Leases, |s| s.list_heads())?;
+        let now = now_ms();
+        Ok(rows
+            .into_iter()
+            .map(|(identity, peer_id, node, slot, addrs, expires)| FleetHead {
+                identity,
+                peer_id,
+                node,
+                slot,
+                addrs: addrs.split_whitespace().map(str::to_owned).collect(),
+                lease_expires_at: expires,
+                lease_active: expires.is_some_and(|e| e > now),
+            })
+            .collect())
     }
 
     /// Publish the pool's state to the pool gauges (called at scrape time).

@@ -89,6 +89,7 @@ fn heads_json(node: &hydra::Node) -> String {
         .iter()
         .map(|h| hydra::http::HeadInfo {
             index: h.index,
+            identity: h.identity,
             peer_id: h.peer_id.to_string(),
             addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
         })

@@ -50,7 +50,10 @@ async fn count(url: &str, table: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_sharing_postgres_returns_the_provider() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = common::config_on(dir.path(), 2, Backend::Postgres).await;
+    let seed = dir.path().join("fleet.seed");
+    std::fs::write(&seed, hex::encode([9u8; 32])).unwrap();
+    let mut cfg = common::config_on(dir.path(), 2, Backend::Postgres).await;
+    cfg.identity_seed_file = Some(seed.clone());
     let StoreKind::Postgres(url) = cfg.store.clone() else { unreachable!() };
     let a = hydra::Node::start(cfg).await.unwrap();
     let b_dir = tempfile::tempdir().unwrap();
@@ -66,7 +69,12 @@ async fn a_second_process_sharing_postgres_returns_the_provider() {
             "--address-filter",
             "any",
         ],
-        &[("HYDRA_DATABASE_URL", &url), ("HYDRA_DATA_DIR", b_dir.path().to_str().unwrap())],
+        &[
+            ("HYDRA_DATABASE_URL", &url),
+            ("HYDRA_DATA_DIR", b_dir.path().to_str().unwrap()),
+            ("HYDRA_NODE_NAME", "process-b"),
+            ("HYDRA_IDENTITY_SEED_FILE", seed.to_str().unwrap()),
+        ],
     );
     let a_heads = head_addrs(&a);
     let b_heads = b.heads();
@@ -354,5 +362,5 @@ async fn migrate_command_creates_the_schema() {
     let c = pg::client(&url).await;
     let n: i64 =
         c.query_one("SELECT count(*) FROM _sqlx_migrations WHERE success", &[]).await.unwrap().get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }

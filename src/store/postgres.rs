@@ -21,13 +21,19 @@ use sqlx::Connection;
 use tokio::sync::Mutex;
 use tokio_postgres::NoTls;
 
+use std::sync::Arc;
+
+use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
 use super::sqlite::Embedded;
 use super::{ProviderWrite, StoreError};
 use crate::config::{redact_url, PostgresSection};
+use crate::identity::{LeaseRow, Seed};
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, "head identities", include_str!("../../migrations/postgres/0002_head_identities.sql")),
+];
 
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
 const GC_LOCK_KEY: i64 = 0x0068_7964_7261_6763;
@@ -329,5 +335,156 @@ impl PgStore {
     pub async fn close(&self) {
         self.lease.lock().await.take();
         self.pool.close();
+    }
+}
+
+/// Advisory transaction-lock key serialising head-identity leasing ("hydra heads").
+const HEADS_LOCK_KEY: i64 = 0x0068_7964_7261_6864;
+
+/// A lease transaction holding the fleet's lease lock.
+struct PgLeaseTx<'a>(deadpool_postgres::Transaction<'a>);
+
+impl LeaseTx for PgLeaseTx<'_> {
+    async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self.0.query_opt("SELECT value FROM hydra_meta WHERE key = $1", &[&key]).await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
+    async fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.0.execute("INSERT INTO hydra_meta (key, value) VALUES ($1, $2)", &[&key, &value]).await?;
+        Ok(())
+    }
+
+    async fn identities(&mut self) -> Result<Vec<IdentityRow>, StoreError> {
+        let rows = self.0.query("SELECT idx, choice, kad_key FROM head_identities", &[]).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<_, i32>(0)? as u32, r.try_get::<_, i16>(1)? as u8, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn leases(&mut self) -> Result<Vec<LeaseRow>, StoreError> {
+        let rows = self
+            .0
+            .query(
+                "SELECT idx, node_name, slot, (extract(epoch FROM expires_at) * 1000)::int8 FROM head_leases",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseRow {
+                    index: r.try_get::<_, i32>(0)? as u32,
+                    node: r.try_get(1)?,
+                    slot: r.try_get::<_, i32>(2)? as u32,
+                    expires_at: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_identity(
+        &mut self,
+        index: u32,
+        choice: u8,
+        kad_key: &[u8],
+        peer: &str,
+    ) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO head_identities (idx, choice, kad_key, peer_id) VALUES ($1, $2, $3, $4)",
+                &[&(index as i32), &i16::from(choice), &kad_key, &peer],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&mut self, node: &str, index: u32) -> Result<(), StoreError> {
+        self.0
+            .execute("DELETE FROM head_leases WHERE idx = $1 AND node_name = $2", &[&(index as i32), &node])
+            .await?;
+        Ok(())
+    }
+
+    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO head_leases (idx, node_name, slot, expires_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (idx) DO UPDATE SET node_name = excluded.node_name, slot = excluded.slot, \
+                 expires_at = excluded.expires_at",
+                &[&(index as i32), &node, &(slot as i32), &to_time(expires_at)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
+    }
+}
+
+impl PgStore {
+    /// Lease `n` head identities for `node` (see `store::leases`), under the fleet's lease lock.
+    pub async fn acquire_heads(
+        &self,
+        node: &str,
+        n: u32,
+        ttl: Duration,
+        seed: Arc<Seed>,
+    ) -> Result<Vec<LeasedHead>, StoreError> {
+        let mut client = self.conn().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await?;
+        leases::acquire(PgLeaseTx(tx), node, n, ttl, seed).await
+    }
+
+    /// Extend `node`'s leases and record its heads' addresses; returns how many leases it still held.
+    pub async fn renew_leases(
+        &self,
+        node: &str,
+        expires_at: i64,
+        heads: &[(u32, String)],
+    ) -> Result<u64, StoreError> {
+        let client = self.conn().await?;
+        let idx: Vec<i32> = heads.iter().map(|(i, _)| *i as i32).collect();
+        let addrs: Vec<&str> = heads.iter().map(|(_, a)| a.as_str()).collect();
+        Ok(client
+            .execute(
+                "UPDATE head_leases l SET expires_at = $1, addrs = u.addrs \
+                 FROM unnest($2::int4[], $3::text[]) AS u(idx, addrs) \
+                 WHERE l.idx = u.idx AND l.node_name = $4",
+                &[&to_time(expires_at), &idx, &addrs, &node],
+            )
+            .await?)
+    }
+
+    /// Every identity of the fleet with its lease.
+    pub async fn list_heads(
+        &self,
+    ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {
+        let client = self.conn().await?;
+        let rows = client
+            .query(
+                "SELECT i.idx, i.peer_id, l.node_name, l.slot, l.addrs, \
+                        (extract(epoch FROM l.expires_at) * 1000)::int8 \
+                 FROM head_identities i LEFT JOIN head_leases l USING (idx) ORDER BY i.idx",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<_, i32>(0)? as u32,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get::<_, Option<i32>>(3)?.map(|s| s as u32),
+                    r.try_get::<_, Option<String>>(4)?.unwrap_or_default(),
+                    r.try_get(5)?,
+                ))
+            })
+            .collect()
     }
 }

@@ -17,12 +17,16 @@ use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
+use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
 use super::{ProviderWrite, StoreError};
+use crate::identity::LeaseRow;
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
 
 /// Migrations compiled into the binary: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, "head identities", include_str!("../../migrations/sqlite/0002_head_identities.sql")),
+];
 
 /// Rows per INSERT statement: 3 bound parameters each stays far below SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 1000;
@@ -347,5 +351,167 @@ mod tests {
         let rows: Vec<_> = (0..50).map(|_| row(&key, PeerId::random(), i64::MAX, i64::MAX)).collect();
         s.put_providers(&rows).await.unwrap();
         assert_eq!(s.get_providers(std::slice::from_ref(&key), 0, 20).await.unwrap().len(), 20);
+    }
+}
+
+/// A lease transaction on the single writer connection (the embedded store has one process).
+struct SqliteLeaseTx<'a>(sqlx::Transaction<'a, Sqlite>);
+
+impl LeaseTx for SqliteLeaseTx<'_> {
+    async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT value FROM hydra_meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("value")?),
+            None => None,
+        })
+    }
+
+    async fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO hydra_meta (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn identities(&mut self) -> Result<Vec<IdentityRow>, StoreError> {
+        let rows =
+            sqlx::query("SELECT idx, choice, kad_key FROM head_identities").fetch_all(&mut *self.0).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("idx")? as u32,
+                    r.try_get::<i64, _>("choice")? as u8,
+                    r.try_get("kad_key")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn leases(&mut self) -> Result<Vec<LeaseRow>, StoreError> {
+        let rows = sqlx::query("SELECT idx, node_name, slot, expires_at FROM head_leases")
+            .fetch_all(&mut *self.0)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseRow {
+                    index: r.try_get::<i64, _>("idx")? as u32,
+                    node: r.try_get("node_name")?,
+                    slot: r.try_get::<i64, _>("slot")? as u32,
+                    expires_at: r.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_identity(
+        &mut self,
+        index: u32,
+        choice: u8,
+        kad_key: &[u8],
+        peer: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO head_identities (idx, choice, kad_key, peer_id) VALUES (?, ?, ?, ?)")
+            .bind(i64::from(index))
+            .bind(i64::from(choice))
+            .bind(kad_key)
+            .bind(peer)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&mut self, node: &str, index: u32) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM head_leases WHERE idx = ? AND node_name = ?")
+            .bind(i64::from(index))
+            .bind(node)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO head_leases (idx, node_name, slot, expires_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (idx) DO UPDATE SET node_name = excluded.node_name, slot = excluded.slot, \
+             expires_at = excluded.expires_at",
+        )
+        .bind(i64::from(index))
+        .bind(node)
+        .bind(i64::from(slot))
+        .bind(expires_at)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Lease `n` head identities for `node` (see `store::leases`).
+    pub async fn acquire_heads(
+        &self,
+        node: &str,
+        n: u32,
+        ttl: std::time::Duration,
+        seed: std::sync::Arc<crate::identity::Seed>,
+    ) -> Result<Vec<LeasedHead>, StoreError> {
+        let tx = self.writer.begin().await?;
+        leases::acquire(SqliteLeaseTx(tx), node, n, ttl, seed).await
+    }
+
+    pub async fn renew_leases(
+        &self,
+        node: &str,
+        expires_at: i64,
+        heads: &[(u32, String)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut n = 0;
+        for (idx, addrs) in heads {
+            n += sqlx::query(
+                "UPDATE head_leases SET expires_at = ?, addrs = ? WHERE idx = ? AND node_name = ?",
+            )
+            .bind(expires_at)
+            .bind(addrs)
+            .bind(i64::from(*idx))
+            .bind(node)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn list_heads(
+        &self,
+    ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT i.idx, i.peer_id, l.node_name, l.slot, l.addrs, l.expires_at \
+             FROM head_identities i LEFT JOIN head_leases l ON l.idx = i.idx ORDER BY i.idx",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)? as u32,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get::<Option<i64>, _>(3)?.map(|s| s as u32),
+                    r.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
+                    r.try_get(5)?,
+                ))
+            })
+            .collect()
     }
 }

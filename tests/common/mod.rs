@@ -26,6 +26,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub fn config(dir: &Path, heads: usize) -> Config {
     let mut f = ConfigFile {
         heads,
+        // Distinct per node: processes sharing a datastore are told apart by name.
+        node_name: format!("test-{:08x}", rand::random::<u32>()),
         listen_ip: "127.0.0.1".into(),
         http_listen: "127.0.0.1:0".into(),
         data_dir: dir.to_owned(),

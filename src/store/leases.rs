@@ -1,0 +1,131 @@
+//! Head-identity leases in the datastore: the one orchestration, over either backend.
+//!
+//! `acquire` runs inside one transaction that holds the fleet's lease lock (a PostgreSQL advisory
+//! transaction lock; on SQLite the single writer connection): it checks the seed fingerprint,
+//! reads every identity and lease, lets [`identity::plan`] decide, extends the balanced sequence
+//! when needed (key derivation on a blocking thread), and writes the result. Two processes
+//! starting at once therefore see each other's leases and never get the same identity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::{ms_after, now_ms, StoreError};
+use crate::identity::{self, KeyTrie, LeaseRow, Seed};
+
+/// An identity this process runs: slot (port_base + slot) and identity index with its choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasedHead {
+    pub slot: u32,
+    pub index: u32,
+    pub choice: u8,
+}
+
+/// One identity of the fleet with its lease, as `hydra heads` and `/v1/heads?fleet=true` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FleetHead {
+    pub identity: u32,
+    pub peer_id: String,
+    pub node: Option<String>,
+    pub slot: Option<u32>,
+    pub addrs: Vec<String>,
+    /// Unix milliseconds; None if the identity is not leased.
+    pub lease_expires_at: Option<i64>,
+    pub lease_active: bool,
+}
+
+/// One identity as stored: index, choice, Kademlia key.
+pub(crate) type IdentityRow = (u32, u8, Vec<u8>);
+
+/// The backend operations `acquire` needs, all inside one locked transaction.
+pub(crate) trait LeaseTx {
+    async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    async fn identities(&mut self) -> Result<Vec<IdentityRow>, StoreError>;
+    async fn leases(&mut self) -> Result<Vec<LeaseRow>, StoreError>;
+    async fn insert_identity(
+        &mut self,
+        index: u32,
+        choice: u8,
+        kad_key: &[u8],
+        peer: &str,
+    ) -> Result<(), StoreError>;
+    async fn release(&mut self, node: &str, index: u32) -> Result<(), StoreError>;
+    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError>;
+    async fn commit(self) -> Result<(), StoreError>;
+}
+
+fn fingerprint(seed: &Seed) -> Vec<u8> {
+    // Derived from a key of the seed, not the seed itself: a 256-bit secret stays secret.
+    let probe = identity::derive(seed, u32::MAX, 0).public().to_peer_id();
+    Sha256::digest([b"hydra seed fingerprint v1".as_slice(), &probe.to_bytes()].concat()).to_vec()
+}
+
+pub(crate) async fn acquire<T: LeaseTx>(
+    mut tx: T,
+    node: &str,
+    n: u32,
+    ttl: Duration,
+    seed: Arc<Seed>,
+) -> Result<Vec<LeasedHead>, StoreError> {
+    let fp = fingerprint(&seed);
+    match tx.meta("seed_fingerprint").await? {
+        None => tx.set_meta("seed_fingerprint", &fp).await?,
+        Some(stored) if stored == fp => {}
+        Some(_) => {
+            return Err(StoreError::Identity(
+                "this datastore's head identities were made from a different identity seed; \
+                 give every process of a fleet the same identity_seed_file"
+                    .into(),
+            ))
+        }
+    }
+    let ids = tx.identities().await?;
+    let leases = tx.leases().await?;
+    let now = now_ms();
+    let indices: Vec<u32> = ids.iter().map(|(i, _, _)| *i).collect();
+    let plan = identity::plan(node, n, now, &indices, &leases);
+    let choices: HashMap<u32, u8> = ids.iter().map(|(i, c, _)| (*i, *c)).collect();
+    let mut out: Vec<LeasedHead> = plan
+        .assigned
+        .iter()
+        .map(|&(slot, index)| LeasedHead { slot, index, choice: choices[&index] })
+        .collect();
+
+    if !plan.new_slots.is_empty() {
+        let next = indices.iter().max().map_or(0, |m| m + 1);
+        let count = plan.new_slots.len() as u32;
+        let keys: Vec<[u8; 32]> =
+            ids.iter().filter_map(|(_, _, k)| <[u8; 32]>::try_from(k.as_slice()).ok()).collect();
+        let seed = seed.clone();
+        // Two candidate keys per new identity: CPU work, off the async workers.
+        let issued = tokio::task::spawn_blocking(move || {
+            let mut trie = KeyTrie::default();
+            for k in keys {
+                trie.insert(k);
+            }
+            identity::extend(&seed, &mut trie, next..next + count)
+                .into_iter()
+                .map(|i| (i.index, i.choice, i.kad_key, i.keypair.public().to_peer_id().to_string()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| StoreError::Identity(format!("key derivation failed: {e}")))?;
+        for (&slot, (index, choice, kad, peer)) in plan.new_slots.iter().zip(issued) {
+            tx.insert_identity(index, choice, &kad, &peer).await?;
+            out.push(LeasedHead { slot, index, choice });
+        }
+    }
+    for index in &plan.released {
+        tx.release(node, *index).await?;
+    }
+    let expires = ms_after(now, ttl);
+    for h in &out {
+        tx.lease(h.index, node, h.slot, expires).await?;
+    }
+    tx.commit().await?;
+    out.sort_by_key(|h| h.slot);
+    Ok(out)
+}
