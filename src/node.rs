@@ -77,7 +77,7 @@ impl Node {
                 .iter()
                 .enumerate()
                 .map(|(i, h)| {
-                    if n >= 100 && (i + 1) % 100 == 0 {
+                    if n >= 100 && (i + 1).is_multiple_of(100) {
                         tracing::info!("derived keys of {}/{n} heads", i + 1);
                     }
                     (*h, crate::identity::derive(&seed, h.index, h.choice))
@@ -96,7 +96,7 @@ impl Node {
                     return Err(e);
                 }
             }
-            if n >= 100 && (slot + 1) % 100 == 0 {
+            if n >= 100 && (slot + 1).is_multiple_of(100) {
                 tracing::info!("started {}/{n} heads", slot + 1);
             }
         }

@@ -282,78 +282,6 @@ impl SqliteStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use libp2p::Multiaddr;
-
-    fn test_histogram() -> prometheus::Histogram {
-        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
-    }
-
-    fn row(key: &ProviderKey, peer: PeerId, expires_at: i64, addrs_expire_at: i64) -> ProviderWrite {
-        ProviderWrite {
-            key: key.clone(),
-            provider: peer,
-            addrs: vec!["/ip4/127.0.0.1/tcp/4001".parse::<Multiaddr>().unwrap()],
-            expires_at,
-            addrs_expire_at,
-        }
-    }
-
-    #[tokio::test]
-    async fn expired_rows_are_never_returned_and_are_collected() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
-        s.migrate().await.unwrap();
-        let now = 1_000_000;
-        let key = ProviderKey::new(b"k1".to_vec()).unwrap();
-        let (live, dead, no_addr) = (PeerId::random(), PeerId::random(), PeerId::random());
-        s.put_providers(&[
-            row(&key, live, now + 10, now + 10),
-            row(&key, dead, now - 1, now + 10),
-            row(&key, no_addr, now + 10, now - 1),
-        ])
-        .await
-        .unwrap();
-        let got = s.get_providers(std::slice::from_ref(&key), now, 100).await.unwrap();
-        let mut peers: Vec<_> = got.iter().map(|(_, r)| (r.peer, r.addrs.len())).collect();
-        peers.sort();
-        let mut want = vec![(live, 1), (no_addr, 0)];
-        want.sort();
-        assert_eq!(peers, want, "expired record hidden; expired addresses dropped");
-
-        // A refresh never moves expiry backwards.
-        s.put_providers(&[row(&key, live, now - 5, now - 5)]).await.unwrap();
-        assert_eq!(s.get_providers(std::slice::from_ref(&key), now, 100).await.unwrap().len(), 2);
-
-        // GC removes the expired record and the expired address row, in chunks.
-        let mut deleted = 0;
-        loop {
-            let n = s.gc_chunk(now, 1).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            deleted += n;
-        }
-        assert_eq!(deleted, 2);
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM providers").fetch_one(&s.readers).await.unwrap();
-        assert_eq!(left, 2);
-    }
-
-    #[tokio::test]
-    async fn reads_cap_providers_per_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
-        s.migrate().await.unwrap();
-        let key = ProviderKey::new(b"popular".to_vec()).unwrap();
-        let rows: Vec<_> = (0..50).map(|_| row(&key, PeerId::random(), i64::MAX, i64::MAX)).collect();
-        s.put_providers(&rows).await.unwrap();
-        assert_eq!(s.get_providers(std::slice::from_ref(&key), 0, 20).await.unwrap().len(), 20);
-    }
-}
-
 /// A lease transaction on the single writer connection (the embedded store has one process).
 struct SqliteLeaseTx<'a>(sqlx::Transaction<'a, Sqlite>);
 
@@ -513,5 +441,77 @@ impl SqliteStore {
                 ))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::Multiaddr;
+
+    fn test_histogram() -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
+    }
+
+    fn row(key: &ProviderKey, peer: PeerId, expires_at: i64, addrs_expire_at: i64) -> ProviderWrite {
+        ProviderWrite {
+            key: key.clone(),
+            provider: peer,
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".parse::<Multiaddr>().unwrap()],
+            expires_at,
+            addrs_expire_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_never_returned_and_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
+        s.migrate().await.unwrap();
+        let now = 1_000_000;
+        let key = ProviderKey::new(b"k1".to_vec()).unwrap();
+        let (live, dead, no_addr) = (PeerId::random(), PeerId::random(), PeerId::random());
+        s.put_providers(&[
+            row(&key, live, now + 10, now + 10),
+            row(&key, dead, now - 1, now + 10),
+            row(&key, no_addr, now + 10, now - 1),
+        ])
+        .await
+        .unwrap();
+        let got = s.get_providers(std::slice::from_ref(&key), now, 100).await.unwrap();
+        let mut peers: Vec<_> = got.iter().map(|(_, r)| (r.peer, r.addrs.len())).collect();
+        peers.sort();
+        let mut want = vec![(live, 1), (no_addr, 0)];
+        want.sort();
+        assert_eq!(peers, want, "expired record hidden; expired addresses dropped");
+
+        // A refresh never moves expiry backwards.
+        s.put_providers(&[row(&key, live, now - 5, now - 5)]).await.unwrap();
+        assert_eq!(s.get_providers(std::slice::from_ref(&key), now, 100).await.unwrap().len(), 2);
+
+        // GC removes the expired record and the expired address row, in chunks.
+        let mut deleted = 0;
+        loop {
+            let n = s.gc_chunk(now, 1).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            deleted += n;
+        }
+        assert_eq!(deleted, 2);
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM providers").fetch_one(&s.readers).await.unwrap();
+        assert_eq!(left, 2);
+    }
+
+    #[tokio::test]
+    async fn reads_cap_providers_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
+        s.migrate().await.unwrap();
+        let key = ProviderKey::new(b"popular".to_vec()).unwrap();
+        let rows: Vec<_> = (0..50).map(|_| row(&key, PeerId::random(), i64::MAX, i64::MAX)).collect();
+        s.put_providers(&rows).await.unwrap();
+        assert_eq!(s.get_providers(std::slice::from_ref(&key), 0, 20).await.unwrap().len(), 20);
     }
 }
