@@ -154,7 +154,11 @@ pub struct Process {
 impl Process {
     /// Start the binary with `args` (JSON logs on stdout) and wait for "node started".
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
-        use std::io::BufRead;
+        Self::launch(args, envs).started()
+    }
+
+    /// Start the binary without waiting for it (see [`Launched::started`]).
+    pub fn launch(args: &[&str], envs: &[(&str, &str)]) -> Launched {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"));
         cmd.env_remove("RUST_LOG");
         for (k, _) in std::env::vars() {
@@ -162,7 +166,7 @@ impl Process {
                 cmd.env_remove(k);
             }
         }
-        let mut child = cmd
+        let child = cmd
             .args(args)
             .args(["--log-format", "json"])
             .envs(envs.iter().copied())
@@ -170,6 +174,41 @@ impl Process {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("spawn hydra");
+        Launched(Some(child))
+    }
+
+    /// Kill with SIGKILL (no shutdown, no flush, leases left to expire).
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    } // Drop: kill/wait again are no-ops on an exited child
+}
+
+impl Drop for Process {
+    /// A failing test must not leave a node running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `hydra` process that may not have started yet.
+pub struct Launched(Option<std::process::Child>);
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Launched {
+    /// Wait until the node logs "node started".
+    pub fn started(mut self) -> Process {
+        use std::io::BufRead;
+        let mut child = self.0.take().expect("not started yet");
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let http = loop {
             let line = lines.next().expect("node logs until it has started").unwrap();
@@ -180,7 +219,9 @@ impl Process {
         };
         Process { child, http, lines }
     }
+}
 
+impl Process {
     /// GET `path` from the process's HTTP server; returns the body.
     pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};

@@ -5,6 +5,9 @@
 // Modes (each prints one JSON line on stdout and exits 0 unless something crashed):
 //   provide-find  A js client provides <count> CIDs through the heads; a second js client,
 //                 connected only to the heads, looks each one up.
+//   cross         A js client provides <count> CIDs through the heads in HEADS (process A); a
+//                 second js client connected only to the heads in HEADS_B (process B, sharing
+//                 A's datastore) looks each one up.
 //   walk          A js client provides <count> CIDs to the heads (only DHT servers at that time);
 //                 then js DHT servers S1..S3 join as a chain (S1-heads, S2-S1, S3-S2) and a js
 //                 finder connected only to S3 looks each CID up: a DHT walk through js and hydra.
@@ -22,9 +25,10 @@ import * as raw from 'multiformats/codecs/raw'
 import { sha256 } from 'multiformats/hashes/sha2'
 
 const heads = JSON.parse(process.env.HEADS ?? '[]')
+const headsB = JSON.parse(process.env.HEADS_B ?? '[]')
 const mode = process.argv[2]
 const count = Number(process.argv[3] ?? 100)
-const headIds = new Set(heads.map(h => h.peer_id))
+const headIds = new Set([...heads, ...headsB].map(h => h.peer_id))
 
 function log (...args) { console.error('[interop]', ...args) }
 
@@ -61,9 +65,9 @@ async function waitFor (what, cond, ms = 20000) {
   }
 }
 
-async function dialHeads (n) {
-  for (const h of heads) await n.dial(headAddr(h), { signal: AbortSignal.timeout(10000) })
-  await waitFor('heads in routing table', () => n.services.dht.routingTable.size >= heads.length)
+async function dialHeads (n, list = heads) {
+  for (const h of list) await n.dial(headAddr(h), { signal: AbortSignal.timeout(10000) })
+  await waitFor('heads in routing table', () => n.services.dht.routingTable.size >= list.length)
 }
 
 async function cids (n) {
@@ -85,7 +89,7 @@ async function provideAll (provider, list) {
 }
 
 /** Look up each CID; count those where `want` was found, and those whose answer came from a head. */
-async function findAll (finder, list, want) {
+async function findAll (finder, list, want, answering = headIds) {
   let found = 0
   let viaHydra = 0
   let maxHops = 0
@@ -98,7 +102,7 @@ async function findAll (finder, list, want) {
         if (ev.name === 'SEND_QUERY') queried++
         if (ev.name === 'PROVIDER' && ev.providers.some(p => p.id.equals(want))) {
           found++
-          if (headIds.has(ev.from.toString())) viaHydra++
+          if (answering.has(ev.from.toString())) viaHydra++
           maxHops = Math.max(maxHops, queried)
           ctl.abort()
           break
@@ -125,6 +129,22 @@ async function main () {
       const finder = await node(true); started.push(finder)
       await dialHeads(finder)
       const r = await findAll(finder, list, provider.peerId)
+      console.log(JSON.stringify({ mode, provided, ...r }))
+    } else if (mode === 'cross') {
+      if (headsB.length === 0) throw new Error('HEADS_B is empty')
+      const provider = await node(true); started.push(provider)
+      await dialHeads(provider, heads)
+      const list = await cids(count)
+      const provided = await provideAll(provider, list)
+      // Process A writes behind: give its buffer a moment to reach the shared datastore.
+      await new Promise(resolve => setTimeout(resolve, 1000))
+      const finder = await node(true); started.push(finder)
+      await dialHeads(finder, headsB)
+      // viaHydra counts answers from process B's heads only.
+      const r = await findAll(finder, list, provider.peerId, new Set(headsB.map(h => h.peer_id)))
+      const aIds = new Set(heads.map(h => h.peer_id))
+      const direct = finder.getConnections().map(c => c.remotePeer.toString())
+      if (direct.some(p => aIds.has(p))) throw new Error('finder must never reach process A')
       console.log(JSON.stringify({ mode, provided, ...r }))
     } else if (mode === 'walk') {
       const provider = await node(true); started.push(provider)
