@@ -533,3 +533,80 @@ pub async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
     println!("writes during GC / writes alone = {:.2}", m[2] / m[1]);
     Ok(())
 }
+
+/// `hydra bench startup`: for each head count, start `hydra run` (this binary, embedded store,
+/// loopback, fresh data directory), time until it logs "node started" (identities leased and
+/// derived, every head listening), stay idle, read its resident memory, stop it with SIGTERM.
+pub async fn startup(heads: Vec<usize>, runs: usize, idle: Duration, quic: bool) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().context("find the hydra binary")?;
+    println!(
+        "hydra bench startup: {runs} runs per head count, idle {idle:?} before reading RSS, QUIC {quic}"
+    );
+    println!(
+        "{:>6}  {:>16}  {:>14}  {:>16}",
+        "heads", "start-up (s)", "idle RSS (MiB)", "RSS per head (KiB)"
+    );
+    for n in heads {
+        let (mut secs, mut rss) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let dir = std::env::temp_dir().join(format!("hydra-bench-startup-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let t = Instant::now();
+            let mut child = tokio::process::Command::new(&exe)
+                .args([
+                    "run",
+                    "--heads",
+                    &n.to_string(),
+                    "--listen-ip",
+                    "127.0.0.1",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                ])
+                .args([
+                    "--log-format",
+                    "json",
+                    "--node-name",
+                    "bench",
+                    "--quic",
+                    if quic { "true" } else { "false" },
+                ])
+                .arg("--data-dir")
+                .arg(&dir)
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+            loop {
+                let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line())
+                    .await
+                    .context("start-up took over 10 minutes")??
+                    .context("hydra exited before it started")?;
+                if line.contains("\"node started\"") {
+                    break;
+                }
+            }
+            secs.push(t.elapsed().as_secs_f64());
+            // Keep reading logs so the child never blocks on a full pipe.
+            let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            tokio::time::sleep(idle).await;
+            let pid = child.id().context("pid")?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let kib: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .context("read VmRSS")?;
+            rss.push(kib);
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+            drain.abort();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let (s, r) = (median(secs), median(rss));
+        println!("{n:>6}  {s:>16.2}  {:>14.1}  {:>16.0}", r / 1024.0, r / n as f64);
+    }
+    Ok(())
+}

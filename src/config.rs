@@ -28,6 +28,9 @@ pub struct ConfigFile {
     pub data_dir: PathBuf,
     /// Address of the HTTP server (metrics, health, operator API). Loopback by default.
     pub http_listen: String,
+    /// Also listen on QUIC (UDP, same port number as TCP). Each QUIC endpoint costs memory for
+    /// its receive buffers; see docs/benchmarks.md.
+    pub quic: bool,
     /// Bootstrap peers as multiaddrs ending in `/p2p/<peer id>`. Empty by default.
     pub bootstrap: Vec<String>,
     /// `postgres://…` selects PostgreSQL (fleet store); empty selects the embedded SQLite store.
@@ -192,6 +195,7 @@ impl Default for ConfigFile {
             port_base: 0,
             data_dir: PathBuf::from("./hydra-data"),
             http_listen: "127.0.0.1:7779".into(),
+            quic: true,
             bootstrap: Vec::new(),
             database_url: String::new(),
             log_format: LogFormat::Text,
@@ -275,6 +279,7 @@ pub struct Overrides {
     pub address_filter: Option<AddressFilter>,
     pub node_name: Option<String>,
     pub identity_seed_file: Option<String>,
+    pub quic: Option<bool>,
 }
 
 /// A configuration error that names the offending field.
@@ -309,6 +314,7 @@ pub struct Config {
     pub port_base: u16,
     pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
+    pub quic: bool,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub store: StoreKind,
     pub log_format: LogFormat,
@@ -361,6 +367,9 @@ impl ConfigFile {
         }
         if let Some(v) = o.address_filter {
             self.routing.address_filter = v;
+        }
+        if let Some(v) = o.quic {
+            self.quic = v;
         }
         if let Some(v) = o.node_name {
             self.node_name = v;
@@ -477,6 +486,7 @@ impl ConfigFile {
             port_base: self.port_base,
             data_dir: self.data_dir.clone(),
             http_listen,
+            quic: self.quic,
             bootstrap,
             store,
             log_format: self.log_format,

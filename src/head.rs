@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AddressFilter, Config};
 use crate::kad_server::{Intake, KadServer, KAD_PROTOCOL};
 use crate::metrics::HeadMetrics;
-use crate::routing::RoutingSnapshot;
+use crate::routing::{RoutingSnapshot, Siblings};
 
 /// How often a changed routing table is republished (changes are coalesced in between).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
@@ -53,6 +53,7 @@ pub struct HeadBehaviour {
 /// A head whose swarm is listening but whose task has not started yet.
 pub struct StartingHead {
     pub shared: Arc<HeadShared>,
+    siblings: Arc<Siblings>,
     swarm: Swarm<HeadBehaviour>,
     filter: AddressFilter,
     metrics: HeadMetrics,
@@ -110,11 +111,13 @@ pub async fn bind(
     let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(port));
     let quic = Multiaddr::empty().with(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1);
     swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?;
-    swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?;
+    if cfg.quic {
+        swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?;
+    }
 
-    // Wait for both listeners to report an address (or fail).
+    // Wait for the listeners to report an address (or fail).
     let mut addrs = Vec::new();
-    let (mut tcp_up, mut quic_up) = (false, false);
+    let (mut tcp_up, mut quic_up) = (false, !cfg.quic);
     let deadline = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(deadline);
     while !(tcp_up && quic_up) {
@@ -147,11 +150,16 @@ pub async fn bind(
         listen_addrs: ArcSwap::from_pointee(addrs),
         routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
     });
-    Ok(StartingHead { shared, swarm, filter: cfg.address_filter, metrics })
+    Ok(StartingHead { shared, siblings: Arc::default(), swarm, filter: cfg.address_filter, metrics })
 }
 
 impl StartingHead {
-    /// Add a known DHT server (a sibling head or a bootstrap peer) to the routing table.
+    /// The process's heads, answered as closer peers but kept out of kad's routing table.
+    pub fn set_siblings(&mut self, siblings: Arc<Siblings>) {
+        self.siblings = siblings;
+    }
+
+    /// Add a known DHT server (a bootstrap peer) to the routing table.
     pub fn add_peer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
         for a in addrs {
             self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
@@ -199,7 +207,7 @@ impl StartingHead {
                 peers.push((*e.node.key.preimage(), e.node.value.iter().cloned().collect::<Vec<_>>()));
             }
         }
-        let snap = RoutingSnapshot::new(peers);
+        let snap = RoutingSnapshot::new(peers, self.siblings.clone());
         self.metrics.routing_table_peers.with_label_values(&[head_label]).set(snap.len() as i64);
         self.shared.routing.store(Arc::new(snap));
     }

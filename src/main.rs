@@ -50,6 +50,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Start-up time and idle memory of `hydra run` with many heads (embedded store).
+    Startup {
+        /// Head counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500,1000")]
+        heads: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds to stay idle before reading the resident memory.
+        #[arg(long, default_value_t = 5)]
+        idle: u64,
+        /// Run the heads with QUIC listeners too.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        quic: bool,
+    },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
         #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
@@ -100,6 +114,9 @@ struct NodeArgs {
     /// Log format.
     #[arg(long, env = "HYDRA_LOG_FORMAT", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
+    /// Also listen on QUIC (true or false).
+    #[arg(long, env = "HYDRA_QUIC")]
+    quic: Option<bool>,
     /// This process's name in the fleet (default: the host name).
     #[arg(long, env = "HYDRA_NODE_NAME")]
     node_name: Option<String>,
@@ -153,6 +170,7 @@ fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
         database_url: args.database_url.clone(),
         log_format: args.log_format,
         address_filter: args.address_filter,
+        quic: args.quic,
         node_name: args.node_name.clone(),
         identity_seed_file: args.identity_seed_file.clone(),
     });
@@ -184,6 +202,12 @@ fn main() -> ExitCode {
                     runs: (*runs).max(1),
                 }))
             }
+            BenchCommand::Startup { heads, runs, idle, quic } => rt.block_on(hydra::bench::startup(
+                heads.clone(),
+                (*runs).max(1),
+                std::time::Duration::from_secs(*idle),
+                *quic,
+            )),
             BenchCommand::Gc { database_url, rows, writes, runs } => {
                 rt.block_on(hydra::bench::gc(hydra::bench::GcBenchOpts {
                     database_url: database_url.clone(),
@@ -253,7 +277,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raise the soft open-file limit to the hard limit (each head holds several sockets per
+/// connection) and warn if it still looks too low for the configured heads.
+fn raise_fd_limit(heads: usize) {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim = raised;
+                }
+            }
+            let wanted = (heads as u64).saturating_mul(64);
+            if (lim.rlim_cur as u64) < wanted {
+                tracing::warn!(limit = lim.rlim_cur, wanted, "open-file limit is low for this many heads");
+            }
+        }
+    }
+}
+
 async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
+    raise_fd_limit(cfg.heads);
     let node = hydra::Node::start(cfg).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -100,14 +100,13 @@ impl Node {
                 tracing::info!("started {}/{n} heads", slot + 1);
             }
         }
-        // Every head knows its siblings: they are DHT servers spread over the keyspace.
-        let known: Vec<_> =
-            starting.iter().map(|h| (h.shared.peer_id, (**h.shared.listen_addrs.load()).clone())).collect();
+        // Every head answers with its siblings (DHT servers spread over the keyspace) from one
+        // shared list; they stay out of kad's routing tables, so heads never dial each other.
+        let siblings = crate::routing::Siblings::new(
+            starting.iter().map(|h| (h.shared.peer_id, (**h.shared.listen_addrs.load()).clone())),
+        );
         for h in &mut starting {
-            let me = h.shared.peer_id;
-            for (peer, addrs) in known.iter().filter(|(p, _)| *p != me) {
-                h.add_peer(*peer, addrs);
-            }
+            h.set_siblings(siblings.clone());
             for (peer, addr) in &cfg.bootstrap {
                 h.add_peer(*peer, std::slice::from_ref(addr));
             }

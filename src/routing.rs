@@ -4,6 +4,12 @@
 //! table changes and publishes it through an `ArcSwap`; stream tasks load the current snapshot
 //! (a pointer read) and compute the k closest peers to a key from it. The snapshot is immutable,
 //! so readers never block the swarm and the swarm never blocks readers.
+//!
+//! A snapshot also holds the process's [`Siblings`] — its other heads, one list shared by all —
+//! so every head answers with its siblings as DHT servers without them ever entering kad's
+//! routing tables (which would make every head dial every other: N² connections).
+
+use std::sync::Arc;
 
 use libp2p::kad::KBucketKey;
 use libp2p::{Multiaddr, PeerId};
@@ -20,23 +26,42 @@ struct Entry {
     addrs: Vec<Multiaddr>,
 }
 
-/// An immutable copy of one head's routing table.
+/// The heads of this process, shared by every head's snapshot.
+#[derive(Debug, Default)]
+pub struct Siblings {
+    entries: Vec<Entry>,
+    ids: std::collections::HashSet<PeerId>,
+}
+
+impl Siblings {
+    pub fn new(heads: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>) -> Arc<Self> {
+        let entries: Vec<Entry> =
+            heads.into_iter().map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs }).collect();
+        let ids = entries.iter().map(|e| *e.key.preimage()).collect();
+        Arc::new(Self { entries, ids })
+    }
+}
+
+/// An immutable copy of one head's routing table, plus its siblings.
 #[derive(Debug, Clone, Default)]
 pub struct RoutingSnapshot {
     entries: Vec<Entry>,
+    siblings: Arc<Siblings>,
 }
 
 impl RoutingSnapshot {
-    pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>) -> Self {
+    pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>, siblings: Arc<Siblings>) -> Self {
         Self {
             entries: peers
                 .into_iter()
-                .filter(|(_, a)| !a.is_empty())
+                .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains(p))
                 .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
                 .collect(),
+            siblings,
         }
     }
 
+    /// Peers in the head's own routing table (siblings not counted).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -52,6 +77,7 @@ impl RoutingSnapshot {
         let mut cands: Vec<(libp2p::kad::KBucketDistance, &Entry)> = self
             .entries
             .iter()
+            .chain(self.siblings.entries.iter())
             .filter(|e| !exclude.contains(e.key.preimage()))
             .map(|e| (e.key.distance(&target), e))
             .collect();
@@ -76,7 +102,9 @@ mod tests {
     fn closest_matches_a_full_sort_and_excludes() {
         let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
         let peers: Vec<PeerId> = (0..200).map(|_| PeerId::random()).collect();
-        let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])));
+        // Half in the routing table, half siblings: both are candidates.
+        let siblings = Siblings::new(peers[100..].iter().map(|p| (*p, vec![addr.clone()])));
+        let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])), siblings);
         let target = b"some key".to_vec();
         let excluded = peers[0];
         let got: Vec<PeerId> =
