@@ -292,7 +292,7 @@ fn raise_fd_limit(heads: usize) {
                 }
             }
             let wanted = (heads as u64).saturating_mul(64);
-            if (lim.rlim_cur as u64) < wanted {
+            if lim.rlim_cur < wanted {
                 tracing::warn!(limit = lim.rlim_cur, wanted, "open-file limit is low for this many heads");
             }
         }

@@ -63,6 +63,7 @@ impl Node {
             crate::identity::Seed::load_or_create(cfg.identity_seed_file.as_deref(), &cfg.data_dir)
                 .context("load the identity seed")?,
         );
+        // Progress lines every 10 % when starting 100 heads or more.
         let n = cfg.heads;
         let leased = match store.acquire_heads(&cfg.node_name, n as u32, cfg.lease_ttl, seed.clone()).await {
             Ok(l) => l,
@@ -77,7 +78,7 @@ impl Node {
                 .iter()
                 .enumerate()
                 .map(|(i, h)| {
-                    if n >= 100 && (i + 1).is_multiple_of(100) {
+                    if n >= 100 && (i + 1).is_multiple_of(n / 10) {
                         tracing::info!("derived keys of {}/{n} heads", i + 1);
                     }
                     (*h, crate::identity::derive(&seed, h.index, h.choice))
@@ -96,7 +97,7 @@ impl Node {
                     return Err(e);
                 }
             }
-            if n >= 100 && (slot + 1).is_multiple_of(100) {
+            if n >= 100 && (slot + 1).is_multiple_of(n / 10) {
                 tracing::info!("started {}/{n} heads", slot + 1);
             }
         }

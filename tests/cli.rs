@@ -137,3 +137,32 @@ fn the_process_serves_heads_and_stops_on_sigterm() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("node stopped")), "{rest:?}");
 }
+
+#[test]
+fn starting_100_heads_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = hydra()
+        .args(["run", "--heads", "100", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut progress = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let msg = v["fields"]["message"].as_str().unwrap_or_default().to_string();
+        if msg.starts_with("derived keys of") || msg.starts_with("started ") {
+            progress.push(msg);
+        } else if msg == "node started" {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(progress.iter().filter(|m| m.starts_with("derived keys of")).count(), 10, "{progress:?}");
+    assert_eq!(progress.iter().filter(|m| m.starts_with("started ")).count(), 10, "{progress:?}");
+    assert!(progress.contains(&"started 100/100 heads".to_string()));
+}
