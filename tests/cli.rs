@@ -17,6 +17,31 @@ fn hydra() -> Command {
     c
 }
 
+/// `hydra run` with `heads` heads on loopback, JSON logs on a pipe.
+fn run_json(
+    heads: usize,
+    data_dir: &std::path::Path,
+) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = hydra()
+        .args([
+            "run",
+            "--heads",
+            &heads.to_string(),
+            "--listen-ip",
+            "127.0.0.1",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 fn example() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/hydra.example.toml")
 }
@@ -91,15 +116,7 @@ fn version_is_printed() {
 #[test]
 fn the_process_serves_heads_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = hydra()
-        .args(["run", "--heads", "3", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"])
-        .args(["--log-format", "json", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = run_json(3, dir.path());
     let mut listening = 0;
     let http = loop {
         let line = lines.next().expect("node logs until it has started").unwrap();
@@ -141,16 +158,9 @@ fn the_process_serves_heads_and_stops_on_sigterm() {
 #[test]
 fn starting_100_heads_reports_progress() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = hydra()
-        .args(["run", "--heads", "100", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"])
-        .args(["--log-format", "json", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let (mut child, lines) = run_json(100, dir.path());
     let mut progress = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+    for line in lines {
         let line = line.unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let msg = v["fields"]["message"].as_str().unwrap_or_default().to_string();
