@@ -162,10 +162,13 @@ impl ProviderManager {
         &self,
         op: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, Shed> {
-        let Ok(_permit) = self.inner.value_permits.try_acquire() else {
-            return Err(self.shed(ShedReason::ReadsInFlight));
+        // At most `max_read_queries` value operations run at once; the rest wait for a slot,
+        // all within one deadline (waiting callers are bounded by the stream tasks).
+        let work = async {
+            let _permit = self.inner.value_permits.acquire().await;
+            op.await
         };
-        match tokio::time::timeout(self.inner.cfg.read_deadline, op).await {
+        match tokio::time::timeout(self.inner.cfg.read_deadline, work).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "value operation failed");
@@ -417,6 +420,20 @@ mod tests {
         }
         // read_batch_keys = 128: 200 queued keys take two statements.
         assert_eq!(lookups(&metrics) - before, 2);
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_value_requests_waits_for_slots_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path(), ProvidersSection { max_read_queries: 1, ..small(10) }).await;
+        let records: Vec<ValueRecord> = (0..20u8)
+            .map(|i| ValueRecord { key: vec![b'/', i], value: vec![i], time_received: String::new() })
+            .collect();
+        let puts = futures::future::join_all(records.iter().map(|r| m.put_value(r))).await;
+        assert!(puts.iter().all(|r| r.is_ok()), "{puts:?}");
+        let gets = futures::future::join_all(records.iter().map(|r| m.get_value(&r.key))).await;
+        assert!(gets.iter().zip(&records).all(|(g, r)| g.as_ref().unwrap().as_ref() == Some(r)));
         m.shutdown().await;
     }
 
