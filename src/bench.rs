@@ -147,7 +147,7 @@ const UPSERT_ADDRS: &str = "\
     INSERT INTO peer_addrs (peer, addrs, expires_at) \
     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
     ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
-    WHERE peer_addrs.expires_at < excluded.expires_at OR peer_addrs.addrs <> excluded.addrs";
+    WHERE peer_addrs.expires_at <= excluded.expires_at";
 
 const UPSERT_PROVIDERS: &str = "\
     INSERT INTO providers (key, provider, expires_at) \

@@ -123,6 +123,9 @@ pub struct LimitsSection {
     pub inbound_queue: usize,
     /// Stream tasks serving inbound kad streams at once (all heads).
     pub max_concurrent_streams: usize,
+    /// Inbound kad streams one peer may have queued or open at once (all heads). Requests on one
+    /// stream are sequential, so bursts on a stream are unaffected.
+    pub max_streams_per_peer: u32,
     /// Established connections per head.
     pub max_connections_per_head: u32,
     /// An inbound stream with no new request for this long is reset.
@@ -231,6 +234,7 @@ impl Default for LimitsSection {
         Self {
             inbound_queue: 1024,
             max_concurrent_streams: 4096,
+            max_streams_per_peer: 64,
             max_connections_per_head: 2048,
             stream_idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(10),
@@ -424,6 +428,7 @@ impl ConfigFile {
         let l = &self.limits;
         positive("limits.inbound_queue", l.inbound_queue)?;
         positive("limits.max_concurrent_streams", l.max_concurrent_streams)?;
+        positive("limits.max_streams_per_peer", l.max_streams_per_peer as usize)?;
         positive("limits.max_connections_per_head", l.max_connections_per_head as usize)?;
         positive("limits.max_providers_per_reply", l.max_providers_per_reply)?;
         nonzero_duration("limits.stream_idle_timeout", l.stream_idle_timeout)?;

@@ -11,9 +11,13 @@
 //! go and js peers recognise a DHT server. Accepted streams leave the connection's stream budget
 //! at once, so a burst of requests on one connection is limited only by the queue.
 
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use libp2p::core::upgrade::{DeniedUpgrade, ReadyUpgrade};
@@ -38,20 +42,83 @@ pub struct InboundStream {
     /// The authenticated remote peer.
     pub peer: PeerId,
     pub stream: Stream,
+    /// The peer's stream slot, released when the stream is dropped.
+    pub slot: PeerSlot,
+}
+
+const PEER_SHARDS: usize = 16;
+
+/// Concurrent inbound streams per remote peer, over all heads. An entry exists only while its
+/// count is positive, so the map is bounded by the streams queued and running.
+pub struct PeerStreams {
+    shards: Vec<Mutex<HashMap<PeerId, u32>>>,
+    hasher: RandomState,
+    limit: u32,
+}
+
+/// One of a peer's stream slots; dropping it frees the slot.
+pub struct PeerSlot {
+    owner: Arc<PeerStreams>,
+    peer: PeerId,
+}
+
+impl PeerStreams {
+    pub fn new(limit: u32) -> Arc<Self> {
+        Arc::new(Self {
+            shards: (0..PEER_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            limit,
+        })
+    }
+
+    fn shard(&self, peer: &PeerId) -> std::sync::MutexGuard<'_, HashMap<PeerId, u32>> {
+        let idx = (self.hasher.hash_one(peer) as usize) % PEER_SHARDS;
+        // Tiny critical section, no await; a poisoned map of counters is still a valid map.
+        self.shards[idx].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `peer`, unless it already holds `limit` streams.
+    pub fn try_acquire(self: &Arc<Self>, peer: PeerId) -> Option<PeerSlot> {
+        let mut shard = self.shard(&peer);
+        let n = shard.entry(peer).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { owner: self.clone(), peer })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut shard = self.owner.shard(&self.peer);
+        if let Some(n) = shard.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                shard.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Shared intake state for all heads: the queue and whether new streams are accepted.
 #[derive(Clone)]
 pub struct Intake {
     queue: mpsc::Sender<InboundStream>,
+    peers: Arc<PeerStreams>,
     /// False at the peak load level: new streams are reset at once.
     accepting: Arc<AtomicBool>,
     metrics: KadMetrics,
 }
 
 impl Intake {
-    pub fn new(queue: mpsc::Sender<InboundStream>, metrics: KadMetrics) -> Self {
-        Self { queue, accepting: Arc::new(AtomicBool::new(true)), metrics }
+    pub fn new(queue: mpsc::Sender<InboundStream>, max_streams_per_peer: u32, metrics: KadMetrics) -> Self {
+        Self {
+            queue,
+            peers: PeerStreams::new(max_streams_per_peer),
+            accepting: Arc::new(AtomicBool::new(true)),
+            metrics,
+        }
     }
 
     /// Stop (or resume) accepting new inbound kad streams.
@@ -59,12 +126,16 @@ impl Intake {
         self.accepting.store(yes, Ordering::Relaxed);
     }
 
-    fn offer(&self, s: InboundStream) {
+    fn offer(&self, head: usize, peer: PeerId, stream: Stream) {
         if !self.accepting.load(Ordering::Relaxed) {
             self.metrics.stream(StreamEvent::QueueFull);
             return; // dropped: the stream is reset
         }
-        match self.queue.try_send(s) {
+        let Some(slot) = self.peers.try_acquire(peer) else {
+            self.metrics.stream(StreamEvent::PeerLimit);
+            return; // one peer may not hold every stream slot
+        };
+        match self.queue.try_send(InboundStream { head, peer, stream, slot }) {
             Ok(()) => self.metrics.stream(StreamEvent::Queued),
             Err(_) => self.metrics.stream(StreamEvent::QueueFull),
         }
@@ -160,7 +231,7 @@ impl ConnectionHandler for Handler {
         if let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) =
             event
         {
-            self.intake.offer(InboundStream { head: self.head, peer: self.peer, stream });
+            self.intake.offer(self.head, self.peer, stream);
         }
     }
 }

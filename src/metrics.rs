@@ -47,6 +47,8 @@ pub enum StreamEvent {
     Queued,
     /// Queue full: reset and dropped.
     QueueFull,
+    /// The peer already had `max_streams_per_peer` streams: reset and dropped.
+    PeerLimit,
     /// Ended by the peer with EOF.
     Closed,
     /// Reset after the idle timeout.
@@ -58,9 +60,10 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 6] = [
+    pub const ALL: [StreamEvent; 7] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
+        StreamEvent::PeerLimit,
         StreamEvent::Closed,
         StreamEvent::IdleTimeout,
         StreamEvent::Oversized,
@@ -70,6 +73,7 @@ impl StreamEvent {
         match self {
             StreamEvent::Queued => "queued",
             StreamEvent::QueueFull => "queue_full",
+            StreamEvent::PeerLimit => "peer_limit",
             StreamEvent::Closed => "closed",
             StreamEvent::IdleTimeout => "idle_timeout",
             StreamEvent::Oversized => "oversized",

@@ -54,7 +54,7 @@ impl Node {
         );
 
         let (tx, rx) = mpsc::channel(cfg.limits.inbound_queue);
-        let intake = Intake::new(tx, metrics.kad.clone());
+        let intake = Intake::new(tx, cfg.limits.max_streams_per_peer, metrics.kad.clone());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 

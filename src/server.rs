@@ -92,7 +92,7 @@ pub async fn dispatch(
 /// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was
 /// not closed resets it.
 async fn serve_stream(svc: &Service, s: InboundStream) {
-    let InboundStream { head, peer, mut stream } = s;
+    let InboundStream { head, peer, mut stream, slot: _slot } = s;
     svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
     loop {

@@ -253,10 +253,22 @@ pub fn peer_to_pb(p: &PeerRecord) -> PbPeer {
     }
 }
 
-/// Decode a wire peer. Unparseable addresses are skipped (a peer may know transports we don't).
+/// Addresses kept per peer record; more are dropped (go-libp2p keeps a similar handful).
+pub const MAX_ADDRS_PER_PEER: usize = 32;
+/// Longest binary multiaddr kept.
+pub const MAX_ADDR_LEN: usize = 1024;
+
+/// Decode a wire peer. Unparseable, oversized and surplus addresses are skipped, so one record
+/// can never make replies (or cached answers) large.
 pub fn peer_from_pb(p: PbPeer) -> Result<PeerRecord, &'static str> {
     let peer = PeerId::from_bytes(&p.id).map_err(|_| "invalid peer id")?;
-    let addrs = p.addrs.into_iter().filter_map(|a| Multiaddr::try_from(a).ok()).collect();
+    let addrs = p
+        .addrs
+        .into_iter()
+        .filter(|a| a.len() <= MAX_ADDR_LEN)
+        .filter_map(|a| Multiaddr::try_from(a).ok())
+        .take(MAX_ADDRS_PER_PEER)
+        .collect();
     Ok(PeerRecord { peer, addrs })
 }
 
@@ -369,6 +381,15 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn addresses_per_provider_are_capped() {
+        let me = PeerId::random();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let mut pb = peer_to_pb(&PeerRecord { peer: me, addrs: vec![addr; 1000] });
+        pb.addrs.push(vec![0u8; 5000]);
+        assert_eq!(peer_from_pb(pb).unwrap().addrs.len(), MAX_ADDRS_PER_PEER);
     }
 
     #[test]

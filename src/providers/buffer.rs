@@ -76,16 +76,16 @@ impl WriteBuffer {
     pub fn add(&self, key: ProviderKey, peer: PeerId, p: Pending) -> Result<bool, Full> {
         let idx = self.shard_of(&key);
         let mut shard = self.lock(idx);
-        let by_peer = shard.pending.entry(key).or_default();
-        if let Some(existing) = by_peer.get_mut(&peer) {
+        if let Some(existing) = shard.pending.get_mut(&key).and_then(|m| m.get_mut(&peer)) {
             *existing = p; // coalesced: takes no new space
             return Ok(false);
         }
+        // Check the limit before touching the map: a refused add must leave nothing behind.
         if self.entries.load(Ordering::Relaxed) >= self.limit {
             return Err(Full);
         }
         self.entries.fetch_add(1, Ordering::Relaxed);
-        by_peer.insert(peer, p);
+        shard.pending.entry(key).or_default().insert(peer, p);
         shard.pending_entries += 1;
         shard.oldest.get_or_insert_with(Instant::now);
         Ok(shard.pending_entries >= self.flush_batch)
@@ -162,4 +162,24 @@ pub fn rows(batch: &Batch) -> Vec<ProviderWrite> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_adds_leave_nothing_behind() {
+        let b = WriteBuffer::new(1, 100);
+        let p = Pending { addrs: vec![], expires_at: i64::MAX, addrs_expire_at: i64::MAX };
+        let peer = PeerId::random();
+        b.add(ProviderKey::new(vec![0]).unwrap(), peer, p.clone()).unwrap();
+        for i in 1..=1000u32 {
+            let key = ProviderKey::new(i.to_be_bytes().to_vec()).unwrap();
+            assert_eq!(b.add(key, peer, p.clone()), Err(Full));
+        }
+        let keys: usize = (0..SHARDS).map(|i| b.lock(i).pending.len()).sum();
+        assert_eq!(keys, 1, "refused keys must not stay in the buffer's maps");
+        assert_eq!(b.entries(), 1);
+    }
 }

@@ -107,7 +107,9 @@ impl Reads {
         {
             let mut waiting = self.waiting(key);
             if let Some(w) = waiting.get_mut(key) {
-                w.push(tx); // single-flight: join the lookup already under way
+                // Single-flight: join the lookup already under way (dropping waiters that gave up).
+                w.retain(|s| !s.is_closed());
+                w.push(tx);
             } else {
                 if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
                     self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -191,10 +193,16 @@ impl Reads {
                 let now = Instant::now();
                 for (key, epoch) in keys.into_iter().zip(epochs) {
                     let providers: Providers = Arc::new(by_key.remove(&key).unwrap_or_default());
-                    if buffer.epoch(buffer.shard_of(&key)) == epoch {
+                    let shard = buffer.shard_of(&key);
+                    if buffer.epoch(shard) == epoch {
                         let ttl = if providers.is_empty() { self.negative_ttl } else { self.cache_ttl };
                         self.cache
                             .insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
+                        // A flush that completed between the check and the insert may already have
+                        // evicted this key: undo rather than cache a stale answer.
+                        if buffer.epoch(shard) != epoch {
+                            self.cache.remove(&key);
+                        }
                     }
                     let waiters = self.waiting(&key).remove(&key).unwrap_or_default();
                     for w in waiters {

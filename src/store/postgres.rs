@@ -49,7 +49,7 @@ const UPSERT_ADDRS: &str = "\
     INSERT INTO peer_addrs (peer, addrs, expires_at) \
     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
     ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
-    WHERE peer_addrs.expires_at < excluded.expires_at OR peer_addrs.addrs <> excluded.addrs";
+    WHERE peer_addrs.expires_at <= excluded.expires_at";
 
 /// The batched lookup statement (also used raw by the benchmark).
 pub const LOOKUP: &str = "\
@@ -95,9 +95,15 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let mut pg_config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Unreachable(format!("{}: {e}", redact_url(url))))?;
+        // Bounds on the client side too: a database that silently stops answering (network
+        // black hole) must not hold a flush, a lookup or a lease renewal for minutes.
+        let io_deadline = cfg.statement_timeout + Duration::from_secs(5);
         pg_config
             .options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()))
             .connect_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .tcp_user_timeout(io_deadline)
             .application_name("hydra");
         let mgr = Manager::from_config(
             pg_config.clone(),
@@ -106,6 +112,9 @@ impl PgStore {
         );
         let pool = Pool::builder(mgr)
             .max_size(cfg.pool_size)
+            .wait_timeout(Some(io_deadline))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Unreachable(e.to_string()))?;
@@ -442,23 +451,29 @@ impl PgStore {
     }
 
     /// Extend `node`'s leases and record its heads' addresses; returns how many leases it still held.
+    /// Runs under the same lock as leasing, so a renewal never races a takeover: whichever
+    /// commits first wins, and the other sees it (fewer rows renewed, or a lease not yet expired).
     pub async fn renew_leases(
         &self,
         node: &str,
         expires_at: i64,
         heads: &[(u32, String)],
     ) -> Result<u64, StoreError> {
-        let client = self.conn().await?;
+        let mut client = self.conn().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await?;
         let idx: Vec<i32> = heads.iter().map(|(i, _)| *i as i32).collect();
         let addrs: Vec<&str> = heads.iter().map(|(_, a)| a.as_str()).collect();
-        Ok(client
+        let n = tx
             .execute(
                 "UPDATE head_leases l SET expires_at = $1, addrs = u.addrs \
                  FROM unnest($2::int4[], $3::text[]) AS u(idx, addrs) \
                  WHERE l.idx = u.idx AND l.node_name = $4",
                 &[&to_time(expires_at), &idx, &addrs, &node],
             )
-            .await?)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Every identity of the fleet with its lease.

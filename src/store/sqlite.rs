@@ -143,8 +143,8 @@ impl SqliteStore {
                     .push_bind(r.addrs_expire_at);
             });
             qb.push(
-                " ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, \
-                 expires_at = max(peer_addrs.expires_at, excluded.expires_at)",
+                " ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
+                 WHERE peer_addrs.expires_at <= excluded.expires_at",
             );
             qb.build().execute(&mut *tx).await?;
         }
