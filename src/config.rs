@@ -473,9 +473,14 @@ impl ConfigFile {
             ("providers.count_interval", p.count_interval),
             ("postgres.connect_timeout", self.postgres.connect_timeout),
             ("postgres.statement_timeout", self.postgres.statement_timeout),
-            ("identity.lease_ttl", self.identity.lease_ttl),
         ] {
             nonzero_duration(field, d)?;
+        }
+        if self.identity.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "identity.lease_ttl",
+                "must be at least 1s (leases are renewed every third of it)",
+            ));
         }
         let node_name = if self.node_name.is_empty() { host_name() } else { self.node_name.clone() };
         if node_name.len() > 255 || node_name.chars().any(char::is_whitespace) {
@@ -524,15 +529,40 @@ fn nonzero_duration(field: &'static str, d: Duration) -> Result<(), ConfigError>
     Ok(())
 }
 
-/// Replace the password of a `scheme://user:password@host/…` URL with `***`.
+/// The database URL with every password masked: `user:password@` and `password=` parameters.
+/// Anything that is not a `scheme://` URL is not echoed at all.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else { return url.to_owned() };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!("{}://{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
-        None => url.to_owned(),
+    let Some(scheme_end) = url.find("://") else { return "<redacted: not a URL>".into() };
+    let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
+    let (authority_and_path, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    // The userinfo ends at the *last* '@' before the path (a password may contain '@').
+    let path_start = authority_and_path.find('/').unwrap_or(authority_and_path.len());
+    let authority = &authority_and_path[..path_start];
+    let path = &authority_and_path[path_start..];
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            format!("{masked}{}", &authority[at..])
+        }
+        None => authority.to_string(),
+    };
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    match query {
+        Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+        None => format!("{scheme}://{authority}{path}"),
     }
 }
 
@@ -581,6 +611,12 @@ mod tests {
     fn urls_are_redacted() {
         assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=off&password=s3cret"),
+            "postgres://u@h/db?sslmode=off&password=***"
+        );
+        assert!(!redact_url("host=h password=s3cret").contains("s3cret"));
         let f = ConfigFile { database_url: "postgres://u:topsecret@h/db".into(), ..Default::default() };
         assert!(!f.to_redacted_toml().contains("topsecret"));
     }

@@ -47,17 +47,20 @@ struct HeadsQuery {
     fleet: bool,
 }
 
-/// Bind the listener (so the caller learns the real port) and return the server future.
-pub async fn bind(
-    addr: SocketAddr,
+/// Bind the HTTP listener. Done first at start-up, so a taken port fails before anything runs.
+pub async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))
+}
+
+/// The server on `listener`; returns its address and the future that serves until `cancel`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     heads: Arc<Vec<Arc<HeadShared>>>,
     store: Store,
     registry: Registry,
     on_scrape: ScrapeHook,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

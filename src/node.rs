@@ -41,6 +41,7 @@ pub struct Node {
 impl Node {
     /// Start everything described by `cfg`. Returns once every head listens and HTTP is bound.
     pub async fn start(cfg: Config) -> anyhow::Result<Node> {
+        let http_listener = crate::http::listen(cfg.http_listen).await?;
         let registry = Registry::new();
         let metrics = Metrics::new(&registry, cfg.heads);
         let store = Store::open(&cfg.store, &cfg.postgres, metrics.datastore.clone())
@@ -139,15 +140,14 @@ impl Node {
                 kad.unique_peers.set(kad.unique.estimate());
             })
         };
-        let (http_addr, http) = crate::http::bind(
-            cfg.http_listen,
+        let (http_addr, http) = crate::http::serve(
+            http_listener,
             heads.clone(),
             store.clone(),
             registry.clone(),
             on_scrape,
             cancel.clone(),
-        )
-        .await?;
+        )?;
         tasks.spawn(http);
         tracing::info!(heads = heads.len(), http = %http_addr, "node started");
         Ok(Node { heads, http_addr, providers, intake, registry, cancel, tasks })
@@ -218,10 +218,14 @@ impl Heartbeat {
     }
 
     async fn run(self, cancel: CancellationToken) {
+        // A fixed cadence, not "sleep after each renewal": slow renewals must not stretch it.
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; `start` renewed just now
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.ttl / 3) => self.beat().await,
+                _ = tick.tick() => self.beat().await,
             }
         }
     }
