@@ -35,8 +35,8 @@ pub struct HeadShared {
     /// Index in the fleet's balanced identity sequence.
     pub identity: u32,
     pub peer_id: PeerId,
-    /// Current listen addresses (without `/p2p`).
-    pub listen_addrs: ArcSwap<Vec<Multiaddr>>,
+    /// Current listen addresses (without `/p2p`); shared with the sibling list.
+    pub listen_addrs: Arc<ArcSwap<Vec<Multiaddr>>>,
     /// Latest routing-table snapshot.
     pub routing: Arc<ArcSwap<RoutingSnapshot>>,
 }
@@ -147,7 +147,7 @@ pub async fn bind(
         index,
         identity,
         peer_id,
-        listen_addrs: ArcSwap::from_pointee(addrs),
+        listen_addrs: Arc::new(ArcSwap::from_pointee(addrs)),
         routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
     });
     Ok(StartingHead { shared, siblings: Arc::default(), swarm, filter: cfg.address_filter, metrics })

@@ -105,7 +105,8 @@ impl Node {
         // Every head answers with its siblings (DHT servers spread over the keyspace) from one
         // shared list; they stay out of kad's routing tables, so heads never dial each other.
         let siblings = crate::routing::Siblings::new(
-            starting.iter().map(|h| (h.shared.peer_id, (**h.shared.listen_addrs.load()).clone())),
+            starting.iter().map(|h| (h.shared.peer_id, h.shared.listen_addrs.clone())),
+            cfg.address_filter,
         );
         for h in &mut starting {
             h.set_siblings(siblings.clone());

@@ -11,9 +11,12 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use libp2p::kad::KBucketKey;
 use libp2p::{Multiaddr, PeerId};
 
+use crate::config::AddressFilter;
+use crate::head::admit;
 use crate::types::PeerRecord;
 
 /// Kademlia replication parameter: closer-peer replies carry at most this many peers.
@@ -26,19 +29,62 @@ struct Entry {
     addrs: Vec<Multiaddr>,
 }
 
-/// The heads of this process, shared by every head's snapshot.
-#[derive(Debug, Default)]
+/// A sibling head: its key and its live listen addresses (the head's own ArcSwap).
+#[derive(Debug)]
+struct Sibling {
+    key: KBucketKey<PeerId>,
+    addrs: Arc<ArcSwap<Vec<Multiaddr>>>,
+}
+
+/// The heads of this process, shared by every head's snapshot. Their addresses are read live,
+/// at answer time, and filtered like any peer's (e.g. no loopback addresses on the public DHT).
+#[derive(Debug)]
 pub struct Siblings {
-    entries: Vec<Entry>,
+    entries: Vec<Sibling>,
     ids: std::collections::HashSet<PeerId>,
+    filter: AddressFilter,
+}
+
+impl Default for Siblings {
+    fn default() -> Self {
+        Self { entries: Vec::new(), ids: Default::default(), filter: AddressFilter::Any }
+    }
 }
 
 impl Siblings {
-    pub fn new(heads: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>) -> Arc<Self> {
-        let entries: Vec<Entry> =
-            heads.into_iter().map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs }).collect();
+    pub fn new(
+        heads: impl IntoIterator<Item = (PeerId, Arc<ArcSwap<Vec<Multiaddr>>>)>,
+        filter: AddressFilter,
+    ) -> Arc<Self> {
+        let entries: Vec<Sibling> =
+            heads.into_iter().map(|(p, addrs)| Sibling { key: KBucketKey::from(p), addrs }).collect();
         let ids = entries.iter().map(|e| *e.key.preimage()).collect();
-        Arc::new(Self { entries, ids })
+        Arc::new(Self { entries, ids, filter })
+    }
+}
+
+/// A closer-peer candidate: from the routing table, or a sibling head.
+enum Candidate<'a> {
+    Table(&'a Entry),
+    Sibling(&'a Sibling, AddressFilter),
+}
+
+impl Candidate<'_> {
+    fn key(&self) -> &KBucketKey<PeerId> {
+        match self {
+            Candidate::Table(e) => &e.key,
+            Candidate::Sibling(s, _) => &s.key,
+        }
+    }
+
+    fn record(&self) -> PeerRecord {
+        match self {
+            Candidate::Table(e) => PeerRecord { peer: *e.key.preimage(), addrs: e.addrs.clone() },
+            Candidate::Sibling(s, filter) => PeerRecord {
+                peer: *s.key.preimage(),
+                addrs: s.addrs.load().iter().filter(|a| admit(*filter, a)).cloned().collect(),
+            },
+        }
     }
 }
 
@@ -74,12 +120,14 @@ impl RoutingSnapshot {
     /// excluding `exclude` (the requester and the head itself). O(n) selection, then a sort of k.
     pub fn closest(&self, target: &[u8], k: usize, exclude: &[PeerId]) -> Vec<PeerRecord> {
         let target = KBucketKey::new(target.to_vec());
-        let mut cands: Vec<(libp2p::kad::KBucketDistance, &Entry)> = self
+        let filter = self.siblings.filter;
+        let mut cands: Vec<(libp2p::kad::KBucketDistance, Candidate<'_>)> = self
             .entries
             .iter()
-            .chain(self.siblings.entries.iter())
-            .filter(|e| !exclude.contains(e.key.preimage()))
-            .map(|e| (e.key.distance(&target), e))
+            .map(Candidate::Table)
+            .chain(self.siblings.entries.iter().map(|s| Candidate::Sibling(s, filter)))
+            .filter(|c| !exclude.contains(c.key().preimage()))
+            .map(|c| (c.key().distance(&target), c))
             .collect();
         if cands.len() > k && k > 0 {
             cands.select_nth_unstable_by(k - 1, |a, b| a.0.cmp(&b.0));
@@ -87,10 +135,7 @@ impl RoutingSnapshot {
         }
         cands.sort_by_key(|c| c.0);
         cands.truncate(k);
-        cands
-            .into_iter()
-            .map(|(_, e)| PeerRecord { peer: *e.key.preimage(), addrs: e.addrs.clone() })
-            .collect()
+        cands.into_iter().map(|(_, c)| c.record()).filter(|r| !r.addrs.is_empty()).collect()
     }
 }
 
@@ -103,7 +148,10 @@ mod tests {
         let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
         let peers: Vec<PeerId> = (0..200).map(|_| PeerId::random()).collect();
         // Half in the routing table, half siblings: both are candidates.
-        let siblings = Siblings::new(peers[100..].iter().map(|p| (*p, vec![addr.clone()])));
+        let siblings = Siblings::new(
+            peers[100..].iter().map(|p| (*p, Arc::new(ArcSwap::from_pointee(vec![addr.clone()])))),
+            AddressFilter::Any,
+        );
         let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])), siblings);
         let target = b"some key".to_vec();
         let excluded = peers[0];
@@ -116,5 +164,21 @@ mod tests {
         assert_eq!(got, all[..K_VALUE].to_vec());
         assert!(snap.closest(&target, 5, &[]).len() == 5);
         assert!(RoutingSnapshot::default().closest(&target, 5, &[]).is_empty());
+    }
+
+    #[test]
+    fn siblings_are_answered_with_their_live_filtered_addresses() {
+        let live =
+            Arc::new(ArcSwap::from_pointee(vec!["/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().unwrap()]));
+        let peer = PeerId::random();
+        let siblings = Siblings::new([(peer, live.clone())], AddressFilter::Public);
+        let snap = RoutingSnapshot::new(std::iter::empty(), siblings);
+        assert!(snap.closest(b"k", 20, &[]).is_empty(), "only a loopback address: not advertised");
+        live.store(Arc::new(vec![
+            "/ip4/127.0.0.1/tcp/1".parse().unwrap(),
+            "/ip4/8.8.8.8/tcp/4001".parse().unwrap(),
+        ]));
+        let got = snap.closest(b"k", 20, &[]);
+        assert_eq!(got, vec![PeerRecord { peer, addrs: vec!["/ip4/8.8.8.8/tcp/4001".parse().unwrap()] }]);
     }
 }
