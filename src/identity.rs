@@ -185,6 +185,8 @@ pub struct LeaseRow {
     pub slot: u32,
     /// Unix milliseconds.
     pub expires_at: i64,
+    /// The run that holds it; None once released by a graceful shutdown.
+    pub token: Option<String>,
 }
 
 /// What a process asking for `n` heads gets, decided under the fleet lock.
@@ -196,15 +198,23 @@ pub struct Plan {
     pub released: Vec<u32>,
     /// Slots that need new identities, in order.
     pub new_slots: Vec<u32>,
+    /// Live leases of this node name held by another run (another live process with the same
+    /// name, or a crashed run of this one whose leases have not expired yet).
+    pub conflicts: usize,
 }
 
 /// Decide the leases of `node` asking for `n` heads at time `now`: its own previous identities
 /// keep their slots; then the lowest free identities (never leased, released, or expired) fill
 /// the remaining slots; the rest need new identities.
-pub fn plan(node: &str, n: u32, now: i64, identities: &[u32], leases: &[LeaseRow]) -> Plan {
+pub fn plan(node: &str, token: &str, n: u32, now: i64, identities: &[u32], leases: &[LeaseRow]) -> Plan {
     let mut p = Plan::default();
     let mut filled = HashSet::new();
-    let mut mine: Vec<&LeaseRow> = leases.iter().filter(|l| l.node == node).collect();
+    // Same name and (my run, released, or expired): mine. Same name, another run, live: not mine.
+    let is_mine = |l: &LeaseRow| {
+        l.node == node && (l.token.as_deref().is_none_or(|t| t == token) || l.expires_at <= now)
+    };
+    p.conflicts = leases.iter().filter(|l| l.node == node && !is_mine(l)).count();
+    let mut mine: Vec<&LeaseRow> = leases.iter().filter(|l| is_mine(l)).collect();
     mine.sort_by_key(|l| (l.slot, l.index));
     for l in &mine {
         if l.slot < n && filled.insert(l.slot) {
@@ -212,7 +222,7 @@ pub fn plan(node: &str, n: u32, now: i64, identities: &[u32], leases: &[LeaseRow
         }
     }
     let held: HashSet<u32> =
-        leases.iter().filter(|l| l.node != node && l.expires_at > now).map(|l| l.index).collect();
+        leases.iter().filter(|l| !is_mine(l) && l.expires_at > now).map(|l| l.index).collect();
     let taken: HashSet<u32> = p.assigned.iter().map(|(_, i)| *i).collect();
     let mut free: Vec<u32> =
         identities.iter().copied().filter(|i| !held.contains(i) && !taken.contains(i)).collect();
@@ -318,7 +328,13 @@ mod tests {
 
     #[test]
     fn plan_reclaims_then_reuses_then_extends() {
-        let l = |index, node: &str, slot, expires_at| LeaseRow { index, node: node.into(), slot, expires_at };
+        let l = |index, node: &str, slot, expires_at| LeaseRow {
+            index,
+            node: node.into(),
+            slot,
+            expires_at,
+            token: Some(format!("{node}-run")),
+        };
         let now = 1000;
         let ids: Vec<u32> = (0..6).collect();
         let leases = vec![
@@ -330,16 +346,35 @@ mod tests {
         ];
         // a keeps slots 0 and 1 (even the expired lease: it is a's own), fills slots 2 and 3 with
         // the lowest free identities: c's expired 3, and its own 4 moved down from slot 5.
-        let p = plan("a", 4, now, &ids, &leases);
+        let p = plan("a", "a-run", 4, now, &ids, &leases);
         assert_eq!(p.assigned, vec![(0, 0), (1, 1), (2, 3), (3, 4)]);
         assert!(p.released.is_empty() && p.new_slots.is_empty());
         // Fewer heads: the extra identity is released.
-        let p = plan("a", 2, now, &ids, &leases);
+        let p = plan("a", "a-run", 2, now, &ids, &leases);
         assert_eq!((p.assigned, p.released), (vec![(0, 0), (1, 1)], vec![4]));
         // A new node gets expired or free identities (a's expired 1, c's 3, never-leased 5),
         // never live ones (0, 2, 4), then new ones.
-        let p = plan("d", 5, now, &ids, &leases);
+        let p = plan("d", "d-run", 5, now, &ids, &leases);
         assert_eq!(p.assigned, vec![(0, 1), (1, 3), (2, 5)]);
         assert_eq!(p.new_slots, vec![3, 4]);
+        assert_eq!(p.conflicts, 0);
+        // Another live run named "a" (say, a second process on the same host): a's live leases
+        // are not its own, and it is told so.
+        let p = plan("a", "other-run", 2, now, &ids, &leases);
+        assert_eq!(p.conflicts, 2, "leases 0 and 4 are live and held by a-run");
+        assert!(!p.assigned.iter().any(|(_, i)| [0, 4, 2].contains(i)), "{p:?}");
+        // After a graceful shutdown (token released), the same name reclaims at once.
+        let released: Vec<LeaseRow> = leases
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                if r.node == "a" {
+                    r.token = None
+                }
+                r
+            })
+            .collect();
+        let p = plan("a", "new-run", 2, now, &ids, &released);
+        assert_eq!((p.assigned, p.conflicts), (vec![(0, 0), (1, 1)], 0));
     }
 }

@@ -32,6 +32,10 @@ pub struct Node {
     heads: Arc<Vec<Arc<HeadShared>>>,
     http_addr: SocketAddr,
     providers: ProviderManager,
+    store: Store,
+    node_name: String,
+    /// This run's lease token.
+    token: String,
     intake: Intake,
     registry: Registry,
     cancel: CancellationToken,
@@ -66,7 +70,8 @@ impl Node {
         );
         // Progress lines every 10 % when starting 100 heads or more.
         let n = cfg.heads;
-        let leased = match store.acquire_heads(&cfg.node_name, n as u32, cfg.lease_ttl, seed.clone()).await {
+        let token = format!("{:016x}", rand::random::<u64>());
+        let leased = match lease_heads(&store, &cfg, &token, seed.clone()).await {
             Ok(l) => l,
             Err(e) => {
                 providers.shutdown().await;
@@ -128,6 +133,7 @@ impl Node {
         let heartbeat = Heartbeat {
             store: store.clone(),
             node: cfg.node_name.clone(),
+            token: token.clone(),
             ttl: cfg.lease_ttl,
             heads: heads.clone(),
         };
@@ -151,7 +157,18 @@ impl Node {
         )?;
         tasks.spawn(http);
         tracing::info!(heads = heads.len(), http = %http_addr, "node started");
-        Ok(Node { heads, http_addr, providers, intake, registry, cancel, tasks })
+        Ok(Node {
+            heads,
+            http_addr,
+            providers,
+            store,
+            node_name: cfg.node_name.clone(),
+            token,
+            intake,
+            registry,
+            cancel,
+            tasks,
+        })
     }
 
     pub fn heads(&self) -> &[Arc<HeadShared>] {
@@ -182,9 +199,42 @@ impl Node {
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
             tracing::warn!("tasks still running after {SHUTDOWN_GRACE:?}; flushing anyway");
         }
+        // Leases stay with the node name (the next run reclaims them at once) but leave this run.
+        if let Err(e) = self.store.release_leases(&self.node_name, &self.token).await {
+            tracing::warn!(error = %e, "releasing head leases failed; they expire on their own");
+        }
         let buffered = self.providers.buffered();
         self.providers.shutdown().await;
         tracing::info!(flushed = buffered, "node stopped");
+    }
+}
+
+/// Lease the configured heads. Live leases of this node name held by another run are either a
+/// crashed previous run's (they expire within `lease_ttl`) or another live process with the same
+/// name: wait up to one lease lifetime, then give up with the conflict error.
+async fn lease_heads(
+    store: &Store,
+    cfg: &Config,
+    token: &str,
+    seed: Arc<crate::identity::Seed>,
+) -> Result<Vec<crate::store::LeasedHead>, crate::store::StoreError> {
+    let deadline = tokio::time::Instant::now() + cfg.lease_ttl + Duration::from_secs(1);
+    loop {
+        match store.acquire_heads(&cfg.node_name, token, cfg.heads as u32, cfg.lease_ttl, seed.clone()).await
+        {
+            Err(crate::store::StoreError::LeaseConflict { leases, .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(
+                    node = %cfg.node_name,
+                    leases,
+                    "head leases of this node name are still live (a crashed previous run, or another \
+                     process with the same name); waiting for them to expire"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            res => return res,
+        }
     }
 }
 
@@ -192,6 +242,8 @@ impl Node {
 struct Heartbeat {
     store: Store,
     node: String,
+    /// This run's lease token.
+    token: String,
     ttl: Duration,
     heads: Arc<Vec<Arc<HeadShared>>>,
 }
@@ -206,7 +258,7 @@ impl Heartbeat {
                 (h.identity, addrs.join(" "))
             })
             .collect();
-        match self.store.renew_leases(&self.node, self.ttl, &rows).await {
+        match self.store.renew_leases(&self.node, &self.token, self.ttl, &rows).await {
             Ok(held) if held as usize == rows.len() => {}
             Ok(held) => tracing::error!(
                 held,

@@ -66,6 +66,11 @@ pub enum StoreError {
     Unreachable(String),
     #[error("head identities: {0}")]
     Identity(String),
+    #[error(
+        "{leases} head leases of node_name {node:?} are held by another live process; \
+         give every process its own --node-name"
+    )]
+    LeaseConflict { node: String, leases: usize },
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
 }
@@ -179,11 +184,18 @@ impl Store {
     pub async fn acquire_heads(
         &self,
         node: &str,
+        token: &str,
         n: u32,
         ttl: std::time::Duration,
         seed: Arc<crate::identity::Seed>,
     ) -> Result<Vec<LeasedHead>, StoreError> {
-        call!(self, DbOp::Leases, |s| s.acquire_heads(node, n, ttl, seed))
+        call!(self, DbOp::Leases, |s| s.acquire_heads(node, token, n, ttl, seed))
+    }
+
+    /// Give up this run's leases on a graceful shutdown: they stay with the node name (its next
+    /// run reclaims them at once) but no longer belong to this run.
+    pub async fn release_leases(&self, node: &str, token: &str) -> Result<u64, StoreError> {
+        call!(self, DbOp::Leases, |s| s.release_leases(node, token))
     }
 
     /// Extend `node`'s leases to `ttl` from now and record its heads' addresses
@@ -191,11 +203,12 @@ impl Store {
     pub async fn renew_leases(
         &self,
         node: &str,
+        token: &str,
         ttl: std::time::Duration,
         heads: &[(u32, String)],
     ) -> Result<u64, StoreError> {
         let expires = ms_after(now_ms(), ttl);
-        call!(self, DbOp::Leases, |s| s.renew_leases(node, expires, heads))
+        call!(self, DbOp::Leases, |s| s.renew_leases(node, token, expires, heads))
     }
 
     /// Every identity of the fleet with its lease.

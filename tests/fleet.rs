@@ -190,3 +190,29 @@ async fn a_js_peer_provides_through_one_process_and_finds_through_another() {
     assert_eq!(r["viaHydra"], 50, "every record came from a head of process B: {r}");
     assert!(a.stop() && b.stop());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_the_same_node_name_is_refused() {
+    let fleet = Fleet::new().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = fleet.launch("same", "127.0.0.2", 3, 0, da.path()).started();
+    let before = local_heads(&a);
+    // Same node name, e.g. two processes on one host both defaulting to the host name.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"))
+        .args(["run", "--config", &fleet.config, "--listen-ip", "127.0.0.3", "--http-listen", "127.0.0.3:0"])
+        .args(["--heads", "3"])
+        .env("HYDRA_NODE_NAME", "same")
+        .env("HYDRA_DATABASE_URL", &fleet.url)
+        .env("HYDRA_IDENTITY_SEED_FILE", &fleet.seed)
+        .env("HYDRA_DATA_DIR", db.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("give every process its own --node-name"), "{stderr}");
+    // It waited for the leases to expire first (the running process kept renewing them).
+    assert!(String::from_utf8_lossy(&out.stdout).contains("waiting for them to expire"));
+    assert_eq!(local_heads(&a), before);
+    assert!(fleet_heads(&a).iter().all(|h| h.lease_active && h.node.as_deref() == Some("same")));
+    assert!(a.stop());
+}

@@ -47,6 +47,8 @@ struct JsResult {
     found: u32,
     via_hydra: u32,
     max_hops: u32,
+    /// Lookups that missed once and were retried.
+    retried: u32,
 }
 
 async fn run_js(heads_json: &str, mode: &str, count: u32) -> JsResult {

@@ -53,7 +53,14 @@ pub(crate) trait LeaseTx {
         peer: &str,
     ) -> Result<(), StoreError>;
     async fn release(&mut self, node: &str, index: u32) -> Result<(), StoreError>;
-    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError>;
+    async fn lease(
+        &mut self,
+        index: u32,
+        node: &str,
+        token: &str,
+        slot: u32,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
     async fn commit(self) -> Result<(), StoreError>;
 }
 
@@ -66,6 +73,7 @@ fn fingerprint(seed: &Seed) -> Vec<u8> {
 pub(crate) async fn acquire<T: LeaseTx>(
     mut tx: T,
     node: &str,
+    token: &str,
     n: u32,
     ttl: Duration,
     seed: Arc<Seed>,
@@ -86,7 +94,10 @@ pub(crate) async fn acquire<T: LeaseTx>(
     let leases = tx.leases().await?;
     let now = now_ms();
     let indices: Vec<u32> = ids.iter().map(|(i, _, _)| *i).collect();
-    let plan = identity::plan(node, n, now, &indices, &leases);
+    let plan = identity::plan(node, token, n, now, &indices, &leases);
+    if plan.conflicts > 0 {
+        return Err(StoreError::LeaseConflict { node: node.to_owned(), leases: plan.conflicts });
+    }
     let choices: HashMap<u32, u8> = ids.iter().map(|(i, c, _)| (*i, *c)).collect();
     let mut out: Vec<LeasedHead> = plan
         .assigned
@@ -123,7 +134,7 @@ pub(crate) async fn acquire<T: LeaseTx>(
     }
     let expires = ms_after(now, ttl);
     for h in &out {
-        tx.lease(h.index, node, h.slot, expires).await?;
+        tx.lease(h.index, node, token, h.slot, expires).await?;
     }
     tx.commit().await?;
     out.sort_by_key(|h| h.slot);

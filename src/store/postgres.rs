@@ -33,6 +33,7 @@ use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRec
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
     (2, "head identities", include_str!("../../migrations/postgres/0002_head_identities.sql")),
+    (3, "lease tokens", include_str!("../../migrations/postgres/0003_lease_tokens.sql")),
 ];
 
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
@@ -378,7 +379,8 @@ impl LeaseTx for PgLeaseTx<'_> {
         let rows = self
             .0
             .query(
-                "SELECT idx, node_name, slot, (extract(epoch FROM expires_at) * 1000)::int8 FROM head_leases",
+                "SELECT idx, node_name, slot, (extract(epoch FROM expires_at) * 1000)::int8, token \
+                 FROM head_leases",
                 &[],
             )
             .await?;
@@ -389,6 +391,7 @@ impl LeaseTx for PgLeaseTx<'_> {
                     node: r.try_get(1)?,
                     slot: r.try_get::<_, i32>(2)? as u32,
                     expires_at: r.try_get(3)?,
+                    token: r.try_get(4)?,
                 })
             })
             .collect()
@@ -417,13 +420,20 @@ impl LeaseTx for PgLeaseTx<'_> {
         Ok(())
     }
 
-    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError> {
+    async fn lease(
+        &mut self,
+        index: u32,
+        node: &str,
+        token: &str,
+        slot: u32,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
         self.0
             .execute(
-                "INSERT INTO head_leases (idx, node_name, slot, expires_at) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO head_leases (idx, node_name, slot, expires_at, token) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (idx) DO UPDATE SET node_name = excluded.node_name, slot = excluded.slot, \
-                 expires_at = excluded.expires_at",
-                &[&(index as i32), &node, &(slot as i32), &to_time(expires_at)],
+                 expires_at = excluded.expires_at, token = excluded.token",
+                &[&(index as i32), &node, &(slot as i32), &to_time(expires_at), &token],
             )
             .await?;
         Ok(())
@@ -440,6 +450,7 @@ impl PgStore {
     pub async fn acquire_heads(
         &self,
         node: &str,
+        token: &str,
         n: u32,
         ttl: Duration,
         seed: Arc<Seed>,
@@ -447,7 +458,18 @@ impl PgStore {
         let mut client = self.conn().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await?;
-        leases::acquire(PgLeaseTx(tx), node, n, ttl, seed).await
+        leases::acquire(PgLeaseTx(tx), node, token, n, ttl, seed).await
+    }
+
+    /// Clear this run's token from its leases (graceful shutdown).
+    pub async fn release_leases(&self, node: &str, token: &str) -> Result<u64, StoreError> {
+        let client = self.conn().await?;
+        Ok(client
+            .execute(
+                "UPDATE head_leases SET token = NULL WHERE node_name = $1 AND token = $2",
+                &[&node, &token],
+            )
+            .await?)
     }
 
     /// Extend `node`'s leases and record its heads' addresses; returns how many leases it still held.
@@ -456,6 +478,7 @@ impl PgStore {
     pub async fn renew_leases(
         &self,
         node: &str,
+        token: &str,
         expires_at: i64,
         heads: &[(u32, String)],
     ) -> Result<u64, StoreError> {
@@ -468,8 +491,8 @@ impl PgStore {
             .execute(
                 "UPDATE head_leases l SET expires_at = $1, addrs = u.addrs \
                  FROM unnest($2::int4[], $3::text[]) AS u(idx, addrs) \
-                 WHERE l.idx = u.idx AND l.node_name = $4",
-                &[&to_time(expires_at), &idx, &addrs, &node],
+                 WHERE l.idx = u.idx AND l.node_name = $4 AND l.token = $5",
+                &[&to_time(expires_at), &idx, &addrs, &node, &token],
             )
             .await?;
         tx.commit().await?;

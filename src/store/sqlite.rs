@@ -26,6 +26,7 @@ use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRec
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "head identities", include_str!("../../migrations/sqlite/0002_head_identities.sql")),
+    (3, "lease tokens", include_str!("../../migrations/sqlite/0003_lease_tokens.sql")),
 ];
 
 /// Rows per INSERT statement: 3 bound parameters each stays far below SQLite's 32,766 limit.
@@ -321,7 +322,7 @@ impl LeaseTx for SqliteLeaseTx<'_> {
     }
 
     async fn leases(&mut self) -> Result<Vec<LeaseRow>, StoreError> {
-        let rows = sqlx::query("SELECT idx, node_name, slot, expires_at FROM head_leases")
+        let rows = sqlx::query("SELECT idx, node_name, slot, expires_at, token FROM head_leases")
             .fetch_all(&mut *self.0)
             .await?;
         rows.iter()
@@ -331,6 +332,7 @@ impl LeaseTx for SqliteLeaseTx<'_> {
                     node: r.try_get("node_name")?,
                     slot: r.try_get::<i64, _>("slot")? as u32,
                     expires_at: r.try_get("expires_at")?,
+                    token: r.try_get("token")?,
                 })
             })
             .collect()
@@ -362,16 +364,24 @@ impl LeaseTx for SqliteLeaseTx<'_> {
         Ok(())
     }
 
-    async fn lease(&mut self, index: u32, node: &str, slot: u32, expires_at: i64) -> Result<(), StoreError> {
+    async fn lease(
+        &mut self,
+        index: u32,
+        node: &str,
+        token: &str,
+        slot: u32,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO head_leases (idx, node_name, slot, expires_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO head_leases (idx, node_name, slot, expires_at, token) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (idx) DO UPDATE SET node_name = excluded.node_name, slot = excluded.slot, \
-             expires_at = excluded.expires_at",
+             expires_at = excluded.expires_at, token = excluded.token",
         )
         .bind(i64::from(index))
         .bind(node)
         .bind(i64::from(slot))
         .bind(expires_at)
+        .bind(token)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -388,17 +398,29 @@ impl SqliteStore {
     pub async fn acquire_heads(
         &self,
         node: &str,
+        token: &str,
         n: u32,
         ttl: std::time::Duration,
         seed: std::sync::Arc<crate::identity::Seed>,
     ) -> Result<Vec<LeasedHead>, StoreError> {
         let tx = self.writer.begin().await?;
-        leases::acquire(SqliteLeaseTx(tx), node, n, ttl, seed).await
+        leases::acquire(SqliteLeaseTx(tx), node, token, n, ttl, seed).await
+    }
+
+    /// Clear this run's token from its leases (graceful shutdown).
+    pub async fn release_leases(&self, node: &str, token: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query("UPDATE head_leases SET token = NULL WHERE node_name = ? AND token = ?")
+            .bind(node)
+            .bind(token)
+            .execute(&self.writer)
+            .await?
+            .rows_affected())
     }
 
     pub async fn renew_leases(
         &self,
         node: &str,
+        token: &str,
         expires_at: i64,
         heads: &[(u32, String)],
     ) -> Result<u64, StoreError> {
@@ -406,12 +428,13 @@ impl SqliteStore {
         let mut n = 0;
         for (idx, addrs) in heads {
             n += sqlx::query(
-                "UPDATE head_leases SET expires_at = ?, addrs = ? WHERE idx = ? AND node_name = ?",
+                "UPDATE head_leases SET expires_at = ?, addrs = ? WHERE idx = ? AND node_name = ? AND token = ?",
             )
             .bind(expires_at)
             .bind(addrs)
             .bind(i64::from(*idx))
             .bind(node)
+            .bind(token)
             .execute(&mut *tx)
             .await?
             .rows_affected();
