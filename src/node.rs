@@ -21,7 +21,7 @@ use crate::head::{self, HeadShared};
 use crate::kad_server::Intake;
 use crate::metrics::Metrics;
 use crate::providers::ProviderManager;
-use crate::server::{self, HeadView, Service};
+use crate::server::{self, Service};
 use crate::store::Store;
 
 /// How long shutdown waits for stream and head tasks before flushing anyway.
@@ -121,9 +121,8 @@ impl Node {
         }
         let heads: Arc<Vec<Arc<HeadShared>>> = Arc::new(starting.iter().map(|h| h.shared.clone()).collect());
 
-        let views =
-            heads.iter().map(|h| HeadView { peer_id: h.peer_id, routing: h.routing.clone() }).collect();
-        let svc = Arc::new(Service::new(views, providers.clone(), metrics.kad.clone(), cfg.limits.clone()));
+        let svc =
+            Arc::new(Service::new(heads.clone(), providers.clone(), metrics.kad.clone(), cfg.limits.clone()));
         tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();
         for h in starting {

@@ -166,6 +166,7 @@ mod tests {
         assert!(RoutingSnapshot::default().closest(&target, 5, &[]).is_empty());
     }
 
+    // The addresses are only classified by the filter, never dialled.
     #[test]
     fn siblings_are_answered_with_their_live_filtered_addresses() {
         let live =

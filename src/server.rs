@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use rand::seq::SliceRandom;
@@ -21,24 +20,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::LimitsSection;
+use crate::head::HeadShared;
 use crate::kad_server::InboundStream;
 use crate::metrics::{KadMetrics, Outcome, StreamEvent};
 use crate::providers::ProviderManager;
-use crate::routing::{RoutingSnapshot, K_VALUE};
+use crate::routing::K_VALUE;
 use crate::wire::{self, FrameError, Request, Response, MAX_MESSAGE_SIZE};
 
 /// Messages up to this size are read without touching the large-message budget.
 const SMALL_MESSAGE: usize = 64 * 1024;
 
-/// What a stream task needs to know about a head.
-pub struct HeadView {
-    pub peer_id: PeerId,
-    pub routing: Arc<ArcSwap<RoutingSnapshot>>,
-}
-
 /// Everything the stream tasks share.
 pub struct Service {
-    pub heads: Vec<HeadView>,
+    /// The process's heads, by slot: identity and routing snapshot.
+    pub heads: Arc<Vec<Arc<HeadShared>>>,
     pub providers: ProviderManager,
     pub metrics: KadMetrics,
     pub limits: LimitsSection,
@@ -48,7 +43,7 @@ pub struct Service {
 
 impl Service {
     pub fn new(
-        heads: Vec<HeadView>,
+        heads: Arc<Vec<Arc<HeadShared>>>,
         providers: ProviderManager,
         metrics: KadMetrics,
         limits: LimitsSection,
