@@ -11,13 +11,10 @@
 //! go and js peers recognise a DHT server. Accepted streams leave the connection's stream budget
 //! at once, so a burst of requests on one connection is limited only by the queue.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use libp2p::core::upgrade::{DeniedUpgrade, ReadyUpgrade};
@@ -31,6 +28,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
 use crate::metrics::{KadMetrics, StreamEvent};
+use crate::sharded::Sharded;
 
 /// The Amino DHT protocol.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/kad/1.0.0");
@@ -51,8 +49,7 @@ const PEER_SHARDS: usize = 16;
 /// Concurrent inbound streams per remote peer, over all heads. An entry exists only while its
 /// count is positive, so the map is bounded by the streams queued and running.
 pub struct PeerStreams {
-    shards: Vec<Mutex<HashMap<PeerId, u32>>>,
-    hasher: RandomState,
+    counts: Sharded<HashMap<PeerId, u32>>,
     limit: u32,
 }
 
@@ -64,22 +61,12 @@ pub struct PeerSlot {
 
 impl PeerStreams {
     pub fn new(limit: u32) -> Arc<Self> {
-        Arc::new(Self {
-            shards: (0..PEER_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-            limit,
-        })
-    }
-
-    fn shard(&self, peer: &PeerId) -> std::sync::MutexGuard<'_, HashMap<PeerId, u32>> {
-        let idx = (self.hasher.hash_one(peer) as usize) % PEER_SHARDS;
-        // Tiny critical section, no await; a poisoned map of counters is still a valid map.
-        self.shards[idx].lock().unwrap_or_else(|e| e.into_inner())
+        Arc::new(Self { counts: Sharded::new(PEER_SHARDS, HashMap::new), limit })
     }
 
     /// A slot for `peer`, unless it already holds `limit` streams.
     pub fn try_acquire(self: &Arc<Self>, peer: PeerId) -> Option<PeerSlot> {
-        let mut shard = self.shard(&peer);
+        let mut shard = self.counts.lock_for(&peer);
         let n = shard.entry(peer).or_insert(0);
         if *n >= self.limit {
             return None;
@@ -91,7 +78,7 @@ impl PeerStreams {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut shard = self.owner.shard(&self.peer);
+        let mut shard = self.owner.counts.lock_for(&self.peer);
         if let Some(n) = shard.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {

@@ -15,6 +15,7 @@ pub mod providers;
 pub mod records;
 pub mod routing;
 pub mod server;
+pub mod sharded;
 pub mod store;
 pub mod types;
 pub mod wire;

@@ -47,7 +47,8 @@ struct JsResult {
     found: u32,
     via_hydra: u32,
     max_hops: u32,
-    /// Lookups that missed once and were retried.
+    /// Lookups that missed once and were retried (reported in the printed result).
+    #[allow(dead_code)]
     retried: u32,
 }
 

@@ -3,15 +3,14 @@
 //! `.await`. Entries count against the limit from the moment they are buffered until their batch
 //! is written; batches being written stay visible to reads until then.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
+use crate::sharded::Sharded;
 use crate::store::{now_ms, ProviderWrite};
 use crate::types::{PeerRecord, ProviderKey};
 
@@ -40,8 +39,7 @@ struct Shard {
 pub struct Full;
 
 pub struct WriteBuffer {
-    shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
+    shards: Sharded<Shard>,
     entries: AtomicUsize,
     /// Per shard: how many batches have completed. Lets a reader detect that a write landed while
     /// its datastore query ran (and then not cache a possibly stale answer).
@@ -53,8 +51,7 @@ pub struct WriteBuffer {
 impl WriteBuffer {
     pub fn new(limit: usize, flush_batch: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            shards: Sharded::new(SHARDS, Shard::default),
             entries: AtomicUsize::new(0),
             epochs: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             limit,
@@ -63,13 +60,11 @@ impl WriteBuffer {
     }
 
     pub fn shard_of(&self, key: &ProviderKey) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+        self.shards.index_of(key)
     }
 
     fn lock(&self, idx: usize) -> std::sync::MutexGuard<'_, Shard> {
-        // A poisoned shard only means another thread panicked mid-update of a plain map; the data
-        // is still a valid map, so keep serving rather than cascade the panic.
-        self.shards[idx].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards.lock(idx)
     }
 
     /// Buffer an entry. Returns whether the shard is now due for a size-triggered flush.

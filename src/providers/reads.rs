@@ -12,11 +12,9 @@
 //! a completed flush of the same shard is returned but not cached. Writes by other processes
 //! become visible when a cached entry expires (`cache_ttl`, `negative_cache_ttl`).
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -24,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::buffer::{WriteBuffer, SHARDS};
 use crate::metrics::{CacheResult, ProviderMetrics, ShedReason};
+use crate::sharded::Sharded;
 use crate::store::{now_ms, Store};
 use crate::types::{PeerRecord, ProviderKey};
 
@@ -37,8 +36,8 @@ struct Cached {
 
 pub struct Reads {
     cache: quick_cache::sync::Cache<ProviderKey, Cached>,
-    waiting: Vec<Mutex<HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>>>,
-    hasher: RandomState,
+    /// Single-flight: the callers waiting for each key being looked up.
+    waiting: Sharded<HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>>,
     queue: mpsc::Sender<ProviderKey>,
     /// Distinct keys queued or being looked up.
     pending: AtomicUsize,
@@ -71,8 +70,7 @@ impl Reads {
         let (tx, rx) = mpsc::channel(cfg.max_pending);
         let reads = Arc::new(Self {
             cache: quick_cache::sync::Cache::new(cfg.cache_entries),
-            waiting: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            waiting: Sharded::new(SHARDS, HashMap::new),
             queue: tx,
             pending: AtomicUsize::new(0),
             max_pending: cfg.max_pending,
@@ -82,15 +80,6 @@ impl Reads {
         });
         let batcher = reads.clone().batcher(rx, store, buffer, cfg, cancel);
         (reads, batcher)
-    }
-
-    fn waiting(
-        &self,
-        key: &ProviderKey,
-    ) -> std::sync::MutexGuard<'_, HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>> {
-        let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
-        // Poisoning cannot leave the map invalid; keep serving.
-        self.waiting[idx].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stored providers of `key`: from the cache, or from one shared, batched lookup.
@@ -105,7 +94,7 @@ impl Reads {
         self.metrics.cache.with_label_values(&[CacheResult::Miss.as_str()]).inc();
         let (tx, rx) = oneshot::channel();
         {
-            let mut waiting = self.waiting(key);
+            let mut waiting = self.waiting.lock_for(key);
             if let Some(w) = waiting.get_mut(key) {
                 // Single-flight: join the lookup already under way (dropping waiters that gave up).
                 w.retain(|s| !s.is_closed());
@@ -204,7 +193,7 @@ impl Reads {
                             self.cache.remove(&key);
                         }
                     }
-                    let waiters = self.waiting(&key).remove(&key).unwrap_or_default();
+                    let waiters = self.waiting.lock_for(&key).remove(&key).unwrap_or_default();
                     for w in waiters {
                         let _ = w.send(providers.clone());
                     }
@@ -214,7 +203,7 @@ impl Reads {
                 tracing::warn!(error = %e, keys = n, "provider lookup failed");
                 for key in keys {
                     // Dropping the senders tells every waiter the lookup failed.
-                    drop(self.waiting(&key).remove(&key));
+                    drop(self.waiting.lock_for(&key).remove(&key));
                 }
             }
         }
