@@ -225,6 +225,8 @@ impl UniquePeers {
 pub struct KadMetrics {
     /// Requests by head, message type and outcome.
     pub requests: IntCounterVec,
+    /// The `requests` series by head, then message type × outcome (see [`KadMetrics::request`]).
+    request_series: Arc<Vec<Vec<IntCounter>>>,
     /// Time from a decoded request to its reply written, by message type.
     pub request_duration: HistogramVec,
     /// Inbound stream events.
@@ -309,14 +311,20 @@ impl Metrics {
             registry,
             IntGauge::new("hydra_kad_active_streams", "Inbound kad streams being served now").unwrap(),
         );
-        for h in 0..heads {
-            let h = h.to_string();
-            for t in MessageType::ALL {
-                for o in Outcome::ALL {
-                    requests.with_label_values(&[h.as_str(), t.as_str(), o.as_str()]);
-                }
-            }
-        }
+        // Every (head, type, outcome) series, created up front and kept, so counting a request
+        // is an index, not a label lookup.
+        let request_series: Vec<Vec<IntCounter>> = (0..heads)
+            .map(|h| {
+                let h = h.to_string();
+                MessageType::ALL
+                    .iter()
+                    .flat_map(|t| {
+                        Outcome::ALL
+                            .map(|o| requests.with_label_values(&[h.as_str(), t.as_str(), o.as_str()]))
+                    })
+                    .collect()
+            })
+            .collect();
         for t in MessageType::ALL {
             request_duration.with_label_values(&[t.as_str()]);
         }
@@ -500,6 +508,7 @@ impl Metrics {
         Metrics {
             kad: KadMetrics {
                 requests,
+                request_series: Arc::new(request_series),
                 request_duration,
                 streams,
                 active_streams,
@@ -521,6 +530,15 @@ impl Metrics {
 }
 
 impl KadMetrics {
+    /// Count one request of head `head`.
+    pub fn request(&self, head: usize, ty: MessageType, outcome: Outcome) {
+        let t = MessageType::ALL.iter().position(|x| *x == ty).unwrap_or(0);
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        if let Some(c) = self.request_series.get(head).and_then(|s| s.get(t * Outcome::ALL.len() + o)) {
+            c.inc();
+        }
+    }
+
     pub fn stream(&self, e: StreamEvent) {
         self.streams.with_label_values(&[e.as_str()]).inc();
     }

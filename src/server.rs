@@ -135,7 +135,7 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
         };
         let ty = req.message_type();
         let (reply, outcome) = handle(svc, head, peer, req).await;
-        svc.metrics.requests.with_label_values(&[&head.to_string(), ty.as_str(), outcome.as_str()]).inc();
+        svc.metrics.request(head, ty, outcome);
         let resp = match reply {
             Reply::Reset => return svc.metrics.stream(StreamEvent::Error),
             Reply::Nothing => None,
