@@ -38,6 +38,9 @@ use crate::metrics::{ProviderMetrics, ShedReason};
 use crate::store::{ms_after, now_ms, Store};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
+/// Datastore lookups one `get_providers` makes at most when its answers raced a flush.
+const READ_ATTEMPTS: u32 = 3;
+
 /// A request the manager deliberately did not serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("shed: {}", .0.as_str())]
@@ -133,11 +136,27 @@ impl ProviderManager {
     }
 
     /// Unexpired providers of `key` (at most `max_providers_per_reply`).
+    ///
+    /// Read-your-writes: every provider buffered by this process before the call is in the answer.
+    /// The buffer is read before and after the datastore answer, so an entry that leaves the buffer
+    /// meanwhile is still seen; one that left before the call was committed before it, and an
+    /// answer from a query that may have started earlier (a shared lookup) is flagged as raced and
+    /// asked for again, up to [`READ_ATTEMPTS`] times within the one `read_deadline`.
     pub async fn get_providers(&self, key: &ProviderKey) -> Result<Vec<PeerRecord>, Shed> {
         let inner = &self.inner;
-        let stored = inner.reads.get(key, inner.cfg.read_deadline).await.map_err(|r| self.shed(r))?;
+        let deadline = tokio::time::Instant::now() + inner.cfg.read_deadline;
+        let mut attempt = 1;
+        let (before, stored) = loop {
+            let before = inner.buffer.local(key, inner.per_key);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let answer = inner.reads.get(key, left).await.map_err(|r| self.shed(r))?;
+            if !answer.raced || attempt == READ_ATTEMPTS {
+                break (before, answer.providers);
+            }
+            attempt += 1;
+        };
         let mut out = inner.buffer.local(key, inner.per_key);
-        for rec in stored.iter() {
+        for rec in before.iter().chain(stored.iter()) {
             if out.len() >= inner.per_key {
                 break;
             }
@@ -434,6 +453,34 @@ mod tests {
         assert!(puts.iter().all(|r| r.is_ok()), "{puts:?}");
         let gets = futures::future::join_all(records.iter().map(|r| m.get_value(&r.key))).await;
         assert!(gets.iter().zip(&records).all(|(g, r)| g.as_ref().unwrap().as_ref() == Some(r)));
+        m.shutdown().await;
+    }
+
+    // Read-your-writes while a flush of the same key lands: a lookup that started before the
+    // flush committed, returning after the entry left the buffer, must not hide it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_racing_a_flush_still_sees_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = manager(dir.path(), small(10_000)).await;
+        let p = libp2p::PeerId::random();
+        for i in 0..300u32 {
+            let k = key(i);
+            m.add_provider(k.clone(), rec(p)).unwrap();
+            let reader = tokio::spawn({
+                let (m, k) = (m.clone(), k.clone());
+                async move {
+                    let mut seen = Vec::new();
+                    for _ in 0..4 {
+                        seen.push(m.get_providers(&k).await.unwrap());
+                    }
+                    seen
+                }
+            });
+            m.flush().await;
+            for got in reader.await.unwrap() {
+                assert_eq!(got, vec![rec(p)], "key {i}: a read during the flush lost the write");
+            }
+        }
         m.shutdown().await;
     }
 

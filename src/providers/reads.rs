@@ -9,8 +9,10 @@
 //!
 //! Coherence: the cache holds datastore answers only; the caller merges this process's buffered
 //! and in-flight writes on top, and a completed flush evicts its keys. An answer whose query raced
-//! a completed flush of the same shard is returned but not cached. Writes by other processes
-//! become visible when a cached entry expires (`cache_ttl`, `negative_cache_ttl`).
+//! a completed flush of the same shard is not cached and is marked [`Answer::raced`]: the rows of
+//! that flush may be missing from it although they already left the buffer, so the caller asks
+//! again (see `ProviderManager::get_providers`). Writes by other processes become visible when a
+//! cached entry expires (`cache_ttl`, `negative_cache_ttl`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +30,14 @@ use crate::types::{PeerRecord, ProviderKey};
 
 pub type Providers = Arc<Vec<PeerRecord>>;
 
+/// A datastore answer for one key.
+#[derive(Clone)]
+pub struct Answer {
+    pub providers: Providers,
+    /// A flush of the key's shard completed while the query ran: rows it wrote may be missing.
+    pub raced: bool,
+}
+
 #[derive(Clone)]
 struct Cached {
     providers: Providers,
@@ -37,7 +47,7 @@ struct Cached {
 pub struct Reads {
     cache: quick_cache::sync::Cache<ProviderKey, Cached>,
     /// Single-flight: the callers waiting for each key being looked up.
-    waiting: Sharded<HashMap<ProviderKey, Vec<oneshot::Sender<Providers>>>>,
+    waiting: Sharded<HashMap<ProviderKey, Vec<oneshot::Sender<Answer>>>>,
     queue: mpsc::Sender<ProviderKey>,
     /// Distinct keys queued or being looked up.
     pending: AtomicUsize,
@@ -83,12 +93,12 @@ impl Reads {
     }
 
     /// Stored providers of `key`: from the cache, or from one shared, batched lookup.
-    pub async fn get(&self, key: &ProviderKey, deadline: Duration) -> Result<Providers, ShedReason> {
+    pub async fn get(&self, key: &ProviderKey, deadline: Duration) -> Result<Answer, ShedReason> {
         if let Some(c) = self.cache.get(key) {
             if c.until > Instant::now() {
                 let r = if c.providers.is_empty() { CacheResult::NegativeHit } else { CacheResult::Hit };
                 self.metrics.cache.with_label_values(&[r.as_str()]).inc();
-                return Ok(c.providers);
+                return Ok(Answer { providers: c.providers, raced: false });
             }
         }
         self.metrics.cache.with_label_values(&[CacheResult::Miss.as_str()]).inc();
@@ -183,7 +193,8 @@ impl Reads {
                 for (key, epoch) in keys.into_iter().zip(epochs) {
                     let providers: Providers = Arc::new(by_key.remove(&key).unwrap_or_default());
                     let shard = buffer.shard_of(&key);
-                    if buffer.epoch(shard) == epoch {
+                    let mut raced = buffer.epoch(shard) != epoch;
+                    if !raced {
                         let ttl = if providers.is_empty() { self.negative_ttl } else { self.cache_ttl };
                         self.cache
                             .insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
@@ -191,11 +202,13 @@ impl Reads {
                         // evicted this key: undo rather than cache a stale answer.
                         if buffer.epoch(shard) != epoch {
                             self.cache.remove(&key);
+                            raced = true;
                         }
                     }
+                    let answer = Answer { providers, raced };
                     let waiters = self.waiting.lock_for(&key).remove(&key).unwrap_or_default();
                     for w in waiters {
-                        let _ = w.send(providers.clone());
+                        let _ = w.send(answer.clone());
                     }
                 }
             }
