@@ -49,6 +49,121 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
+    pub load: LoadSection,
+}
+
+/// Load tiers, rate limits and the datastore statement budget (see `src/load.rs`). The only
+/// section reloaded without a restart: on SIGHUP and `POST /v1/config/reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadSection {
+    /// How often the signals are sampled and the tier recomputed.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// Latency signals are percentiles over this recent window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A tier is held at least this long before the node steps down from it.
+    #[serde(with = "humantime_serde")]
+    pub min_dwell: Duration,
+    /// A tier is left only when every signal is below `exit_ratio` × its threshold for that tier.
+    pub exit_ratio: f64,
+    /// Pin the tier ("normal", "degrade", "refuse", "peak") instead of computing it: for
+    /// emergencies and drills. Absent: computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_tier: Option<crate::load::Tier>,
+    /// Hard ceiling on datastore statements per second issued by this process for requests
+    /// (flushes: 2 per batch; lookups and value operations: 1). Statements wait for it; 0: no limit.
+    pub datastore_statements_per_second: u32,
+    /// Datastore-touching requests (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) one peer
+    /// may make per second over all heads; 0: no limit.
+    pub per_peer_requests_per_second: u32,
+    /// Requests one peer may make in a burst.
+    pub per_peer_burst: u32,
+    /// In `degrade` and above one request costs this many of a peer's requests.
+    pub degrade_per_peer_cost: u32,
+    /// Peers with their own rate bucket (memory bound); beyond it new peers share one bucket.
+    pub max_tracked_peers: usize,
+    /// In `degrade`, an ADD_PROVIDER refreshing a record this process wrote that still has more
+    /// than this long to live is acknowledged without a write.
+    #[serde(with = "humantime_serde")]
+    pub degrade_skip_refresh_if_remaining: Duration,
+    /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
+    pub degrade: crate::load::Thresholds,
+    pub refuse: crate::load::Thresholds,
+    pub peak: crate::load::Thresholds,
+}
+
+impl Default for LoadSection {
+    fn default() -> Self {
+        let [degrade, refuse, peak] = crate::load::default_thresholds();
+        Self {
+            sample_interval: Duration::from_millis(250),
+            window: Duration::from_secs(10),
+            min_dwell: Duration::from_secs(15),
+            exit_ratio: 0.7,
+            force_tier: None,
+            datastore_statements_per_second: 2000,
+            per_peer_requests_per_second: 200,
+            per_peer_burst: 400,
+            degrade_per_peer_cost: 4,
+            max_tracked_peers: 100_000,
+            degrade_skip_refresh_if_remaining: Duration::from_secs(24 * 3600),
+            degrade,
+            refuse,
+            peak,
+        }
+    }
+}
+
+impl LoadSection {
+    /// Check the section; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        nonzero_duration("load.sample_interval", self.sample_interval)?;
+        nonzero_duration("load.min_dwell", self.min_dwell)?;
+        if self.window < self.sample_interval * 2 {
+            return Err(invalid("load.window", "must be at least two sample intervals"));
+        }
+        if !(self.exit_ratio > 0.0 && self.exit_ratio < 1.0) {
+            return Err(invalid(
+                "load.exit_ratio",
+                format!("must be between 0 and 1, got {}", self.exit_ratio),
+            ));
+        }
+        positive("load.max_tracked_peers", self.max_tracked_peers)?;
+        positive("load.degrade_per_peer_cost", self.degrade_per_peer_cost as usize)?;
+        if self.per_peer_requests_per_second > 0 && self.per_peer_burst < self.degrade_per_peer_cost {
+            return Err(invalid("load.per_peer_burst", "must be at least load.degrade_per_peer_cost"));
+        }
+        let tiers = [("degrade", &self.degrade), ("refuse", &self.refuse), ("peak", &self.peak)];
+        for (tier, t) in tiers {
+            for (signal, v) in t.values() {
+                let bad = !v.is_finite() || v < 0.0 || (signal.ends_with("_ratio") && v > 1.0);
+                if bad {
+                    return Err(ConfigError::Field {
+                        field: format!("load.{tier}.{signal}"),
+                        reason: format!(
+                            "must be {}, got {v}",
+                            if signal.ends_with("_ratio") { "between 0 and 1" } else { "0 or more" }
+                        ),
+                    });
+                }
+            }
+        }
+        // A higher tier must not be entered before a lower one on the same signal.
+        for pair in tiers.windows(2) {
+            let ((lo_name, lo), (hi_name, hi)) = (pair[0], pair[1]);
+            for ((signal, l), (_, h)) in lo.values().into_iter().zip(hi.values()) {
+                if l > 0.0 && h > 0.0 && h < l {
+                    return Err(ConfigError::Field {
+                        field: format!("load.{hi_name}.{signal}"),
+                        reason: format!("{h} is below load.{lo_name}.{signal} = {l}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Head-identity leases.
@@ -188,6 +303,9 @@ pub struct ProvidersSection {
     /// How often record counts are re-estimated from the catalogue.
     #[serde(with = "humantime_serde")]
     pub count_interval: Duration,
+    /// (key, provider) pairs whose last written expiry is remembered, so `degrade` can skip
+    /// refreshes of records far from expiry (about 40 bytes each).
+    pub recent_writes_entries: usize,
 }
 
 impl Default for ConfigFile {
@@ -209,6 +327,7 @@ impl Default for ConfigFile {
             limits: LimitsSection::default(),
             providers: ProvidersSection::default(),
             postgres: PostgresSection::default(),
+            load: LoadSection::default(),
         }
     }
 }
@@ -265,6 +384,7 @@ impl Default for ProvidersSection {
             read_batch_keys: 128,
             max_read_queries: 4,
             count_interval: Duration::from_secs(60),
+            recent_writes_entries: 262_144,
         }
     }
 }
@@ -291,6 +411,8 @@ pub struct Overrides {
 pub enum ConfigError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("{field}: {reason}")]
+    Field { field: String, reason: String },
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
@@ -329,6 +451,9 @@ pub struct Config {
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
+    pub load: LoadSection,
+    /// The file this configuration was read from (reloads of `[load]` read it again).
+    pub config_file: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -476,6 +601,8 @@ impl ConfigFile {
         ] {
             nonzero_duration(field, d)?;
         }
+        self.load.validate()?;
+        positive("providers.recent_writes_entries", p.recent_writes_entries)?;
         if self.identity.lease_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "identity.lease_ttl",
@@ -504,6 +631,8 @@ impl ConfigFile {
             limits: self.limits.clone(),
             providers: self.providers.clone(),
             postgres: self.postgres.clone(),
+            load: self.load.clone(),
+            config_file: None,
         })
     }
 
@@ -605,6 +734,20 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let e = ConfigFile::from_toml("haeds = 3\n").unwrap_err().to_string();
         assert!(e.contains("haeds"), "{e}");
+    }
+
+    #[test]
+    fn load_section_errors_name_the_field() {
+        let e =
+            ConfigFile::from_toml("[load.refuse]\ndatastore_p99_ms = 10\n").unwrap().validate().unwrap_err();
+        assert!(e.to_string().starts_with("load.refuse.datastore_p99_ms: 10 is below"), "{e}");
+        let e = ConfigFile::from_toml("[load.degrade]\nwrite_buffer_fill_ratio = 1.5\n").unwrap().validate();
+        assert!(e.unwrap_err().to_string().starts_with("load.degrade.write_buffer_fill_ratio:"));
+        let e = ConfigFile::from_toml("[load]\nexit_ratio = 1.0\n").unwrap().validate().unwrap_err();
+        assert!(e.to_string().starts_with("load.exit_ratio:"), "{e}");
+        let f = ConfigFile::from_toml("[load]\nforce_tier = \"refuse\"\n").unwrap();
+        assert_eq!(f.validate().unwrap().load.force_tier, Some(crate::load::Tier::Refuse));
+        assert!(ConfigFile::from_toml("[load]\nforce_tier = \"panic\"\n").is_err());
     }
 
     #[test]

@@ -6,27 +6,32 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::head::HeadShared;
+use crate::load::LoadControl;
+use crate::node::Reloader;
 use crate::store::Store;
 
 /// Called before each scrape to refresh sampled gauges.
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
 
+/// What the handlers read.
 #[derive(Clone)]
-struct AppState {
-    heads: Arc<Vec<Arc<HeadShared>>>,
-    store: Store,
-    registry: Registry,
-    on_scrape: ScrapeHook,
+pub struct AppState {
+    pub heads: Arc<Vec<Arc<HeadShared>>>,
+    pub store: Store,
+    pub registry: Registry,
+    pub on_scrape: ScrapeHook,
+    pub load: Arc<LoadControl>,
+    pub reloader: Reloader,
 }
 
 /// One head of this process as listed by `GET /v1/heads`.
@@ -55,10 +60,7 @@ pub async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener>
 /// The server on `listener`; returns its address and the future that serves until `cancel`.
 pub fn serve(
     listener: tokio::net::TcpListener,
-    heads: Arc<Vec<Arc<HeadShared>>>,
-    store: Store,
-    registry: Registry,
-    on_scrape: ScrapeHook,
+    state: AppState,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let local = listener.local_addr()?;
@@ -66,7 +68,10 @@ pub fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/heads", get(heads_list))
-        .with_state(AppState { heads, store, registry, on_scrape });
+        .route("/v1/status", get(status))
+        .route("/v1/config/reload", post(reload))
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let fut = async move {
         let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         if let Err(e) = res {
@@ -74,6 +79,27 @@ pub fn serve(
         }
     };
     Ok((local, fut))
+}
+
+/// `GET /v1/status`: the load tier, the signals it was computed from, and the thresholds.
+async fn status(State(s): State<AppState>) -> Response {
+    match s.load.status() {
+        Some(st) => Json(st).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no load sample yet\n").into_response(),
+    }
+}
+
+/// `POST /v1/config/reload` (loopback clients only): re-read `[load]` from the config file.
+/// 200 with the applied section, or 400 with the reason the old settings stay.
+async fn reload(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    if !peer.ip().is_loopback() {
+        return (StatusCode::FORBIDDEN, "config reload is allowed from loopback only\n").into_response();
+    }
+    match s.reloader.reload() {
+        Ok(section) => Json(section).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("reload rejected, previous settings kept: {e}\n"))
+            .into_response(),
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -113,9 +113,15 @@ impl Intake {
         self.accepting.store(yes, Ordering::Relaxed);
     }
 
+    /// (streams queued, queue capacity).
+    pub fn queue_fill(&self) -> (usize, usize) {
+        let max = self.queue.max_capacity();
+        (max - self.queue.capacity(), max)
+    }
+
     fn offer(&self, head: usize, peer: PeerId, stream: Stream) {
         if !self.accepting.load(Ordering::Relaxed) {
-            self.metrics.stream(StreamEvent::QueueFull);
+            self.metrics.stream(StreamEvent::Refused);
             return; // dropped: the stream is reset
         }
         let Some(slot) = self.peers.try_acquire(peer) else {

@@ -8,6 +8,7 @@ pub mod head;
 pub mod http;
 pub mod identity;
 pub mod kad_server;
+pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod pgcluster;

@@ -240,7 +240,7 @@ fn main() -> ExitCode {
         }
     };
     let cfg = match file.validate() {
-        Ok(c) => c,
+        Ok(c) => hydra::Config { config_file: args.config.clone(), ..c },
         Err(e) => {
             eprintln!("hydra: invalid config: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -302,6 +302,23 @@ fn raise_fd_limit(heads: usize) {
 async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
     raise_fd_limit(cfg.heads);
     let node = hydra::Node::start(cfg).await?;
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hup.recv() => {
+                    // Errors are logged and counted by the reloader; the old settings stay.
+                    let _ = node.reload_load_config();
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;

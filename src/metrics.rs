@@ -12,8 +12,8 @@ use std::time::Instant;
 use libp2p::PeerId;
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::wire::MessageType;
@@ -51,6 +51,8 @@ pub enum StreamEvent {
     PeerLimit,
     /// Ended by the peer with EOF.
     Closed,
+    /// Refused at the handler because the load tier is `peak`.
+    Refused,
     /// Reset after the idle timeout.
     IdleTimeout,
     /// A message over the size limit (or the large-message budget): reset.
@@ -60,10 +62,11 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 7] = [
+    pub const ALL: [StreamEvent; 8] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
         StreamEvent::PeerLimit,
+        StreamEvent::Refused,
         StreamEvent::Closed,
         StreamEvent::IdleTimeout,
         StreamEvent::Oversized,
@@ -74,6 +77,7 @@ impl StreamEvent {
             StreamEvent::Queued => "queued",
             StreamEvent::QueueFull => "queue_full",
             StreamEvent::PeerLimit => "peer_limit",
+            StreamEvent::Refused => "refused",
             StreamEvent::Closed => "closed",
             StreamEvent::IdleTimeout => "idle_timeout",
             StreamEvent::Oversized => "oversized",
@@ -120,7 +124,7 @@ impl DbOp {
     }
 }
 
-/// Why the provider manager shed work.
+/// Why a request was shed (not served in full).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
     /// The write-behind buffer is full.
@@ -131,10 +135,26 @@ pub enum ShedReason {
     ReadDeadline,
     /// The datastore returned an error.
     DatastoreError,
+    /// The peer is over its per-peer request rate.
+    PeerRate,
+    /// `degrade`: a key far from this head missed the cache (closer peers only).
+    CacheOnly,
+    /// `refuse` or `peak`: datastore work refused outright.
+    Tier,
 }
 
 impl ShedReason {
-    pub const ALL: [ShedReason; 4] = [
+    pub const ALL: [ShedReason; 7] = [
+        ShedReason::WriteBufferFull,
+        ShedReason::ReadsInFlight,
+        ShedReason::ReadDeadline,
+        ShedReason::DatastoreError,
+        ShedReason::PeerRate,
+        ShedReason::CacheOnly,
+        ShedReason::Tier,
+    ];
+    /// The reasons the provider manager itself sheds for.
+    pub const MANAGER: [ShedReason; 4] = [
         ShedReason::WriteBufferFull,
         ShedReason::ReadsInFlight,
         ShedReason::ReadDeadline,
@@ -146,6 +166,9 @@ impl ShedReason {
             ShedReason::ReadsInFlight => "reads_in_flight",
             ShedReason::ReadDeadline => "read_deadline",
             ShedReason::DatastoreError => "datastore_error",
+            ShedReason::PeerRate => "peer_rate",
+            ShedReason::CacheOnly => "cache_only",
+            ShedReason::Tier => "tier",
         }
     }
 }
@@ -176,6 +199,47 @@ pub struct Metrics {
     pub datastore: DatastoreMetrics,
     pub providers: ProviderMetrics,
     pub heads: HeadMetrics,
+    pub load: LoadMetrics,
+}
+
+#[derive(Clone)]
+pub struct LoadMetrics {
+    /// The current tier (0 normal, 1 degrade, 2 refuse, 3 peak).
+    pub tier: IntGauge,
+    /// Tier changes, by the tier entered.
+    pub transitions: IntCounterVec,
+    /// Every shed request by tier and reason, pre-created: `[tier][reason]`.
+    shed_series: Arc<Vec<Vec<IntCounter>>>,
+    pub signals: GaugeVec,
+    pub thresholds: GaugeVec,
+    pub tracked_peers: IntGauge,
+    /// Time statements waited for the datastore statement budget.
+    pub budget_wait: Histogram,
+    /// `[load]` reloads by result.
+    pub reloads: IntCounterVec,
+}
+
+impl LoadMetrics {
+    pub fn shed(&self, tier: crate::load::Tier, reason: ShedReason) {
+        let r = ShedReason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+        if let Some(c) = self.shed_series.get(tier as usize).and_then(|t| t.get(r)) {
+            c.inc();
+        }
+    }
+
+    pub fn set_signals(&self, s: &crate::load::Signals) {
+        for (name, v) in s.values() {
+            self.signals.with_label_values(&[name]).set(v);
+        }
+    }
+
+    pub fn set_thresholds(&self, cfg: &crate::config::LoadSection) {
+        for (tier, t) in [("degrade", &cfg.degrade), ("refuse", &cfg.refuse), ("peak", &cfg.peak)] {
+            for (name, v) in t.values() {
+                self.thresholds.with_label_values(&[tier, name]).set(v);
+            }
+        }
+    }
 }
 
 /// HyperLogLog over peer IDs: 2^12 one-byte registers (4 KiB, ~1.6 % standard error), updated
@@ -264,6 +328,8 @@ pub struct ProviderMetrics {
     pub cache: IntCounterVec,
     pub records_estimate: Gauge,
     pub peers_estimate: Gauge,
+    /// `degrade`: ADD_PROVIDER refreshes acknowledged without a write.
+    pub refreshes_skipped: IntCounter,
 }
 
 #[derive(Clone)]
@@ -380,7 +446,7 @@ impl Metrics {
             )
             .unwrap(),
         );
-        for r in ShedReason::ALL {
+        for r in ShedReason::MANAGER {
             shed.with_label_values(&[r.as_str()]);
         }
         let cache = reg(
@@ -462,7 +528,16 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            refreshes_skipped: reg(
+                registry,
+                IntCounter::new(
+                    "hydra_providers_refreshes_skipped_total",
+                    "ADD_PROVIDER refreshes acknowledged without a write (degrade tier, record far from expiry)",
+                )
+                .unwrap(),
+            ),
         };
+        let load = LoadMetrics::new(registry);
 
         let routing_table_peers = reg(
             registry,
@@ -525,7 +600,108 @@ impl Metrics {
             },
             providers,
             heads: HeadMetrics { routing_table_peers, connections, up },
+            load,
         }
+    }
+}
+
+impl LoadMetrics {
+    fn new(registry: &Registry) -> Self {
+        use crate::load::Tier;
+        let shed = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "hydra_load_shed_total",
+                    "Requests shed (not served in full), by load tier and reason",
+                ),
+                &["tier", "reason"],
+            )
+            .unwrap(),
+        );
+        let shed_series = Tier::ALL
+            .iter()
+            .map(|t| {
+                ShedReason::ALL.iter().map(|r| shed.with_label_values(&[t.as_str(), r.as_str()])).collect()
+            })
+            .collect();
+        let transitions = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new("hydra_load_tier_transitions_total", "Load tier changes, by the tier entered"),
+                &["to"],
+            )
+            .unwrap(),
+        );
+        for t in Tier::ALL {
+            transitions.with_label_values(&[t.as_str()]);
+        }
+        let signals = reg(
+            registry,
+            GaugeVec::new(
+                Opts::new("hydra_load_signal", "Signals the load tier is computed from (unit in the name)"),
+                &["signal"],
+            )
+            .unwrap(),
+        );
+        let thresholds = reg(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "hydra_load_threshold",
+                    "Threshold at which each tier is entered, per signal (0: off)",
+                ),
+                &["tier", "signal"],
+            )
+            .unwrap(),
+        );
+        for (name, _) in crate::load::Signals::default().values() {
+            signals.with_label_values(&[name]);
+        }
+        let reloads = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "hydra_load_config_reloads_total",
+                    "Reloads of the [load] config section by result",
+                ),
+                &["result"],
+            )
+            .unwrap(),
+        );
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        let m = LoadMetrics {
+            tier: reg(
+                registry,
+                IntGauge::new("hydra_load_tier", "Current load tier: 0 normal, 1 degrade, 2 refuse, 3 peak")
+                    .unwrap(),
+            ),
+            transitions,
+            shed_series: Arc::new(shed_series),
+            signals,
+            thresholds,
+            tracked_peers: reg(
+                registry,
+                IntGauge::new("hydra_load_tracked_peers", "Peers with their own per-peer rate bucket")
+                    .unwrap(),
+            ),
+            budget_wait: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "hydra_load_statement_budget_wait_seconds",
+                        "Time datastore statements waited for the statements-per-second budget",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                )
+                .unwrap(),
+            ),
+            reloads,
+        };
+        m.set_thresholds(&crate::config::LoadSection::default());
+        m
     }
 }
 

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::head::{self, HeadShared};
 use crate::kad_server::Intake;
+use crate::load::{LoadControl, SignalSource, Tier};
 use crate::metrics::Metrics;
 use crate::providers::ProviderManager;
 use crate::server::{self, Service};
@@ -38,6 +39,8 @@ pub struct Node {
     token: String,
     intake: Intake,
     registry: Registry,
+    load: Arc<LoadControl>,
+    reloader: Reloader,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -48,9 +51,14 @@ impl Node {
         let http_listener = crate::http::listen(cfg.http_listen).await?;
         let registry = Registry::new();
         let metrics = Metrics::new(&registry, cfg.heads);
+        // The statement budget is set by the load controller from `[load]` (and on reload).
+        let budget = Arc::new(crate::load::StatementBudget::default());
+        budget.set_metrics(metrics.load.clone());
+        let load = LoadControl::new(cfg.load.clone(), budget.clone(), metrics.load.clone());
         let store = Store::open(&cfg.store, &cfg.postgres, metrics.datastore.clone())
             .await
-            .context("open datastore")?;
+            .context("open datastore")?
+            .with_budget(budget);
         let providers = ProviderManager::start(
             store.clone(),
             cfg.providers.clone(),
@@ -121,8 +129,24 @@ impl Node {
         }
         let heads: Arc<Vec<Arc<HeadShared>>> = Arc::new(starting.iter().map(|h| h.shared.clone()).collect());
 
-        let svc =
-            Arc::new(Service::new(heads.clone(), providers.clone(), metrics.kad.clone(), cfg.limits.clone()));
+        let svc = Arc::new(Service::new(
+            heads.clone(),
+            providers.clone(),
+            metrics.kad.clone(),
+            cfg.limits.clone(),
+            load.clone(),
+        ));
+        // The load controller: the tier from measured signals; `peak` closes the intake.
+        intake.set_accepting(load.tier() < Tier::Peak);
+        tasks.spawn(load.clone().run(
+            metrics.datastore.clone(),
+            Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),
+            {
+                let intake = intake.clone();
+                move |tier| intake.set_accepting(tier < Tier::Peak)
+            },
+            cancel.clone(),
+        ));
         tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();
         for h in starting {
@@ -146,12 +170,18 @@ impl Node {
                 kad.unique_peers.set(kad.unique.estimate());
             })
         };
+        let reloader =
+            Reloader { file: cfg.config_file.clone(), load: load.clone(), metrics: metrics.load.clone() };
         let (http_addr, http) = crate::http::serve(
             http_listener,
-            heads.clone(),
-            store.clone(),
-            registry.clone(),
-            on_scrape,
+            crate::http::AppState {
+                heads: heads.clone(),
+                store: store.clone(),
+                registry: registry.clone(),
+                on_scrape,
+                load: load.clone(),
+                reloader: reloader.clone(),
+            },
             cancel.clone(),
         )?;
         tasks.spawn(http);
@@ -165,9 +195,21 @@ impl Node {
             token,
             intake,
             registry,
+            load,
+            reloader,
             cancel,
             tasks,
         })
+    }
+
+    /// The load controller (tier, limits, live `[load]` settings).
+    pub fn load(&self) -> &Arc<LoadControl> {
+        &self.load
+    }
+
+    /// Re-read the `[load]` section from the config file and apply it if valid (SIGHUP).
+    pub fn reload_load_config(&self) -> Result<crate::config::LoadSection, String> {
+        self.reloader.reload()
     }
 
     pub fn heads(&self) -> &[Arc<HeadShared>] {
@@ -280,5 +322,59 @@ impl Heartbeat {
                 _ = tick.tick() => self.beat().await,
             }
         }
+    }
+}
+
+/// The node's parts the load controller samples.
+struct NodeSignals {
+    providers: ProviderManager,
+    intake: Intake,
+}
+
+impl SignalSource for NodeSignals {
+    fn write_buffer(&self) -> (usize, usize) {
+        self.providers.write_buffer_fill()
+    }
+
+    fn reads_in_flight(&self) -> (usize, usize) {
+        self.providers.reads_in_flight()
+    }
+
+    fn inbound_queue(&self) -> (usize, usize) {
+        self.intake.queue_fill()
+    }
+}
+
+/// Reloads `[load]` from the config file: validated first, applied only when valid.
+#[derive(Clone)]
+pub struct Reloader {
+    file: Option<std::path::PathBuf>,
+    load: Arc<LoadControl>,
+    metrics: crate::metrics::LoadMetrics,
+}
+
+impl Reloader {
+    pub fn reload(&self) -> Result<crate::config::LoadSection, String> {
+        let res = self.read();
+        match &res {
+            Ok(section) => {
+                self.load.reload(section.clone());
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "config reload rejected; the previous [load] settings stay");
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+            }
+        }
+        res
+    }
+
+    fn read(&self) -> Result<crate::config::LoadSection, String> {
+        let Some(path) = &self.file else {
+            return Err("the node was started without --config: there is no file to reload".into());
+        };
+        let file = crate::config::ConfigFile::from_file(path).map_err(|e| e.to_string())?;
+        file.load.validate().map_err(|e| e.to_string())?;
+        Ok(file.load)
     }
 }

@@ -59,6 +59,10 @@ struct Inner {
     metrics: ProviderMetrics,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Expiry last written by this process per (key, provider) hash: lets `degrade` skip
+    /// refreshes of records far from expiry. Bounded (`recent_writes_entries`).
+    recent: quick_cache::sync::Cache<u64, i64>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// Cheap-to-clone handle to the process's provider manager.
@@ -100,6 +104,8 @@ impl ProviderManager {
             metrics,
             cancel,
             tasks,
+            recent: quick_cache::sync::Cache::new(cfg.recent_writes_entries),
+            hasher: Default::default(),
             cfg,
         });
         let this = Self { inner };
@@ -116,8 +122,27 @@ impl ProviderManager {
 
     /// Buffer one provider record. `Err(Shed)` if the buffer is full.
     pub fn add_provider(&self, key: ProviderKey, record: PeerRecord) -> Result<(), Shed> {
+        self.add_provider_unless_fresh(key, record, None).map(|_| ())
+    }
+
+    /// Like [`Self::add_provider`], but with `skip_if_remaining = Some(d)` a refresh of a record
+    /// this process wrote that still has more than `d` to live is acknowledged without a write.
+    /// Returns whether the record was buffered.
+    pub fn add_provider_unless_fresh(
+        &self,
+        key: ProviderKey,
+        record: PeerRecord,
+        skip_if_remaining: Option<Duration>,
+    ) -> Result<bool, Shed> {
         let inner = &self.inner;
         let now = now_ms();
+        if let Some(d) = skip_if_remaining {
+            let written = inner.recent.get(&self.pair_hash(&key, &record.peer));
+            if written.is_some_and(|expires| expires > ms_after(now, d)) {
+                inner.metrics.refreshes_skipped.inc();
+                return Ok(false);
+            }
+        }
         let pending = Pending {
             addrs: record.addrs,
             expires_at: ms_after(now, inner.cfg.record_ttl),
@@ -129,7 +154,7 @@ impl ProviderManager {
                 if due {
                     inner.flush_wanted.notify_one();
                 }
-                Ok(())
+                Ok(true)
             }
             Err(Full) => Err(self.shed(ShedReason::WriteBufferFull)),
         }
@@ -165,6 +190,40 @@ impl ProviderManager {
             }
         }
         Ok(out)
+    }
+
+    /// Providers of `key` known without asking the datastore: a cached answer merged with this
+    /// process's buffered writes. `None` when the cache has no answer and nothing is buffered.
+    pub fn get_providers_cached(&self, key: &ProviderKey) -> Option<Vec<PeerRecord>> {
+        let inner = &self.inner;
+        let mut out = inner.buffer.local(key, inner.per_key);
+        let Some(stored) = inner.reads.peek(key) else {
+            return (!out.is_empty()).then_some(out);
+        };
+        for rec in stored.iter() {
+            if out.len() >= inner.per_key {
+                break;
+            }
+            if !out.iter().any(|r| r.peer == rec.peer) {
+                out.push(rec.clone());
+            }
+        }
+        Some(out)
+    }
+
+    /// (entries buffered or being written, `write_buffer_entries`).
+    pub fn write_buffer_fill(&self) -> (usize, usize) {
+        (self.inner.buffer.entries(), self.inner.cfg.write_buffer_entries)
+    }
+
+    /// (keys queued for or in a lookup, `max_reads_in_flight`).
+    pub fn reads_in_flight(&self) -> (usize, usize) {
+        (self.inner.reads.pending(), self.inner.cfg.max_reads_in_flight)
+    }
+
+    fn pair_hash(&self, key: &ProviderKey, peer: &libp2p::PeerId) -> u64 {
+        use std::hash::BuildHasher;
+        self.inner.hasher.hash_one((key, peer))
     }
 
     /// Store a validated value record (written through; values are rare).
@@ -238,9 +297,16 @@ impl ProviderManager {
             let inner = &this.inner;
             let rows = buffer::rows(&batch);
             inner.metrics.flush_rows.observe(rows.len() as f64);
-            if let Err(e) = inner.store.put_providers(&rows).await {
-                tracing::error!(error = %e, rows = rows.len(), "provider flush failed; rows dropped");
-                inner.metrics.flushes_failed.inc();
+            match inner.store.put_providers(&rows).await {
+                Ok(()) => {
+                    for r in &rows {
+                        inner.recent.insert(this.pair_hash(&r.key, &r.provider), r.expires_at);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, rows = rows.len(), "provider flush failed; rows dropped");
+                    inner.metrics.flushes_failed.inc();
+                }
             }
             inner.buffer.complete(idx, &batch, || inner.reads.invalidate(batch.keys()));
             inner.metrics.write_buffer_entries.set(inner.buffer.entries() as i64);
@@ -481,6 +547,36 @@ mod tests {
                 assert_eq!(got, vec![rec(p)], "key {i}: a read during the flush lost the write");
             }
         }
+        m.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn degraded_adds_skip_refreshes_far_from_expiry_and_cached_reads_never_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, metrics) = manager(dir.path(), small(100)).await;
+        let (p, q) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        let day = Some(Duration::from_secs(24 * 3600));
+        assert!(m.add_provider_unless_fresh(key(1), rec(p), day).unwrap(), "never written: buffered");
+        m.flush().await;
+        // Written just now with 48 h to live: a refresh is acknowledged without a write…
+        assert!(!m.add_provider_unless_fresh(key(1), rec(p), day).unwrap());
+        assert_eq!(m.buffered(), 0);
+        // …unless the remaining life asked for is longer than what is left.
+        let long = Some(Duration::from_secs(49 * 3600));
+        assert!(m.add_provider_unless_fresh(key(1), rec(p), long).unwrap());
+        // Another provider of the same key is new: buffered.
+        assert!(m.add_provider_unless_fresh(key(1), rec(q), day).unwrap());
+        m.flush().await;
+
+        // Cache-only reads: a miss is None and asks nothing; a cached answer is served.
+        let before = lookups(&metrics);
+        assert_eq!(m.get_providers_cached(&key(2)), None);
+        assert_eq!(lookups(&metrics), before, "a cache-only read never queries");
+        assert_eq!(m.get_providers(&key(1)).await.unwrap().len(), 2);
+        assert_eq!(m.get_providers_cached(&key(1)).map(|v| v.len()), Some(2));
+        // Buffered writes are known without the cache.
+        m.add_provider(key(3), rec(p)).unwrap();
+        assert_eq!(m.get_providers_cached(&key(3)), Some(vec![rec(p)]));
         m.shutdown().await;
     }
 

@@ -116,6 +116,23 @@ impl RoutingSnapshot {
         self.entries.is_empty()
     }
 
+    /// Whether `me` is among the `k` peers closest to `target` that this snapshot knows (the
+    /// routing table and the siblings): go-libp2p-kad-dht PR #730's rule for which keys a
+    /// loaded node still serves from its datastore.
+    pub fn is_among_closest(&self, target: &[u8], me: &PeerId, k: usize) -> bool {
+        let target = KBucketKey::new(target.to_vec());
+        let mine = KBucketKey::from(*me).distance(&target);
+        let closer = self
+            .entries
+            .iter()
+            .map(|e| &e.key)
+            .chain(self.siblings.entries.iter().map(|s| &s.key))
+            .filter(|key| key.preimage() != me && key.distance(&target) < mine)
+            .take(k)
+            .count();
+        closer < k
+    }
+
     /// The up to `k` peers closest to `target` (raw key bytes, hashed as Kademlia does),
     /// excluding `exclude` (the requester and the head itself). O(n) selection, then a sort of k.
     pub fn closest(&self, target: &[u8], k: usize, exclude: &[PeerId]) -> Vec<PeerRecord> {
@@ -164,6 +181,25 @@ mod tests {
         assert_eq!(got, all[..K_VALUE].to_vec());
         assert!(snap.closest(&target, 5, &[]).len() == 5);
         assert!(RoutingSnapshot::default().closest(&target, 5, &[]).is_empty());
+    }
+
+    #[test]
+    fn among_closest_counts_table_and_siblings() {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let peers: Vec<PeerId> = (0..60).map(|_| PeerId::random()).collect();
+        let siblings = Siblings::new(
+            peers[..30].iter().map(|p| (*p, Arc::new(ArcSwap::from_pointee(vec![addr.clone()])))),
+            AddressFilter::Any,
+        );
+        let snap = RoutingSnapshot::new(peers[30..].iter().map(|p| (*p, vec![addr.clone()])), siblings);
+        let target = b"key".to_vec();
+        let t = KBucketKey::new(target.clone());
+        let mut sorted = peers.clone();
+        sorted.sort_by_key(|p| KBucketKey::from(*p).distance(&t));
+        assert!(snap.is_among_closest(&target, &sorted[0], 1));
+        assert!(snap.is_among_closest(&target, &sorted[19], 20));
+        assert!(!snap.is_among_closest(&target, &sorted[20], 20));
+        assert!(!snap.is_among_closest(&target, &sorted[59], 20));
     }
 
     // The addresses are only classified by the filter, never dialled.

@@ -7,7 +7,8 @@
 //! do every write and the final close, so a slow or silent peer never holds a task for long.
 //!
 //! Requests are answered from the head's routing snapshot (FIND_NODE, closer peers) and from the
-//! provider manager (providers, values); nothing here touches a swarm.
+//! provider manager (providers, values); nothing here touches a swarm. How much datastore work a
+//! request may cause depends on the load tier ([`crate::load`]), read once per request.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +23,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::LimitsSection;
 use crate::head::HeadShared;
 use crate::kad_server::InboundStream;
-use crate::metrics::{KadMetrics, Outcome, StreamEvent};
+use crate::load::{LoadControl, Tier};
+use crate::metrics::{KadMetrics, Outcome, ShedReason, StreamEvent};
 use crate::providers::ProviderManager;
 use crate::routing::K_VALUE;
 use crate::wire::{self, FrameError, Request, Response, MAX_MESSAGE_SIZE};
@@ -37,6 +39,7 @@ pub struct Service {
     pub providers: ProviderManager,
     pub metrics: KadMetrics,
     pub limits: LimitsSection,
+    pub load: Arc<LoadControl>,
     /// Budget, in KiB, for bodies of messages larger than [`SMALL_MESSAGE`] held at once.
     large_budget: Semaphore,
 }
@@ -47,9 +50,16 @@ impl Service {
         providers: ProviderManager,
         metrics: KadMetrics,
         limits: LimitsSection,
+        load: Arc<LoadControl>,
     ) -> Self {
         let kib = limits.large_message_budget_bytes / 1024;
-        Self { heads, providers, metrics, limits, large_budget: Semaphore::new(kib) }
+        Self { heads, providers, metrics, limits, load, large_budget: Semaphore::new(kib) }
+    }
+
+    /// Count a shed request and return its outcome.
+    fn shed(&self, tier: Tier, reason: ShedReason) -> Outcome {
+        self.load.shed(tier, reason);
+        Outcome::Shed
     }
 }
 
@@ -169,16 +179,38 @@ enum Reply {
 async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
     let me = svc.heads[head].peer_id;
     let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
+    let tier = svc.load.tier();
+    // For requests that touch the datastore: refused by the tier or the peer's rate?
+    let refused = || {
+        if tier >= Tier::Refuse {
+            Some(ShedReason::Tier)
+        } else if !svc.load.allow_peer(&peer, tier) {
+            Some(ShedReason::PeerRate)
+        } else {
+            None
+        }
+    };
     match req {
+        // Never touch the datastore: served in every tier, not rate limited.
         Request::Ping => (Reply::Send(Response::Ping), Outcome::Ok),
         Request::FindNode { key } => {
             let closer = closer(&key);
             (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
         }
         Request::GetProviders { key } => {
-            let (mut providers, outcome) = match svc.providers.get_providers(&key).await {
+            let served = match refused() {
+                Some(reason) => Err(reason),
+                // Degrade: the datastore only for keys this head is responsible for.
+                None if tier == Tier::Degrade
+                    && !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE) =>
+                {
+                    svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
+                }
+                None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
+            };
+            let (mut providers, outcome) = match served {
                 Ok(p) => (p, Outcome::Ok),
-                Err(_) => (Vec::new(), Outcome::Shed),
+                Err(reason) => (Vec::new(), svc.shed(tier, reason)),
             };
             providers.shuffle(&mut rand::thread_rng());
             providers.truncate(svc.limits.max_providers_per_reply);
@@ -191,18 +223,26 @@ async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Repl
                 // Counted, but not worth a reset: go ignores such entries too.
                 return (Reply::Nothing, Outcome::Invalid);
             }
+            if let Some(reason) = refused() {
+                return (Reply::Nothing, svc.shed(tier, reason));
+            }
+            let skip = (tier == Tier::Degrade).then(|| svc.load.config().degrade_skip_refresh_if_remaining);
             let mut outcome = Outcome::Ok;
             for rec in providers {
-                if svc.providers.add_provider(key.clone(), rec).is_err() {
-                    outcome = Outcome::Shed;
+                if let Err(s) = svc.providers.add_provider_unless_fresh(key.clone(), rec, skip) {
+                    outcome = svc.shed(tier, s.0);
                 }
             }
             (Reply::Nothing, outcome)
         }
         Request::GetValue { key } => {
-            let (record, outcome) = match svc.providers.get_value(&key).await {
+            let got = match refused() {
+                Some(reason) => Err(reason),
+                None => svc.providers.get_value(&key).await.map_err(|s| s.0),
+            };
+            let (record, outcome) = match got {
                 Ok(r) => (r, Outcome::Ok),
-                Err(_) => (None, Outcome::Shed),
+                Err(reason) => (None, svc.shed(tier, reason)),
             };
             let closer = closer(&key);
             (Reply::Send(Response::GetValue { key, record, closer }), outcome)
@@ -212,10 +252,13 @@ async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Repl
                 tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
                 return (Reply::Reset, Outcome::Invalid);
             }
+            if let Some(reason) = refused() {
+                return (Reply::Reset, svc.shed(tier, reason));
+            }
             record.time_received = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
             match svc.providers.put_value(&record).await {
                 Ok(()) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
-                Err(_) => (Reply::Reset, Outcome::Shed),
+                Err(s) => (Reply::Reset, svc.shed(tier, s.0)),
             }
         }
     }

@@ -16,6 +16,7 @@ use libp2p::{Multiaddr, PeerId};
 use std::sync::Arc;
 
 use crate::config::{PostgresSection, StoreKind};
+use crate::load::StatementBudget;
 use crate::metrics::{DatastoreMetrics, DbOp};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
@@ -80,6 +81,8 @@ pub enum StoreError {
 pub struct Store {
     backend: Backend,
     metrics: DatastoreMetrics,
+    /// The statements-per-second ceiling request-driven statements wait for.
+    budget: Arc<StatementBudget>,
 }
 
 #[derive(Clone)]
@@ -88,8 +91,13 @@ enum Backend {
     Postgres(Arc<PgStore>),
 }
 
-/// Dispatch one call to the backend, timed and counted under `op`.
+/// Dispatch one call to the backend, timed and counted under `op`. With `budget = n`, the call
+/// first waits for `n` statements of the statement budget (the wait is not part of its timing).
 macro_rules! call {
+    ($self:ident, $op:expr, budget = $n:expr, |$s:ident| $body:expr) => {{
+        $self.budget.take($n).await;
+        call!($self, $op, |$s| $body)
+    }};
     ($self:ident, $op:expr, |$s:ident| $body:expr) => {
         match &$self.backend {
             Backend::Sqlite($s) => $self.metrics.time($op, $body).await,
@@ -117,7 +125,15 @@ impl Store {
                 Backend::Postgres(Arc::new(store))
             }
         };
-        Ok(Self { backend, metrics })
+        Ok(Self { backend, metrics, budget: Arc::default() })
+    }
+
+    /// Meter request-driven statements (provider writes and lookups, value operations) through
+    /// `budget`. Background statements — leases, GC chunks, count estimates — run at intervals
+    /// set in the config and are not metered.
+    pub fn with_budget(mut self, budget: Arc<StatementBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Apply migrations only (`hydra migrate`).
@@ -141,7 +157,8 @@ impl Store {
 
     /// Upsert a batch of provider records and their addresses.
     pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
-        call!(self, DbOp::PutProviders, |s| s.put_providers(rows))
+        // Two statements: the records, then the providers' addresses.
+        call!(self, DbOp::PutProviders, budget = 2, |s| s.put_providers(rows))
     }
 
     /// Unexpired providers of each key, at most `per_key` per key, with their unexpired addresses.
@@ -151,15 +168,15 @@ impl Store {
         now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
-        call!(self, DbOp::GetProviders, |s| s.get_providers(keys, now, per_key))
+        call!(self, DbOp::GetProviders, budget = 1, |s| s.get_providers(keys, now, per_key))
     }
 
     pub async fn put_value(&self, record: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
-        call!(self, DbOp::PutValue, |s| s.put_value(record, expires_at))
+        call!(self, DbOp::PutValue, budget = 1, |s| s.put_value(record, expires_at))
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
-        call!(self, DbOp::GetValue, |s| s.get_value(key, now))
+        call!(self, DbOp::GetValue, budget = 1, |s| s.get_value(key, now))
     }
 
     /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per

@@ -129,6 +129,23 @@ impl Reads {
         }
     }
 
+    /// The cached answer for `key`, without a lookup on a miss (counted like any cache lookup).
+    pub fn peek(&self, key: &ProviderKey) -> Option<Providers> {
+        let c = self.cache.get(key).filter(|c| c.until > Instant::now());
+        let r = match &c {
+            Some(c) if c.providers.is_empty() => CacheResult::NegativeHit,
+            Some(_) => CacheResult::Hit,
+            None => CacheResult::Miss,
+        };
+        self.metrics.cache.with_label_values(&[r.as_str()]).inc();
+        c.map(|c| c.providers)
+    }
+
+    /// Distinct keys queued for or in a lookup.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     /// Drop cached answers for keys just written by this process.
     pub fn invalidate<'a>(&self, keys: impl Iterator<Item = &'a ProviderKey>) {
         for k in keys {
