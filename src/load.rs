@@ -303,6 +303,8 @@ pub struct LoadControl {
     budget: Arc<StatementBudget>,
     status: ArcSwap<Option<Status>>,
     metrics: LoadMetrics,
+    /// Told every tier change (the node closes or opens its intake for `peak`).
+    on_tier: Mutex<Option<Box<dyn Fn(Tier) + Send + Sync>>>,
 }
 
 impl LoadControl {
@@ -314,6 +316,7 @@ impl LoadControl {
             budget,
             status: ArcSwap::from_pointee(None),
             metrics,
+            on_tier: Mutex::new(None),
         });
         this.apply(cfg);
         this
@@ -356,24 +359,50 @@ impl LoadControl {
         self.budget.set(cfg.datastore_statements_per_second);
         self.peers.store(PeerLimiter::new(&cfg).map(Arc::new));
         self.metrics.set_thresholds(&cfg);
-        if let Some(t) = cfg.force_tier {
-            self.tier.store(t as u8, Ordering::Relaxed);
-            self.metrics.tier.set(t as i64);
-        }
+        let forced = cfg.force_tier;
         self.cfg.store(Arc::new(cfg));
+        if let Some(t) = forced {
+            self.transition(t, &Signals::default());
+        }
     }
 
-    /// The last computed status (None before the first sample).
+    /// Call `f` on every tier change from now on.
+    pub fn on_tier(&self, f: impl Fn(Tier) + Send + Sync + 'static) {
+        *self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Move to `next` (if it differs): the atomic, the gauge, a log line, the callback.
+    fn transition(&self, next: Tier, s: &Signals) {
+        let cur = Tier::from_u8(self.tier.swap(next as u8, Ordering::Relaxed));
+        if cur == next {
+            return;
+        }
+        self.metrics.tier.set(next as i64);
+        self.metrics.transitions.with_label_values(&[next.as_str()]).inc();
+        if next > cur {
+            tracing::warn!(signals = ?s, "load tier {} -> {}", cur.as_str(), next.as_str());
+        } else {
+            tracing::info!(signals = ?s, "load tier {} -> {}", cur.as_str(), next.as_str());
+        }
+        if let Some(f) = &*self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) {
+            f(next);
+        }
+    }
+
+    /// The last sample with the current settings (None before the first sample).
     pub fn status(&self) -> Option<Status> {
-        (**self.status.load()).clone()
+        let mut st = (**self.status.load()).clone()?;
+        st.load = (*self.config()).clone();
+        st.forced = st.load.force_tier.is_some();
+        st.tier = self.tier();
+        Some(st)
     }
 
-    /// The controller: sample, decide, publish, until cancelled. `on_tier` is told every change.
+    /// The controller: sample, decide, publish, until cancelled.
     pub async fn run(
         self: Arc<Self>,
         datastore: crate::metrics::DatastoreMetrics,
         source: Arc<dyn SignalSource>,
-        on_tier: impl Fn(Tier) + Send + 'static,
         cancel: CancellationToken,
     ) {
         const LATENCY_OPS: [DbOp; 4] =
@@ -384,6 +413,7 @@ impl LoadControl {
         let mut windows: Vec<Window> = LATENCY_OPS.iter().map(|_| Window::new(slots(&cfg))).collect();
         let mut pool_wait = Window::new(slots(&cfg));
         let mut since = Instant::now();
+        let mut last = self.tier();
         let mut last_prune = Instant::now();
         loop {
             for (w, op) in windows.iter_mut().zip(LATENCY_OPS) {
@@ -409,21 +439,15 @@ impl LoadControl {
             };
             let now = Instant::now();
             let cur = self.tier();
+            if cur != last {
+                since = now; // changed by a reload (force_tier)
+            }
             let next = decide(cur, since, now, &s, &cfg);
             if next != cur {
                 since = now;
-                self.tier.store(next as u8, Ordering::Relaxed);
-                self.metrics.tier.set(next as i64);
-                self.metrics.transitions.with_label_values(&[next.as_str()]).inc();
-                let level = if next > cur { tracing::Level::WARN } else { tracing::Level::INFO };
-                let msg = format!("load tier {} -> {}", cur.as_str(), next.as_str());
-                if level == tracing::Level::WARN {
-                    tracing::warn!(signals = ?s, "{msg}");
-                } else {
-                    tracing::info!(signals = ?s, "{msg}");
-                }
-                on_tier(next);
+                self.transition(next, &s);
             }
+            last = next;
             self.metrics.set_signals(&s);
             if let Some(p) = &*self.peers.load() {
                 if now.duration_since(last_prune) >= Duration::from_secs(10) || p.store.is_full() {

@@ -138,13 +138,13 @@ impl Node {
         ));
         // The load controller: the tier from measured signals; `peak` closes the intake.
         intake.set_accepting(load.tier() < Tier::Peak);
+        load.on_tier({
+            let intake = intake.clone();
+            move |tier| intake.set_accepting(tier < Tier::Peak)
+        });
         tasks.spawn(load.clone().run(
             metrics.datastore.clone(),
             Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),
-            {
-                let intake = intake.clone();
-                move |tier| intake.set_accepting(tier < Tier::Peak)
-            },
             cancel.clone(),
         ));
         tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));

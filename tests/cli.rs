@@ -1,6 +1,8 @@
 //! The `hydra` binary as an operator runs it: configuration layers and errors, and a real
 //! process that starts, serves `/v1/heads`, and shuts down cleanly on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -175,4 +177,46 @@ fn starting_100_heads_reports_progress() {
     assert_eq!(progress.iter().filter(|m| m.starts_with("derived keys of")).count(), 10, "{progress:?}");
     assert_eq!(progress.iter().filter(|m| m.starts_with("started ")).count(), 10, "{progress:?}");
     assert!(progress.contains(&"started 100/100 heads".to_string()));
+}
+
+#[test]
+fn sighup_reloads_the_load_section_and_a_bad_file_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hydra.toml");
+    std::fs::write(&file, "[load]\ndatastore_statements_per_second = 100\n").unwrap();
+    let data = dir.path().join("data");
+    let p = common::Process::spawn(
+        &["run", "--heads", "1", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(["--config", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    let budget = |p: &common::Process| -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_str(&p.get("/v1/status")).ok()?;
+        v["load"]["datastore_statements_per_second"].as_u64()
+    };
+    let wait_for = |p: &common::Process, want: u64| {
+        let start = Instant::now();
+        while budget(p) != Some(want) {
+            assert!(start.elapsed() < Duration::from_secs(20), "status never showed {want}: {:?}", budget(p));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&p, 100);
+    let hup = || Command::new("kill").args(["-HUP", &p.child.id().to_string()]).status().unwrap();
+
+    std::fs::write(&file, "[load]\ndatastore_statements_per_second = 300\n").unwrap();
+    assert!(hup().success());
+    wait_for(&p, 300);
+
+    std::fs::write(&file, "[load]\ndatastore_statements_per_second = -1\n").unwrap();
+    assert!(hup().success());
+    let start = Instant::now();
+    while !p.get("/metrics").contains("hydra_load_config_reloads_total{result=\"error\"} 1") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the bad reload was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(budget(&p), Some(300), "a rejected reload keeps the previous settings");
+    assert!(p.stop(), "still running and stops cleanly after reloads");
 }

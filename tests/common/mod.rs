@@ -38,6 +38,9 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     // Functional tests must not depend on how busy the machine is: deadline sheds are a load
     // behaviour, tested where load is the subject.
     f.providers.read_deadline = Duration::from_secs(10);
+    // Likewise tiers and per-peer limits: pinned to normal and off, except in tests/load.rs.
+    f.load.force_tier = Some(hydra::load::Tier::Normal);
+    f.load.per_peer_requests_per_second = 0;
     f.validate().expect("test config is valid")
 }
 
@@ -431,9 +434,15 @@ impl KadClient {
 /// `GET path` from an HTTP server on `addr` (HTTP/1.0: the body ends when the connection does).
 /// Returns (status code, body).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// `method path` (no body) to an HTTP server on `addr`; returns (status code, body).
+pub async fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    sock.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    sock.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, sock.read_to_end(&mut out)).await.expect("HTTP reply in time").unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();

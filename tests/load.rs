@@ -1,0 +1,223 @@
+//! Load tiers end to end, over real libp2p connections: what each tier does to requests, the
+//! statement budget as a ceiling, and reloading `[load]` without a restart. Tiers are forced
+//! (`load.force_tier`) so the tests do not depend on how busy the machine is; how tiers are
+//! computed from signals is tested in `src/load.rs` under tokio's paused clock.
+
+mod common;
+
+both_backends!(refuse_serves_find_node_and_drops_add_provider);
+
+use std::time::{Duration, Instant};
+
+use common::{head_addrs, http_get, http_request, metric, Backend, RawClient};
+use hydra::config::LoadSection;
+use hydra::load::Tier;
+use hydra::wire::{self, MessageType};
+use libp2p::kad::KBucketKey;
+
+fn random_key() -> Vec<u8> {
+    let mut k = vec![0x12, 0x20];
+    k.extend((0..32).map(|_| rand::random::<u8>()));
+    k
+}
+
+fn shed(node: &hydra::Node, tier: &str, reason: &str) -> f64 {
+    metric(node, "hydra_load_shed_total", &[("tier", tier), ("reason", reason)])
+}
+
+/// Write `[load]` settings to the node's config file (what a reload reads).
+fn write_load(path: &std::path::Path, load: &LoadSection) {
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        load: &'a LoadSection,
+    }
+    std::fs::write(path, toml::to_string(&File { load }).unwrap()).unwrap();
+}
+
+async fn reload(node: &hydra::Node) -> (u16, String) {
+    http_request(&node.http_addr().to_string(), "POST", "/v1/config/reload").await
+}
+
+/// A node with its `[load]` section in a config file, tier forced to `tier`.
+async fn start_forced(dir: &std::path::Path, heads: usize, backend: Backend, tier: Tier) -> hydra::Node {
+    let mut cfg = common::config_on(dir, heads, backend).await;
+    cfg.load.force_tier = Some(tier);
+    let file = dir.join("hydra.toml");
+    write_load(&file, &cfg.load);
+    cfg.config_file = Some(file);
+    hydra::Node::start(cfg).await.expect("node starts")
+}
+
+async fn refuse_serves_find_node_and_drops_add_provider(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 2, backend, Tier::Refuse).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let key = random_key();
+
+    let mut s = client.open(heads[0].0).await;
+    RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+    // FIND_NODE (and PING) never touch the datastore: answered in refuse.
+    let reply =
+        RawClient::request(&mut s, &wire::encode_request(MessageType::FindNode, &key, &[])).await.unwrap();
+    assert_eq!(reply.r#type, MessageType::FindNode as i32);
+    assert_eq!(reply.closer_peers.len(), 1, "the sibling head");
+    // The ADD_PROVIDER before it was dropped, and counted as shed by the tier.
+    assert_eq!(node.providers().buffered(), 0);
+    assert_eq!(shed(&node, "refuse", "tier"), 1.0);
+    let reply = client.get_providers(heads[1].0, &key).await;
+    assert!(reply.provider_peers.is_empty());
+    assert!(!reply.closer_peers.is_empty(), "GET_PROVIDERS is answered with closer peers only");
+    assert_eq!(shed(&node, "refuse", "tier"), 2.0);
+
+    // Back to normal without a restart: the announcement now lands, so it was not stored before.
+    let file = dir.path().join("hydra.toml");
+    write_load(
+        &file,
+        &LoadSection { force_tier: Some(Tier::Normal), ..node.load().config().as_ref().clone() },
+    );
+    assert_eq!(reload(&node).await.0, 200);
+    assert!(client.get_providers(heads[1].0, &key).await.provider_peers.is_empty(), "nothing was stored");
+    let mut s = client.open(heads[0].0).await;
+    RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+    RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+    assert_eq!(client.get_providers(heads[1].0, &key).await.provider_peers.len(), 1);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_refuses_new_streams_while_open_streams_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 1, Backend::Sqlite, Tier::Normal).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let mut open = client.open(heads[0].0).await;
+    let ping = wire::encode_request(MessageType::Ping, &[], &[]);
+    RawClient::request(&mut open, &ping).await.unwrap();
+
+    let file = dir.path().join("hydra.toml");
+    write_load(&file, &LoadSection { force_tier: Some(Tier::Peak), ..node.load().config().as_ref().clone() });
+    assert_eq!(reload(&node).await.0, 200);
+    // A new stream is reset by the handler: the request gets no reply.
+    let mut fresh = client.open(heads[0].0).await;
+    assert!(RawClient::request(&mut fresh, &ping).await.is_err());
+    assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "refused")]), 1.0);
+    // The stream opened before still serves FIND_NODE.
+    let reply =
+        RawClient::request(&mut open, &wire::encode_request(MessageType::FindNode, b"k", &[])).await.unwrap();
+    assert_eq!(reply.r#type, MessageType::FindNode as i32);
+    node.shutdown().await;
+}
+
+/// Degrade: GET_PROVIDERS goes to the datastore only at heads among the k closest to the key
+/// (go-libp2p-kad-dht #730); other heads answer from the cache, and a miss gets closer peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degrade_serves_keys_far_from_the_head_from_cache_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // 25 heads: for any key, 5 of them are not among the 20 closest of the process's heads.
+    let node = start_forced(dir.path(), 25, Backend::Sqlite, Tier::Degrade).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let key = random_key();
+    let target = KBucketKey::new(key.clone());
+    let mut by_distance = heads.clone();
+    by_distance.sort_by_key(|(p, _)| KBucketKey::from(*p).distance(&target));
+    let (near, far) = (by_distance[0].0, by_distance[24].0);
+
+    // Stored and flushed: the flush evicts the key from the cache.
+    let mut s = client.open(near).await;
+    RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+    RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+    node.providers().flush().await;
+
+    let reply = client.get_providers(far, &key).await;
+    assert!(reply.provider_peers.is_empty(), "far head, cache miss: closer peers only");
+    assert!(!reply.closer_peers.is_empty());
+    assert_eq!(shed(&node, "degrade", "cache_only"), 1.0);
+    // A head among the closest still reads the datastore (and fills the shared cache)…
+    assert_eq!(client.get_providers(near, &key).await.provider_peers.len(), 1);
+    // …after which the far head answers from the cache.
+    assert_eq!(client.get_providers(far, &key).await.provider_peers.len(), 1);
+    assert_eq!(shed(&node, "degrade", "cache_only"), 1.0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_is_rejected_and_the_old_settings_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 1, Backend::Sqlite, Tier::Normal).await;
+    let http = node.http_addr().to_string();
+    let file = dir.path().join("hydra.toml");
+    let mut good = node.load().config().as_ref().clone();
+    good.degrade.datastore_p99_ms = 80.0;
+    write_load(&file, &good);
+    let (code, body) = reload(&node).await;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&http_get(&http, "/v1/status").await.1).unwrap();
+    assert_eq!(status["load"]["degrade"]["datastore_p99_ms"], 80.0);
+    assert_eq!(status["tier"], "normal");
+    for key in ["signals", "datastore_latency_ms"] {
+        assert!(status[key].is_object(), "{key} in {status}");
+    }
+
+    // A refuse threshold below the degrade one: rejected, naming the field; nothing changes.
+    std::fs::write(&file, "[load.degrade]\ndatastore_p99_ms = 80\n[load.refuse]\ndatastore_p99_ms = 40\n")
+        .unwrap();
+    let (code, body) = reload(&node).await;
+    assert_eq!(code, 400);
+    assert!(body.contains("load.refuse.datastore_p99_ms"), "{body}");
+    // A file that does not parse is rejected too.
+    std::fs::write(&file, "[load]\nexit_ratio = \"high\"\n").unwrap();
+    assert_eq!(reload(&node).await.0, 400);
+    let status: serde_json::Value = serde_json::from_str(&http_get(&http, "/v1/status").await.1).unwrap();
+    assert_eq!(status["load"]["degrade"]["datastore_p99_ms"], 80.0);
+    assert_eq!(status["load"]["refuse"]["datastore_p99_ms"], 250.0);
+    assert_eq!(metric(&node, "hydra_load_config_reloads_total", &[("result", "error")]), 2.0);
+    assert_eq!(
+        metric(&node, "hydra_load_threshold", &[("tier", "degrade"), ("signal", "datastore_p99_ms")]),
+        80.0
+    );
+    node.shutdown().await;
+}
+
+/// The statement budget is a ceiling: request-driven statements never run faster than
+/// `load.datastore_statements_per_second`, however many requests arrive; they wait, and the
+/// writes still land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastore_statements_never_exceed_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config_on(dir.path(), 2, Backend::Postgres).await;
+    const BUDGET: f64 = 20.0;
+    cfg.load.datastore_statements_per_second = BUDGET as u32;
+    cfg.providers.flush_batch = 5;
+    cfg.providers.flush_interval = Duration::from_millis(10);
+    cfg.providers.read_batch_keys = 2;
+    let node = hydra::Node::start(cfg).await.expect("node starts");
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let count = |op: &str| metric(&node, "hydra_datastore_operation_duration_seconds_count", &[("op", op)]);
+    let statements = || 2.0 * count("put_providers") + count("get_providers");
+
+    let start = Instant::now();
+    let before = statements();
+    let keys: Vec<Vec<u8>> = (0..100).map(|_| random_key()).collect();
+    let mut s = client.open(heads[0].0).await;
+    for k in &keys {
+        RawClient::send(&mut s, &client.add_provider_body(k)).await.unwrap();
+    }
+    // Distinct unknown keys, concurrently: each needs a lookup.
+    let unknown: Vec<Vec<u8>> = (0..40).map(|_| random_key()).collect();
+    futures::future::join_all(unknown.iter().map(|k| client.get_providers(heads[1].0, k))).await;
+    node.providers().flush().await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let ran = statements() - before;
+    // GCRA: at most rate × time, plus the burst (1 at this rate).
+    assert!(ran <= BUDGET * elapsed + 1.0, "{ran} statements in {elapsed:.2} s over a {BUDGET}/s budget");
+    let waited = metric(&node, "hydra_load_statement_budget_wait_seconds_count", &[]);
+    assert!(waited > 0.0, "the budget never made a statement wait: the test did not exercise it");
+    // Waiting, not dropping: every announcement is readable.
+    for k in keys.iter().step_by(10) {
+        assert_eq!(client.get_providers(heads[1].0, k).await.provider_peers.len(), 1);
+    }
+    node.shutdown().await;
+}
