@@ -538,8 +538,6 @@ pub async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
 /// loopback, fresh data directory), time until it logs "node started" (identities leased and
 /// derived, every head listening), stay idle, read its resident memory, stop it with SIGTERM.
 pub async fn startup(heads: Vec<usize>, runs: usize, idle: Duration, quic: bool) -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt;
-    let exe = std::env::current_exe().context("find the hydra binary")?;
     println!(
         "hydra bench startup: {runs} runs per head count, idle {idle:?} before reading RSS, QUIC {quic}"
     );
@@ -553,56 +551,29 @@ pub async fn startup(heads: Vec<usize>, runs: usize, idle: Duration, quic: bool)
             let dir = std::env::temp_dir().join(format!("hydra-bench-startup-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let t = Instant::now();
-            let mut child = tokio::process::Command::new(&exe)
-                .args([
-                    "run",
-                    "--heads",
-                    &n.to_string(),
-                    "--listen-ip",
-                    "127.0.0.1",
-                    "--http-listen",
-                    "127.0.0.1:0",
-                ])
-                .args([
-                    "--log-format",
-                    "json",
-                    "--node-name",
-                    "bench",
-                    "--quic",
-                    if quic { "true" } else { "false" },
-                ])
-                .arg("--data-dir")
-                .arg(&dir)
-                .env("RUST_LOG", "info")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?;
-            let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-            loop {
-                let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line())
-                    .await
-                    .context("start-up took over 10 minutes")??
-                    .context("hydra exited before it started")?;
-                if line.contains("\"node started\"") {
-                    break;
-                }
-            }
+            let args: Vec<String> = [
+                "run",
+                "--heads",
+                &n.to_string(),
+                "--listen-ip",
+                "127.0.0.1",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--node-name",
+                "bench",
+                "--quic",
+                if quic { "true" } else { "false" },
+                "--data-dir",
+                &dir.display().to_string(),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect();
+            let node = crate::loadgen::NodeProcess::spawn(&args, Duration::from_secs(600)).await?;
             secs.push(t.elapsed().as_secs_f64());
-            // Keep reading logs so the child never blocks on a full pipe.
-            let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             tokio::time::sleep(idle).await;
-            let pid = child.id().context("pid")?;
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            let kib: f64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .context("read VmRSS")?;
-            rss.push(kib);
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-            let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
-            drain.abort();
+            rss.push(node.rss_kib().context("read VmRSS")?);
+            node.stop().await;
             let _ = std::fs::remove_dir_all(&dir);
         }
         let (s, r) = (median(secs), median(rss));

@@ -9,6 +9,7 @@ pub mod http;
 pub mod identity;
 pub mod kad_server;
 pub mod load;
+pub mod loadgen;
 pub mod metrics;
 pub mod node;
 pub mod pgcluster;

@@ -64,6 +64,54 @@ enum BenchCommand {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         quic: bool,
     },
+    /// Open-loop load against a `hydra run` process on PostgreSQL: capacity, then multiples of it.
+    Load {
+        /// Server to use (must allow CREATE DATABASE); default: a throwaway local cluster.
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Node config to start from (e.g. its [load] section); listen and store settings are set
+        /// by the benchmark.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Client identities (each its own libp2p connection to every head).
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Request mix: percentages of ADD_PROVIDER, GET_PROVIDERS, FIND_NODE.
+        #[arg(long, value_delimiter = ',', default_value = "30,50,20")]
+        mix: Vec<u32>,
+        /// Offered rates (requests/s) to run; when absent, capacity C is searched first.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        /// Multiples of C to run after the search.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,5,10")]
+        multiples: Vec<f64>,
+        /// First rate of the capacity search (requests/s).
+        #[arg(long, default_value_t = 250.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 10)]
+        search_seconds: u64,
+        #[arg(long, default_value_t = 30)]
+        step_seconds: u64,
+        /// The latency target that defines capacity: p99 of answered GET_PROVIDERS.
+        #[arg(long, default_value_t = 50)]
+        p99_target_ms: u64,
+        /// Provider records announced before measuring.
+        #[arg(long, default_value_t = 20_000)]
+        preload: usize,
+        /// Slow PostgreSQL down: hold an exclusive lock on the provider table for this many ms…
+        #[arg(long)]
+        slow_hold_ms: Option<u64>,
+        /// …out of every this many ms.
+        #[arg(long, default_value_t = 1000)]
+        slow_period_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        request_timeout_ms: u64,
+        /// Requests the generator keeps in flight at most (beyond: counted as generator drops).
+        #[arg(long, default_value_t = 50_000)]
+        max_in_flight: usize,
+    },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
         #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
@@ -208,6 +256,47 @@ fn main() -> ExitCode {
                 std::time::Duration::from_secs(*idle),
                 *quic,
             )),
+            BenchCommand::Load {
+                database_url,
+                config,
+                heads,
+                clients,
+                mix,
+                rates,
+                multiples,
+                start_rate,
+                search_seconds,
+                step_seconds,
+                p99_target_ms,
+                preload,
+                slow_hold_ms,
+                slow_period_ms,
+                request_timeout_ms,
+                max_in_flight,
+            } => {
+                let ms = std::time::Duration::from_millis;
+                let secs = std::time::Duration::from_secs;
+                match <[u32; 3]>::try_from(mix.as_slice()) {
+                    Err(_) => Err(anyhow::anyhow!("--mix takes three numbers: add,get,find")),
+                    Ok(mix) => rt.block_on(hydra::loadgen::load(hydra::loadgen::LoadBenchOpts {
+                        database_url: database_url.clone(),
+                        config: config.clone(),
+                        heads: (*heads).max(1),
+                        clients: (*clients).max(1),
+                        mix,
+                        rates: rates.clone(),
+                        multiples: multiples.clone(),
+                        start_rate: *start_rate,
+                        search_step: secs(*search_seconds),
+                        step: secs(*step_seconds),
+                        p99_target: ms(*p99_target_ms),
+                        preload: *preload,
+                        slow_postgres: slow_hold_ms.map(|h| (ms(h), ms(*slow_period_ms))),
+                        request_timeout: ms(*request_timeout_ms),
+                        max_in_flight: *max_in_flight,
+                    })),
+                }
+            }
             BenchCommand::Gc { database_url, rows, writes, runs } => {
                 rt.block_on(hydra::bench::gc(hydra::bench::GcBenchOpts {
                     database_url: database_url.clone(),
