@@ -88,6 +88,10 @@ pub struct LoadSection {
     /// than this long to live is acknowledged without a write.
     #[serde(with = "humantime_serde")]
     pub degrade_skip_refresh_if_remaining: Duration,
+    /// An inbound kad stream that waited longer than this for a stream task is reset instead of
+    /// served late; this bounds queueing delay whatever the offered load.
+    #[serde(with = "humantime_serde")]
+    pub stream_queue_max_wait: Duration,
     /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
     pub degrade: crate::load::Thresholds,
     pub refuse: crate::load::Thresholds,
@@ -109,6 +113,7 @@ impl Default for LoadSection {
             degrade_per_peer_cost: 4,
             max_tracked_peers: 100_000,
             degrade_skip_refresh_if_remaining: Duration::from_secs(24 * 3600),
+            stream_queue_max_wait: Duration::from_millis(25),
             degrade,
             refuse,
             peak,
@@ -121,6 +126,7 @@ impl LoadSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
         nonzero_duration("load.sample_interval", self.sample_interval)?;
         nonzero_duration("load.min_dwell", self.min_dwell)?;
+        nonzero_duration("load.stream_queue_max_wait", self.stream_queue_max_wait)?;
         if self.window < self.sample_interval * 2 {
             return Err(invalid("load.window", "must be at least two sample intervals"));
         }
@@ -269,7 +275,8 @@ pub struct ProvidersSection {
     pub max_flushes_in_flight: usize,
     /// Datastore reads in flight at once; beyond it a read is shed (closer peers only).
     pub max_reads_in_flight: usize,
-    /// A GET_PROVIDERS read that takes longer is answered with closer peers only.
+    /// A GET_PROVIDERS read that takes longer is answered with closer peers only. 40 ms keeps
+    /// answered GET_PROVIDERS, transport included, under a 50 ms p99 (docs/benchmarks.md).
     #[serde(with = "humantime_serde")]
     pub read_deadline: Duration,
     /// How long a provider record lives.
@@ -371,7 +378,7 @@ impl Default for ProvidersSection {
             flush_interval: Duration::from_secs(1),
             max_flushes_in_flight: 4,
             max_reads_in_flight: 256,
-            read_deadline: Duration::from_millis(500),
+            read_deadline: Duration::from_millis(40),
             record_ttl: Duration::from_secs(48 * 3600),
             address_ttl: Duration::from_secs(24 * 3600),
             value_ttl: Duration::from_secs(36 * 3600),

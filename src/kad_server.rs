@@ -42,6 +42,8 @@ pub struct InboundStream {
     pub stream: Stream,
     /// The peer's stream slot, released when the stream is dropped.
     pub slot: PeerSlot,
+    /// When it entered the queue (streams that waited too long are reset, not served late).
+    pub queued_at: std::time::Instant,
 }
 
 const PEER_SHARDS: usize = 16;
@@ -128,7 +130,8 @@ impl Intake {
             self.metrics.stream(StreamEvent::PeerLimit);
             return; // one peer may not hold every stream slot
         };
-        match self.queue.try_send(InboundStream { head, peer, stream, slot }) {
+        let queued_at = std::time::Instant::now();
+        match self.queue.try_send(InboundStream { head, peer, stream, slot, queued_at }) {
             Ok(()) => self.metrics.stream(StreamEvent::Queued),
             Err(_) => self.metrics.stream(StreamEvent::QueueFull),
         }

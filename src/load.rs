@@ -82,10 +82,11 @@ impl Tier {
     }
 }
 
-/// Thresholds at which a tier is entered. A threshold of 0 disables that signal for the tier.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One value per signal: the measured signals ([`Signals`]) and the thresholds at which a tier is
+/// entered ([`Thresholds`]; 0 disables that signal for the tier) share this shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Thresholds {
+pub struct PerSignal {
     /// p99 of datastore lookups and writes (`get_providers`, `put_providers`) over the window, ms.
     pub datastore_p99_ms: f64,
     /// p99 of the wait for a pooled datastore connection over the window, ms.
@@ -100,7 +101,13 @@ pub struct Thresholds {
     pub rss_mib: f64,
 }
 
-impl Thresholds {
+/// Thresholds at which a tier is entered.
+pub type Thresholds = PerSignal;
+/// One sample of the measured signals.
+pub type Signals = PerSignal;
+
+impl PerSignal {
+    /// Every signal off (as thresholds).
     const fn disabled() -> Self {
         Self {
             datastore_p99_ms: 0.0,
@@ -112,7 +119,7 @@ impl Thresholds {
         }
     }
 
-    /// (name, threshold) of every signal, in [`Signals::values`] order.
+    /// (signal name, value), in a fixed order (metric label values and status keys).
     pub fn values(&self) -> [(&'static str, f64); 6] {
         [
             ("datastore_p99_ms", self.datastore_p99_ms),
@@ -130,57 +137,30 @@ impl Thresholds {
     }
 }
 
-impl Default for Thresholds {
-    fn default() -> Self {
-        Self::disabled()
-    }
-}
-
 /// The tier thresholds shipped as defaults (see docs/benchmarks.md for how they were chosen).
 pub fn default_thresholds() -> [Thresholds; 3] {
     [
+        // degrade: the datastore is slowing or work is queueing; also when the intake is half
+        // full (the CPU is busy: less datastore work frees some, PostgreSQL often shares it).
         Thresholds {
             datastore_p99_ms: 50.0,
             pool_wait_p99_ms: 20.0,
             write_buffer_fill_ratio: 0.5,
             reads_in_flight_ratio: 0.5,
-            inbound_queue_fill_ratio: 0.25,
-            rss_mib: 0.0,
-        },
-        Thresholds {
-            datastore_p99_ms: 250.0,
-            pool_wait_p99_ms: 100.0,
-            write_buffer_fill_ratio: 0.8,
-            reads_in_flight_ratio: 0.8,
             inbound_queue_fill_ratio: 0.5,
             rss_mib: 0.0,
         },
-        Thresholds { write_buffer_fill_ratio: 0.95, inbound_queue_fill_ratio: 0.9, ..Thresholds::disabled() },
+        // refuse: the datastore itself is in distress (latency, pool wait). Not on the bounded
+        // queues (write buffer, lookups, intake): each sheds its own excess and keeps serving up
+        // to its bound; measured (docs/benchmarks.md), refusing on them as well cut datastore
+        // goodput to a fifth while PostgreSQL was below its budget.
+        Thresholds { datastore_p99_ms: 250.0, pool_wait_p99_ms: 100.0, ..Thresholds::disabled() },
+        // peak: off unless the operator sets it — typically `rss_mib` below the memory limit.
+        // Not on the intake by default: measured (docs/benchmarks.md), refusing every new stream
+        // while the CPU is saturated cut goodput to a fifth, because the transport work per
+        // stream is paid either way; the bounded queue and its max wait already shed there.
+        Thresholds::disabled(),
     ]
-}
-
-/// One sample of the measured signals.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Signals {
-    pub datastore_p99_ms: f64,
-    pub pool_wait_p99_ms: f64,
-    pub write_buffer_fill_ratio: f64,
-    pub reads_in_flight_ratio: f64,
-    pub inbound_queue_fill_ratio: f64,
-    pub rss_mib: f64,
-}
-
-impl Signals {
-    pub fn values(&self) -> [(&'static str, f64); 6] {
-        [
-            ("datastore_p99_ms", self.datastore_p99_ms),
-            ("pool_wait_p99_ms", self.pool_wait_p99_ms),
-            ("write_buffer_fill_ratio", self.write_buffer_fill_ratio),
-            ("reads_in_flight_ratio", self.reads_in_flight_ratio),
-            ("inbound_queue_fill_ratio", self.inbound_queue_fill_ratio),
-            ("rss_mib", self.rss_mib),
-        ]
-    }
 }
 
 /// The next tier, given the current one, when it was entered, and a fresh sample.
@@ -295,6 +275,8 @@ pub struct LatencyPair {
     pub p99: f64,
 }
 
+type TierHook = Box<dyn Fn(Tier) + Send + Sync>;
+
 /// Shared load state: the tier (read on every request), the limits and the live `[load]` config.
 pub struct LoadControl {
     tier: AtomicU8,
@@ -304,7 +286,7 @@ pub struct LoadControl {
     status: ArcSwap<Option<Status>>,
     metrics: LoadMetrics,
     /// Told every tier change (the node closes or opens its intake for `peak`).
-    on_tier: Mutex<Option<Box<dyn Fn(Tier) + Send + Sync>>>,
+    on_tier: Mutex<Option<TierHook>>,
 }
 
 impl LoadControl {
@@ -493,8 +475,9 @@ pub fn rss_bytes() -> Option<u64> {
 type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware>;
 
 /// The per-process budget of datastore statements per second (governor GCRA). Statements wait
-/// for it, they are never dropped by it; the burst is 1 % of the rate, so no one-second window
-/// sees more than 1.01 × the rate.
+/// for it, they are never dropped by it. The burst is 1/20 of the rate (50 ms worth): any window
+/// of T seconds holds at most rate × T + rate / 20 statements — 1.05 × the rate over one second,
+/// 1.01 × over five.
 pub struct StatementBudget {
     limiter: ArcSwapOption<DirectLimiter>,
     waited: AtomicU64,
@@ -511,7 +494,7 @@ impl StatementBudget {
     /// Budget `per_second` statements per second; 0 removes the limit.
     pub fn set(&self, per_second: u32) {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
-            let burst = NonZeroU32::new(per_second / 100).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(per_second / 20).unwrap_or(NonZeroU32::MIN);
             Arc::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
         });
         self.limiter.store(limiter);
@@ -717,10 +700,16 @@ mod tests {
         let c = cfg();
         let now = Instant::now();
         let full_queue = Signals { inbound_queue_fill_ratio: 0.95, ..Signals::default() };
-        assert_eq!(decide(Tier::Normal, now, now, &full_queue, &c), Tier::Peak);
+        assert_eq!(decide(Tier::Normal, now, now, &full_queue, &c), Tier::Degrade);
+        let with_peak =
+            LoadSection { peak: Thresholds { rss_mib: 1000.0, ..Thresholds::default() }, ..c.clone() };
+        let big = Signals { rss_mib: 1200.0, ..Signals::default() };
+        assert_eq!(decide(Tier::Normal, now, now, &big, &with_peak), Tier::Peak);
         let buffer = Signals { write_buffer_fill_ratio: 0.85, ..Signals::default() };
-        assert_eq!(decide(Tier::Normal, now, now, &buffer, &c), Tier::Refuse);
-        // rss_mib is disabled (0) by default: any RSS leaves the tier alone.
+        assert_eq!(decide(Tier::Normal, now, now, &buffer, &c), Tier::Degrade);
+        let slow = Signals { pool_wait_p99_ms: 150.0, ..Signals::default() };
+        assert_eq!(decide(Tier::Normal, now, now, &slow, &c), Tier::Refuse);
+        // rss_mib is disabled (0) by default (and peak has no default trigger at all).
         let rss = Signals { rss_mib: 1e9, ..Signals::default() };
         assert_eq!(decide(Tier::Normal, now, now, &rss, &c), Tier::Normal);
         let forced = LoadSection { force_tier: Some(Tier::Refuse), ..c };

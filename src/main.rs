@@ -84,6 +84,9 @@ enum BenchCommand {
         /// Offered rates (requests/s) to run; when absent, capacity C is searched first.
         #[arg(long, value_delimiter = ',')]
         rates: Vec<f64>,
+        /// Use this capacity C (requests/s) instead of searching it.
+        #[arg(long)]
+        capacity: Option<f64>,
         /// Multiples of C to run after the search.
         #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,5,10")]
         multiples: Vec<f64>,
@@ -263,6 +266,7 @@ fn main() -> ExitCode {
                 clients,
                 mix,
                 rates,
+                capacity,
                 multiples,
                 start_rate,
                 search_seconds,
@@ -285,6 +289,7 @@ fn main() -> ExitCode {
                         clients: (*clients).max(1),
                         mix,
                         rates: rates.clone(),
+                        capacity: *capacity,
                         multiples: multiples.clone(),
                         start_rate: *start_rate,
                         search_step: secs(*search_seconds),

@@ -53,6 +53,8 @@ pub enum StreamEvent {
     Closed,
     /// Refused at the handler because the load tier is `peak`.
     Refused,
+    /// Waited in the queue longer than `load.stream_queue_max_wait`: reset, not served late.
+    QueueWait,
     /// Reset after the idle timeout.
     IdleTimeout,
     /// A message over the size limit (or the large-message budget): reset.
@@ -62,11 +64,12 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 8] = [
+    pub const ALL: [StreamEvent; 9] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
         StreamEvent::PeerLimit,
         StreamEvent::Refused,
+        StreamEvent::QueueWait,
         StreamEvent::Closed,
         StreamEvent::IdleTimeout,
         StreamEvent::Oversized,
@@ -78,6 +81,7 @@ impl StreamEvent {
             StreamEvent::QueueFull => "queue_full",
             StreamEvent::PeerLimit => "peer_limit",
             StreamEvent::Refused => "refused",
+            StreamEvent::QueueWait => "queue_wait",
             StreamEvent::Closed => "closed",
             StreamEvent::IdleTimeout => "idle_timeout",
             StreamEvent::Oversized => "oversized",

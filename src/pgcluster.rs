@@ -81,6 +81,34 @@ impl PgCluster {
         Ok(c)
     }
 
+    /// Set the scheduling priority (nice value) of the server and its current processes; backends
+    /// started later inherit it from the postmaster. Returns how many processes were changed
+    /// (0 when not permitted, e.g. raising priority without root).
+    pub fn set_priority(&self, nice: i32) -> usize {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let Some(master) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return 0;
+        };
+        let mut pids = vec![master];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // Field 4, after the parenthesised command name, is the parent pid.
+            let parent =
+                stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+            if parent == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids.into_iter()
+            // SAFETY: setpriority only reads its arguments.
+            .filter(|pid| unsafe { libc::setpriority(libc::PRIO_PROCESS, *pid, nice) } == 0)
+            .count()
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
         let bin = self.bindir.join(tool);
         let mut cmd = if self.as_postgres {

@@ -290,6 +290,11 @@ impl ProviderManager {
     /// Write shard `idx`'s pending entries as one batch, once a flush slot is free.
     async fn flush_shard(&self, idx: usize) {
         let Ok(permit) = self.inner.flush_permits.clone().acquire_owned().await else { return };
+        if self.inner.buffer.pending(idx) == 0 {
+            return;
+        }
+        // Two statements; whatever is buffered while the budget makes us wait joins this batch.
+        self.inner.store.budget().take(2).await;
         let Some(batch) = self.inner.buffer.take(idx) else { return };
         let this = self.clone();
         // Not in `tasks`: `flush` waits for these through the permits.

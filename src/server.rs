@@ -76,10 +76,20 @@ pub async fn dispatch(
             _ = cancel.cancelled() => return,
             s = queue.recv() => match s { Some(s) => s, None => return },
         };
+        if s.queued_at.elapsed() > svc.load.config().stream_queue_max_wait {
+            svc.metrics.stream(StreamEvent::QueueWait);
+            continue;
+        }
         let permit = tokio::select! {
             _ = cancel.cancelled() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
+        // Served late is worse than refused: the peer has likely given up, and serving it would
+        // make every stream behind it late too (CoDel's lesson). Dropping it resets it.
+        if s.queued_at.elapsed() > svc.load.config().stream_queue_max_wait {
+            svc.metrics.stream(StreamEvent::QueueWait);
+            continue;
+        }
         let svc = svc.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -97,7 +107,7 @@ pub async fn dispatch(
 /// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was
 /// not closed resets it.
 async fn serve_stream(svc: &Service, s: InboundStream) {
-    let InboundStream { head, peer, mut stream, slot: _slot } = s;
+    let InboundStream { head, peer, mut stream, slot: _slot, queued_at: _ } = s;
     svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
     loop {

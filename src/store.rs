@@ -155,10 +155,17 @@ impl Store {
         Ok(())
     }
 
-    /// Upsert a batch of provider records and their addresses.
+    /// The statement budget. Provider writes and lookups are metered by their callers, which
+    /// take the budget *before* choosing what goes into the batch, so work arriving meanwhile
+    /// joins it (the write buffer and the read batcher).
+    pub fn budget(&self) -> &Arc<StatementBudget> {
+        &self.budget
+    }
+
+    /// Upsert a batch of provider records and their addresses: two statements, metered by the
+    /// caller ([`Self::budget`]).
     pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {
-        // Two statements: the records, then the providers' addresses.
-        call!(self, DbOp::PutProviders, budget = 2, |s| s.put_providers(rows))
+        call!(self, DbOp::PutProviders, |s| s.put_providers(rows))
     }
 
     /// Unexpired providers of each key, at most `per_key` per key, with their unexpired addresses.
@@ -168,7 +175,8 @@ impl Store {
         now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
-        call!(self, DbOp::GetProviders, budget = 1, |s| s.get_providers(keys, now, per_key))
+        // One statement, metered by the caller.
+        call!(self, DbOp::GetProviders, |s| s.get_providers(keys, now, per_key))
     }
 
     pub async fn put_value(&self, record: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {

@@ -27,8 +27,11 @@ impl Fleet {
         let config = dir.path().join("fleet.toml");
         std::fs::write(
             &config,
-            "[identity]\nlease_ttl = \"2s\"\n[providers]\nflush_interval = \"100ms\"\nread_deadline = \"10s\"\n\
-             [routing]\naddress_filter = \"any\"\n",
+            format!(
+                "[identity]\nlease_ttl = \"2s\"\n[providers]\nflush_interval = \"100ms\"\nread_deadline = \"10s\"\n\
+                 [routing]\naddress_filter = \"any\"\n{}",
+                common::STABLE_LOAD_TOML
+            ),
         )
         .unwrap();
         let seed = dir.path().join("fleet.seed");

@@ -57,9 +57,14 @@ async fn a_second_process_sharing_postgres_returns_the_provider() {
     let StoreKind::Postgres(url) = cfg.store.clone() else { unreachable!() };
     let a = hydra::Node::start(cfg).await.unwrap();
     let b_dir = tempfile::tempdir().unwrap();
+    let b_config = b_dir.path().join("b.toml");
+    let stable = format!("[providers]\nread_deadline = \"10s\"\n{}", common::STABLE_LOAD_TOML);
+    std::fs::write(&b_config, stable).unwrap();
     let b = Process::spawn(
         &[
             "run",
+            "--config",
+            b_config.to_str().unwrap(),
             "--heads",
             "2",
             "--listen-ip",

@@ -112,6 +112,11 @@ impl WriteBuffer {
         out
     }
 
+    /// Entries pending (not yet being written) in shard `idx`.
+    pub fn pending(&self, idx: usize) -> usize {
+        self.lock(idx).pending_entries
+    }
+
     /// Whether shard `idx` should be flushed now.
     pub fn due(&self, idx: usize, interval: Duration) -> bool {
         let shard = self.lock(idx);

@@ -171,6 +171,11 @@ impl Reads {
                 _ = cancel.cancelled() => return,
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             };
+            // One statement of the budget; keys queued while it makes us wait join this batch.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = store.budget().take(1) => {}
+            }
             let mut keys = vec![first];
             while keys.len() < cfg.batch_keys {
                 match rx.try_recv() {

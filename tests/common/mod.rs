@@ -19,6 +19,10 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, Stream, Swarm};
 
+/// `[load]` settings for functional tests of `hydra` processes: the tier pinned to normal and no
+/// per-peer limit, so results do not depend on how busy the machine is (as [`config`] does).
+pub const STABLE_LOAD_TOML: &str = "[load]\nforce_tier = \"normal\"\nper_peer_requests_per_second = 0\n";
+
 /// Bound for any single wait in a test; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 
