@@ -70,9 +70,16 @@ fn local_heads(p: &Process) -> Vec<hydra::http::HeadInfo> {
 }
 
 /// A port range of `n` ports free on both addresses (best effort: checked by binding TCP and UDP).
+/// The range lies below the kernel's ephemeral ports, so that no outgoing connection (of this
+/// or a parallel test) takes one of its ports between the check and a (re)start.
 fn free_port_base(n: u16, ips: &[&str]) -> u16 {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(n).max(10_001));
     'outer: for _ in 0..200 {
-        let base = 20_000 + rand::random::<u16>() % 30_000;
+        let base = low + rand::random::<u16>() % (high - low);
         for port in base..base + n {
             for ip in ips {
                 let ok = std::net::TcpListener::bind((*ip, port)).is_ok()
