@@ -76,18 +76,14 @@ pub async fn dispatch(
             _ = cancel.cancelled() => return,
             s = queue.recv() => match s { Some(s) => s, None => return },
         };
-        if s.queued_at.elapsed() > svc.load.config().stream_queue_max_wait {
-            svc.metrics.stream(StreamEvent::QueueWait);
+        if too_late(&svc, &s, &queue) {
             continue;
         }
         let permit = tokio::select! {
             _ = cancel.cancelled() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        // Served late is worse than refused: the peer has likely given up, and serving it would
-        // make every stream behind it late too (CoDel's lesson). Dropping it resets it.
-        if s.queued_at.elapsed() > svc.load.config().stream_queue_max_wait {
-            svc.metrics.stream(StreamEvent::QueueWait);
+        if too_late(&svc, &s, &queue) {
             continue;
         }
         let svc = svc.clone();
@@ -102,6 +98,19 @@ pub async fn dispatch(
             drop(permit);
         });
     }
+}
+
+/// Whether `s` waited longer than `load.stream_queue_max_wait` while others wait behind it: then
+/// it is dropped (reset) and counted. Served late is worse than refused when there is a backlog —
+/// the peer has likely given up, and serving it makes every stream behind it late too (CoDel's
+/// lesson). Without a backlog serving it delays nobody, so a lone late stream (a scheduling
+/// hiccup) is still served.
+fn too_late(svc: &Service, s: &InboundStream, queue: &mpsc::Receiver<InboundStream>) -> bool {
+    if queue.is_empty() || s.queued_at.elapsed() <= svc.load.config().stream_queue_max_wait {
+        return false;
+    }
+    svc.metrics.stream(StreamEvent::QueueWait);
+    true
 }
 
 /// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was

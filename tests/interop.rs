@@ -83,7 +83,11 @@ fn sheds(node: &hydra::Node) -> String {
             format!("{t}={}", metric(node, "hydra_kad_requests_total", &[("type", t), ("outcome", "shed")]))
         })
         .collect();
-    format!("shed requests: {}", by_type.join(" "))
+    let streams: Vec<String> = ["queue_full", "queue_wait", "peer_limit", "error"]
+        .iter()
+        .map(|e| format!("{e}={}", metric(node, "hydra_kad_streams_total", &[("event", e)])))
+        .collect();
+    format!("shed requests: {}; streams: {}", by_type.join(" "), streams.join(" "))
 }
 
 fn heads_json(node: &hydra::Node) -> String {

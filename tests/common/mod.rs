@@ -21,7 +21,8 @@ use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, Stream, Swarm};
 
 /// `[load]` settings for functional tests of `hydra` processes: the tier pinned to normal and no
 /// per-peer limit, so results do not depend on how busy the machine is (as [`config`] does).
-pub const STABLE_LOAD_TOML: &str = "[load]\nforce_tier = \"normal\"\nper_peer_requests_per_second = 0\n";
+pub const STABLE_LOAD_TOML: &str =
+    "[load]\nforce_tier = \"normal\"\nper_peer_requests_per_second = 0\nstream_queue_max_wait = \"10s\"\n";
 
 /// Bound for any single wait in a test; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -45,6 +46,7 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     // Likewise tiers and per-peer limits: pinned to normal and off, except in tests/load.rs.
     f.load.force_tier = Some(hydra::load::Tier::Normal);
     f.load.per_peer_requests_per_second = 0;
+    f.load.stream_queue_max_wait = Duration::from_secs(10);
     f.validate().expect("test config is valid")
 }
 
