@@ -572,7 +572,7 @@ pub async fn startup(heads: Vec<usize>, runs: usize, idle: Duration, quic: bool)
             let node = crate::loadgen::NodeProcess::spawn(&args, Duration::from_secs(600)).await?;
             secs.push(t.elapsed().as_secs_f64());
             tokio::time::sleep(idle).await;
-            rss.push(node.rss_kib().context("read VmRSS")?);
+            rss.push(node.rss_kib().context("read the node's RSS")?);
             node.stop().await;
             let _ = std::fs::remove_dir_all(&dir);
         }

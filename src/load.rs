@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -269,6 +269,14 @@ pub struct Status {
     pub load: LoadSection,
 }
 
+/// What the controller measured last.
+struct Sample {
+    signals: Signals,
+    latency: HashMap<&'static str, LatencyPair>,
+    /// When the tier last changed.
+    since: Instant,
+}
+
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct LatencyPair {
     pub p95: f64,
@@ -283,7 +291,8 @@ pub struct LoadControl {
     cfg: ArcSwap<LoadSection>,
     peers: ArcSwapOption<PeerLimiter>,
     budget: Arc<StatementBudget>,
-    status: ArcSwap<Option<Status>>,
+    /// The controller's last sample; [`Self::status`] adds the live tier and settings.
+    sample: ArcSwap<Option<Sample>>,
     metrics: LoadMetrics,
     /// Told every tier change (the node closes or opens its intake for `peak`).
     on_tier: Mutex<Option<TierHook>>,
@@ -296,7 +305,7 @@ impl LoadControl {
             cfg: ArcSwap::from_pointee(cfg.clone()),
             peers: ArcSwapOption::empty(),
             budget,
-            status: ArcSwap::from_pointee(None),
+            sample: ArcSwap::from_pointee(None),
             metrics,
             on_tier: Mutex::new(None),
         });
@@ -371,13 +380,19 @@ impl LoadControl {
         }
     }
 
-    /// The last sample with the current settings (None before the first sample).
+    /// The last sample with the current tier and settings (None before the first sample).
     pub fn status(&self) -> Option<Status> {
-        let mut st = (**self.status.load()).clone()?;
-        st.load = (*self.config()).clone();
-        st.forced = st.load.force_tier.is_some();
-        st.tier = self.tier();
-        Some(st)
+        let sample = self.sample.load_full();
+        let Sample { signals, latency, since } = (*sample).as_ref()?;
+        let load = (*self.config()).clone();
+        Some(Status {
+            tier: self.tier(),
+            forced: load.force_tier.is_some(),
+            tier_age_seconds: since.elapsed().as_secs_f64(),
+            signals: *signals,
+            datastore_latency_ms: latency.clone(),
+            load,
+        })
     }
 
     /// The controller: sample, decide, publish, until cancelled.
@@ -417,7 +432,7 @@ impl LoadControl {
                 write_buffer_fill_ratio: ratio(source.write_buffer()),
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),
                 inbound_queue_fill_ratio: ratio(source.inbound_queue()),
-                rss_mib: rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
+                rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
             };
             let now = Instant::now();
             let cur = self.tier();
@@ -438,14 +453,7 @@ impl LoadControl {
                 }
                 self.metrics.tracked_peers.set(p.store.len() as i64);
             }
-            self.status.store(Arc::new(Some(Status {
-                tier: next,
-                forced: cfg.force_tier.is_some(),
-                tier_age_seconds: now.duration_since(since).as_secs_f64(),
-                signals: s,
-                datastore_latency_ms: latency,
-                load: (*cfg).clone(),
-            })));
+            self.sample.store(Arc::new(Some(Sample { signals: s, latency, since })));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.sample_interval) => {}
@@ -463,9 +471,9 @@ impl LoadControl {
     }
 }
 
-/// Resident set size of this process, from /proc/self/statm (Linux only).
-pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+/// Resident set size of process `pid` ("self" for this one), from /proc (Linux only).
+pub fn rss_bytes(pid: &str) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -478,19 +486,19 @@ type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMidd
 /// for it, they are never dropped by it. The burst is 1/20 of the rate (50 ms worth): any window
 /// of T seconds holds at most rate × T + rate / 20 statements — 1.05 × the rate over one second,
 /// 1.01 × over five.
+#[derive(Default)]
 pub struct StatementBudget {
     limiter: ArcSwapOption<DirectLimiter>,
-    waited: AtomicU64,
-    metrics: Mutex<Option<LoadMetrics>>,
-}
-
-impl Default for StatementBudget {
-    fn default() -> Self {
-        Self { limiter: ArcSwapOption::empty(), waited: AtomicU64::new(0), metrics: Mutex::new(None) }
-    }
+    /// Observes how long statements waited (`hydra_load_statement_budget_wait_seconds`).
+    wait: Option<prometheus::Histogram>,
 }
 
 impl StatementBudget {
+    /// An unlimited budget (until [`Self::set`]) whose waits are observed in `wait`.
+    pub fn new(wait: prometheus::Histogram) -> Self {
+        Self { limiter: ArcSwapOption::empty(), wait: Some(wait) }
+    }
+
     /// Budget `per_second` statements per second; 0 removes the limit.
     pub fn set(&self, per_second: u32) {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
@@ -498,10 +506,6 @@ impl StatementBudget {
             Arc::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
         });
         self.limiter.store(limiter);
-    }
-
-    pub fn set_metrics(&self, m: LoadMetrics) {
-        *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
     }
 
     /// Wait until `n` statements may run.
@@ -513,16 +517,10 @@ impl StatementBudget {
             }
             let start = std::time::Instant::now();
             limiter.until_ready().await;
-            self.waited.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &*self.metrics.lock().unwrap_or_else(|e| e.into_inner()) {
-                m.budget_wait.observe(start.elapsed().as_secs_f64());
+            if let Some(h) = &self.wait {
+                h.observe(start.elapsed().as_secs_f64());
             }
         }
-    }
-
-    /// Statements that had to wait for the budget since start.
-    pub fn waited(&self) -> u64 {
-        self.waited.load(Ordering::Relaxed)
     }
 }
 

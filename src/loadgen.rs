@@ -146,15 +146,7 @@ impl NodeProcess {
 
     /// Resident memory, KiB.
     pub fn rss_kib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
+        crate::load::rss_bytes(&self.pid.to_string()).map(|b| b as f64 / 1024.0)
     }
 
     /// User + system CPU time, seconds.
@@ -536,12 +528,7 @@ async fn sample(http: String, pid: u32, pg_url: String, db: String, out: Arc<Mut
             Ok(Ok(v)) => TIERS.iter().position(|t| v["tier"] == *t).unwrap_or(0),
             _ => 0,
         };
-        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(str::to_string))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0;
+        let rss = crate::load::rss_bytes(&pid.to_string()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
         let mut pg_rate = None;
         if n % 5 == 0 {
             if let Ok(x) = pg_xacts(&pg, &db).await {

@@ -52,8 +52,7 @@ impl Node {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry, cfg.heads);
         // The statement budget is set by the load controller from `[load]` (and on reload).
-        let budget = Arc::new(crate::load::StatementBudget::default());
-        budget.set_metrics(metrics.load.clone());
+        let budget = Arc::new(crate::load::StatementBudget::new(metrics.load.budget_wait.clone()));
         let load = LoadControl::new(cfg.load.clone(), budget.clone(), metrics.load.clone());
         let store = Store::open(&cfg.store, &cfg.postgres, metrics.datastore.clone())
             .await

@@ -38,6 +38,19 @@ use crate::metrics::{ProviderMetrics, ShedReason};
 use crate::store::{ms_after, now_ms, Store};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
+/// Append `recs` to `out` (at most `cap` in all), skipping providers already in it: earlier
+/// entries (this process's newest writes) win.
+fn merge<'a>(out: &mut Vec<PeerRecord>, recs: impl Iterator<Item = &'a PeerRecord>, cap: usize) {
+    for rec in recs {
+        if out.len() >= cap {
+            break;
+        }
+        if !out.iter().any(|r| r.peer == rec.peer) {
+            out.push(rec.clone());
+        }
+    }
+}
+
 /// Datastore lookups one `get_providers` makes at most when its answers raced a flush.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -181,14 +194,7 @@ impl ProviderManager {
             attempt += 1;
         };
         let mut out = inner.buffer.local(key, inner.per_key);
-        for rec in before.iter().chain(stored.iter()) {
-            if out.len() >= inner.per_key {
-                break;
-            }
-            if !out.iter().any(|r| r.peer == rec.peer) {
-                out.push(rec.clone());
-            }
-        }
+        merge(&mut out, before.iter().chain(stored.iter()), inner.per_key);
         Ok(out)
     }
 
@@ -200,14 +206,7 @@ impl ProviderManager {
         let Some(stored) = inner.reads.peek(key) else {
             return (!out.is_empty()).then_some(out);
         };
-        for rec in stored.iter() {
-            if out.len() >= inner.per_key {
-                break;
-            }
-            if !out.iter().any(|r| r.peer == rec.peer) {
-                out.push(rec.clone());
-            }
-        }
+        merge(&mut out, stored.iter(), inner.per_key);
         Some(out)
     }
 

@@ -94,14 +94,9 @@ impl Reads {
 
     /// Stored providers of `key`: from the cache, or from one shared, batched lookup.
     pub async fn get(&self, key: &ProviderKey, deadline: Duration) -> Result<Answer, ShedReason> {
-        if let Some(c) = self.cache.get(key) {
-            if c.until > Instant::now() {
-                let r = if c.providers.is_empty() { CacheResult::NegativeHit } else { CacheResult::Hit };
-                self.metrics.cache.with_label_values(&[r.as_str()]).inc();
-                return Ok(Answer { providers: c.providers, raced: false });
-            }
+        if let Some(providers) = self.peek(key) {
+            return Ok(Answer { providers, raced: false });
         }
-        self.metrics.cache.with_label_values(&[CacheResult::Miss.as_str()]).inc();
         let (tx, rx) = oneshot::channel();
         {
             let mut waiting = self.waiting.lock_for(key);
