@@ -11,6 +11,8 @@
 //   walk          A js client provides <count> CIDs to the heads (only DHT servers at that time);
 //                 then js DHT servers S1..S3 join as a chain (S1-heads, S2-S1, S3-S2) and a js
 //                 finder connected only to S3 looks each CID up: a DHT walk through js and hydra.
+//                 The CIDs are chosen so that the chain gets strictly closer to each key (see
+//                 walkableSetup): js-libp2p follows only peers closer than the one that named them.
 import './polyfill.mjs'
 import { createLibp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
@@ -20,6 +22,8 @@ import { identify } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
+import { generateKeyPair } from '@libp2p/crypto/keys'
+import { peerIdFromPrivateKey, peerIdFromString } from '@libp2p/peer-id'
 import { CID } from 'multiformats/cid'
 import * as raw from 'multiformats/codecs/raw'
 import { sha256 } from 'multiformats/hashes/sha2'
@@ -32,8 +36,9 @@ const headIds = new Set([...heads, ...headsB].map(h => h.peer_id))
 
 function log (...args) { console.error('[interop]', ...args) }
 
-async function node (clientMode) {
+async function node (clientMode, privateKey) {
   return createLibp2p({
+    privateKey,
     addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
     transports: [tcp()],
     connectionEncrypters: [noise()],
@@ -77,6 +82,48 @@ async function cids (n) {
     out.push(CID.createV1(raw.code, await sha256.digest(bytes)))
   }
   return out
+}
+
+/** Kademlia id of a peer or a key, as js-libp2p computes it: SHA-256 of the bytes. */
+async function kadId (bytes) {
+  return (await sha256.digest(bytes)).digest
+}
+
+/** XOR distance of two kad ids as a bigint, for comparisons. */
+function distance (a, b) {
+  let d = 0n
+  for (let i = 0; i < a.length; i++) d = (d << 8n) | BigInt(a[i] ^ b[i])
+  return d
+}
+
+/**
+ * Identities for the js servers S1..S3 and <count> CIDs for which a walk S3 -> S2 -> S1 -> heads
+ * gets strictly closer at each hop: d(nearest head) < d(S1) < d(S2) < d(S3). js-libp2p's query
+ * path follows a returned peer only if it is closer to the key than the peer that returned it, so
+ * in a network of seven servers a random key is walkable from S3 only by chance (CI once missed
+ * 1 of 20). About one key in ten qualifies; XOR distance is an ultrametric, so for some triples of
+ * identities no key does (S2 the odd one out): those are drawn again.
+ */
+async function walkableSetup (n) {
+  const heads = await Promise.all([...headIds].map(id => kadId(peerIdFromString(id).toMultihash().bytes)))
+  let tried = 0
+  for (let triple = 0; triple < 20; triple++) {
+    const chainKeys = await Promise.all([1, 2, 3].map(() => generateKeyPair('Ed25519')))
+    const chain = await Promise.all(chainKeys.map(k => kadId(peerIdFromPrivateKey(k).toMultihash().bytes)))
+    const list = []
+    for (let i = 0; i < 100 * n && list.length < n; i++, tried++) {
+      const [cid] = await cids(1)
+      const key = await kadId(cid.multihash.bytes)
+      const nearestHead = heads.map(h => distance(h, key)).reduce((a, b) => (a < b ? a : b))
+      const [d1, d2, d3] = chain.map(c => distance(c, key))
+      if (nearestHead < d1 && d1 < d2 && d2 < d3) list.push(cid)
+    }
+    if (list.length === n) {
+      log(`walk: ${n} walkable CIDs out of ${tried} random ones (identity triple ${triple + 1})`)
+      return { chainKeys, list }
+    }
+  }
+  throw new Error(`no ${n} walkable CIDs after ${tried} tries`)
 }
 
 async function provideAll (provider, list) {
@@ -161,18 +208,19 @@ async function main () {
       if (direct.some(p => aIds.has(p))) throw new Error('finder must never reach process A')
       console.log(JSON.stringify({ mode, provided, ...r }))
     } else if (mode === 'walk') {
+      // The servers' identities are made first so that the CIDs can be chosen against them.
+      const { chainKeys, list } = await walkableSetup(count)
       const provider = await node(true); started.push(provider)
       await dialHeads(provider)
-      const list = await cids(count)
       const provided = await provideAll(provider, list)
       await provider.stop(); started.shift()
 
-      const s1 = await node(false); started.push(s1)
+      const s1 = await node(false, chainKeys[0]); started.push(s1)
       await dialHeads(s1)
-      const s2 = await node(false); started.push(s2)
+      const s2 = await node(false, chainKeys[1]); started.push(s2)
       await s2.dial(s1.getMultiaddrs()[0])
       await waitFor('s1 in s2 table', () => s2.services.dht.routingTable.size >= 1)
-      const s3 = await node(false); started.push(s3)
+      const s3 = await node(false, chainKeys[2]); started.push(s3)
       await s3.dial(s2.getMultiaddrs()[0])
       await waitFor('s2 in s3 table', () => s3.services.dht.routingTable.size >= 1)
       const finder = await node(true); started.push(finder)
