@@ -353,7 +353,7 @@ impl LoadControl {
         let forced = cfg.force_tier;
         self.cfg.store(Arc::new(cfg));
         if let Some(t) = forced {
-            self.transition(t, &Signals::default());
+            self.transition(None, t, &Signals::default());
         }
     }
 
@@ -362,11 +362,21 @@ impl LoadControl {
         *self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
-    /// Move to `next` (if it differs): the atomic, the gauge, a log line, the callback.
-    fn transition(&self, next: Tier, s: &Signals) {
-        let cur = Tier::from_u8(self.tier.swap(next as u8, Ordering::Relaxed));
+    /// Move to `next` (if it differs) — only if the tier is still `from`, when given: the atomic,
+    /// the gauge, a log line, the callback. False if nothing changed.
+    fn transition(&self, from: Option<Tier>, next: Tier, s: &Signals) -> bool {
+        let cur = match from {
+            None => self.tier.swap(next as u8, Ordering::Relaxed),
+            Some(f) => {
+                match self.tier.compare_exchange(f as u8, next as u8, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                }
+            }
+        };
+        let cur = Tier::from_u8(cur);
         if cur == next {
-            return;
+            return false;
         }
         self.metrics.tier.set(next as i64);
         self.metrics.transitions.with_label_values(&[next.as_str()]).inc();
@@ -378,6 +388,7 @@ impl LoadControl {
         if let Some(f) = &*self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) {
             f(next);
         }
+        true
     }
 
     /// The last sample with the current tier and settings (None before the first sample).
@@ -435,14 +446,25 @@ impl LoadControl {
                 rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
             };
             let now = Instant::now();
+            // The tier first, then the settings: a reload stores its settings before its tier,
+            // so this pair is never older settings with a newer forced tier.
             let cur = self.tier();
+            let new_cfg = self.config();
+            if !Arc::ptr_eq(&new_cfg, &cfg) {
+                if new_cfg.window != cfg.window || new_cfg.sample_interval != cfg.sample_interval {
+                    for w in windows.iter_mut().chain(std::iter::once(&mut pool_wait)) {
+                        w.len = slots(&new_cfg).max(2);
+                    }
+                }
+                cfg = new_cfg;
+            }
             if cur != last {
                 since = now; // changed by a reload (force_tier)
             }
             let next = decide(cur, since, now, &s, &cfg);
-            if next != cur {
+            // Only from `cur`: a reload that moved the tier meanwhile wins, and is seen next time.
+            if next != cur && self.transition(Some(cur), next, &s) {
                 since = now;
-                self.transition(next, &s);
             }
             last = next;
             self.metrics.set_signals(&s);
@@ -457,15 +479,6 @@ impl LoadControl {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.sample_interval) => {}
-            }
-            let new_cfg = self.config();
-            if !Arc::ptr_eq(&new_cfg, &cfg) {
-                if new_cfg.window != cfg.window || new_cfg.sample_interval != cfg.sample_interval {
-                    for w in windows.iter_mut().chain(std::iter::once(&mut pool_wait)) {
-                        w.len = slots(&new_cfg).max(2);
-                    }
-                }
-                cfg = new_cfg;
             }
         }
     }

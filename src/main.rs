@@ -395,25 +395,34 @@ fn raise_fd_limit(heads: usize) {
 
 async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
     raise_fd_limit(cfg.heads);
-    let node = hydra::Node::start(cfg).await?;
+    // Signal handlers first: a SIGHUP or SIGTERM sent as soon as the node says it started must
+    // find them installed (the default action of both is to kill the process).
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let stop = shutdown_signal();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = hup.recv() => {
-                    // Errors are logged and counted by the reloader; the old settings stay.
-                    let _ = node.reload_load_config();
-                }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stop = shutdown_signal()?;
+    tokio::pin!(stop);
+    let node = tokio::select! {
+        node = hydra::Node::start(cfg) => node?,
+        _ = &mut stop => {
+            tracing::info!("stop signal during start-up; exiting");
+            return Ok(());
+        }
+    };
+    loop {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {
+                // Errors are logged and counted by the reloader; the old settings stay.
+                let _ = node.reload_load_config();
             }
         }
+        #[cfg(not(unix))]
+        {
+            (&mut stop).await;
+            break;
+        }
     }
-    #[cfg(not(unix))]
-    shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
@@ -446,22 +455,22 @@ async fn print_heads(cfg: hydra::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed by this call, not on first poll.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

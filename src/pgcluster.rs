@@ -35,6 +35,31 @@ fn find_bindir() -> anyhow::Result<PathBuf> {
     bail!("no PostgreSQL server binaries found (install postgresql, or set DATABASE_URL)")
 }
 
+/// The first of `n` consecutive ports free for TCP and UDP on every address in `ips`, below the
+/// kernel's ephemeral range, so that outgoing connections of other processes (which take
+/// ephemeral ports) cannot take one between now and its use. For tests and benchmarks.
+pub fn free_port_base(n: u16, ips: &[&str]) -> anyhow::Result<u16> {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(n).max(10_001));
+    'outer: for _ in 0..200 {
+        let base = low + rand::random::<u16>() % (high - low);
+        for port in base..base + n {
+            for ip in ips {
+                let free = std::net::TcpListener::bind((*ip, port)).is_ok()
+                    && std::net::UdpSocket::bind((*ip, port)).is_ok();
+                if !free {
+                    continue 'outer;
+                }
+            }
+        }
+        return Ok(base);
+    }
+    bail!("no {n} free consecutive ports between {low} and {high} on {ips:?}")
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -48,8 +73,11 @@ impl PgCluster {
     /// the production default.
     pub fn start(fsync: bool) -> anyhow::Result<Self> {
         let bindir = find_bindir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!("hydra-pg-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "hydra-pg-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let as_postgres = is_root();
@@ -59,25 +87,48 @@ impl PgCluster {
                 bail!("chown postgres {} failed", dir.display());
             }
         }
-        let c = Self { dir, bindir, port, as_postgres };
+        let mut c = Self { dir, bindir, port: 0, as_postgres };
         let data = c.dir.join("data");
         c.run(
             "initdb",
             &["-D", &data.to_string_lossy(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
         )
         .context("initdb")?;
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300 \
-             -c shared_buffers=256MB",
-            c.dir.display(),
-            if fsync { "on" } else { "off" }
-        );
-        let log = c.dir.join("log");
-        c.run(
-            "pg_ctl",
-            &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "start"],
-        )
-        .with_context(|| format!("pg_ctl start (log: {})", log.display()))?;
+        // The port is free when picked but not reserved: something else may bind it before the
+        // server does, so a failed start is tried again on another.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            c.port = free_port_base(1, &["127.0.0.1"])?;
+            let opts = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300 \
+                 -c shared_buffers=256MB",
+                c.port,
+                c.dir.display(),
+                if fsync { "on" } else { "off" }
+            );
+            let log = c.dir.join("log");
+            let started = c
+                .run(
+                    "pg_ctl",
+                    &[
+                        "-D",
+                        &data.to_string_lossy(),
+                        "-o",
+                        &opts,
+                        "-l",
+                        &log.to_string_lossy(),
+                        "-w",
+                        "start",
+                    ],
+                )
+                .with_context(|| format!("pg_ctl start on port {} (log: {})", c.port, log.display()));
+            match started {
+                Ok(()) => break,
+                Err(e) if tries >= 3 => return Err(e),
+                Err(e) => eprintln!("{e:#}; trying another port"),
+            }
+        }
         Ok(c)
     }
 

@@ -28,7 +28,8 @@ impl Fleet {
         std::fs::write(
             &config,
             format!(
-                "[identity]\nlease_ttl = \"2s\"\n[providers]\nflush_interval = \"100ms\"\nread_deadline = \"10s\"\n\
+                "[identity]\nlease_ttl = \"6s\"\n[providers]\nflush_interval = \"100ms\"\nread_deadline = \"10s\"\n\
+                 negative_cache_ttl = \"200ms\"\n\
                  [routing]\naddress_filter = \"any\"\n{}",
                 common::STABLE_LOAD_TOML
             ),
@@ -69,31 +70,6 @@ fn local_heads(p: &Process) -> Vec<hydra::http::HeadInfo> {
     serde_json::from_str(&p.get("/v1/heads")).unwrap()
 }
 
-/// A port range of `n` ports free on both addresses (best effort: checked by binding TCP and UDP).
-/// The range lies below the kernel's ephemeral ports, so that no outgoing connection (of this
-/// or a parallel test) takes one of its ports between the check and a (re)start.
-fn free_port_base(n: u16, ips: &[&str]) -> u16 {
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768);
-    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(n).max(10_001));
-    'outer: for _ in 0..200 {
-        let base = low + rand::random::<u16>() % (high - low);
-        for port in base..base + n {
-            for ip in ips {
-                let ok = std::net::TcpListener::bind((*ip, port)).is_ok()
-                    && std::net::UdpSocket::bind((*ip, port)).is_ok();
-                if !ok {
-                    continue 'outer;
-                }
-            }
-        }
-        return base;
-    }
-    panic!("no free port range");
-}
-
 /// The first `n` identities of the balanced sequence of `SEED_HEX`, as peer IDs.
 fn balanced_sequence(n: u32) -> Vec<String> {
     let seed = Seed::from_hex(SEED_HEX).unwrap();
@@ -109,7 +85,7 @@ async fn fleet_identities_are_balanced_persistent_and_taken_over() {
     let fleet = Fleet::new().await;
     let (da, db, dc) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let base = free_port_base(20, &["127.0.0.2", "127.0.0.3"]);
+    let base = hydra::pgcluster::free_port_base(20, &["127.0.0.2", "127.0.0.3"]).unwrap();
 
     // Two processes start at the same moment.
     let (la, lb) = (
@@ -149,7 +125,11 @@ async fn fleet_identities_are_balanced_persistent_and_taken_over() {
     // kill -9 b, wait out its lease: a third process takes over exactly b's identities.
     let b_ids: HashSet<String> = local_heads(&b).into_iter().map(|h| h.peer_id).collect();
     b.kill9();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let killed = std::time::Instant::now();
+    while fleet_heads(&a).iter().any(|h| b_ids.contains(&h.peer_id) && h.lease_active) {
+        assert!(killed.elapsed() < Duration::from_secs(60), "b's leases never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let c = fleet.launch("c", "127.0.0.3", 20, base, dc.path()).started();
     let c_ids: HashSet<String> = local_heads(&c).into_iter().map(|h| h.peer_id).collect();
     assert_eq!(c_ids, b_ids, "c took over b's identities");

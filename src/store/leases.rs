@@ -132,7 +132,8 @@ pub(crate) async fn acquire<T: LeaseTx>(
     for index in &plan.released {
         tx.release(node, *index).await?;
     }
-    let expires = ms_after(now, ttl);
+    // Counted from now, not from the plan: deriving keys for many new heads takes a while.
+    let expires = ms_after(now_ms(), ttl);
     for h in &out {
         tx.lease(h.index, node, token, h.slot, expires).await?;
     }

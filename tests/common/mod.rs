@@ -218,14 +218,25 @@ impl Launched {
     pub fn started(mut self) -> Process {
         use std::io::BufRead;
         let mut child = self.0.take().expect("not started yet");
+        // A node that never starts is killed after a while, so the test fails here instead of
+        // hanging the whole run.
+        let (started, watchdog) = std::sync::mpsc::sync_channel::<()>(1);
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watchdog.recv_timeout(2 * WAIT) {
+                // SAFETY: plain kill(2) of our own child, which has not been waited for yet.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let http = loop {
-            let line = lines.next().expect("node logs until it has started").unwrap();
+            let line = lines.next().and_then(Result::ok).expect("node logs until it has started");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             if v["fields"]["message"] == "node started" {
                 break v["fields"]["http"].as_str().unwrap().to_string();
             }
         };
+        let _ = started.send(());
         Process { child, http, lines }
     }
 }
@@ -235,6 +246,7 @@ impl Process {
     pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut sock = std::net::TcpStream::connect(&self.http).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
         write!(sock, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut resp = String::new();
         sock.read_to_string(&mut resp).unwrap();
@@ -413,11 +425,14 @@ impl KadClient {
 
     /// Keep the swarm running until `done()` holds (checked every 20 ms).
     pub async fn drive_until(&mut self, mut done: impl FnMut() -> bool) {
+        // One timer for the whole wait: a sleep re-created per swarm event never fires while
+        // events keep coming.
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
         tokio::time::timeout(WAIT, async {
             loop {
                 tokio::select! {
                     _ = self.swarm.select_next_some() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => if done() { return },
+                    _ = tick.tick() => if done() { return },
                 }
             }
         })
