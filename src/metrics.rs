@@ -754,8 +754,10 @@ mod tests {
                 u.observe(&p); // repeats do not count
             }
             let e = u.estimate();
-            let err = (e - n as f64).abs() / n as f64;
-            assert!(err < 0.06, "n = {n}: estimate {e:.0} is {:.1} % off", err * 100.0);
+            // 6 %, or 1.5 peers for small n: two of ten peers share a register about once in a
+            // hundred runs (a birthday collision in 4,096), and linear counting then says 9.
+            let off = (e - n as f64).abs();
+            assert!(off < (0.06 * n as f64).max(1.5), "n = {n}: estimate {e:.1} is {off:.1} off");
         }
     }
 }
