@@ -419,6 +419,8 @@ mod tests {
             write_buffer_entries: buffer,
             flush_batch: buffer,
             flush_interval: Duration::from_secs(3600),
+            // Functional tests: a loaded machine must not turn a slow lookup into a shed.
+            read_deadline: Duration::from_secs(10),
             ..Default::default()
         }
     }
