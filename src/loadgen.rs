@@ -429,6 +429,10 @@ struct Step {
     tier_end: String,
     rss_mib: f64,
     cpu_ms_per_1k: f64,
+    /// CPU of this process (the generator) per 1,000 requests sent.
+    gen_cpu_ms_per_1k: f64,
+    /// Busy share of all the machine's cores over the step (node, PostgreSQL, generator, rest).
+    machine_busy_pct: f64,
     pg_tps: f64,
     pg_tps_max5: f64,
 }
@@ -436,7 +440,7 @@ struct Step {
 impl Step {
     fn header() -> String {
         format!(
-            "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>7} {:>8} {:>8} {:>8}",
+            "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}",
             "step",
             "offered",
             "sent",
@@ -452,6 +456,8 @@ impl Step {
             "tier max/end",
             "RSS MiB",
             "cpu ms/1k",
+            "gen ms/1k",
+            "busy %",
             "pg tx/s",
             "max 5s"
         )
@@ -459,7 +465,7 @@ impl Step {
 
     fn row(&self) -> String {
         format!(
-            "{:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>7.0} {:>8.1} {:>8.0} {:>8.0}",
+            "{:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>7.0} {:>8.1} {:>8.1} {:>6.0} {:>8.0} {:>8.0}",
             self.label,
             self.offered,
             self.sent,
@@ -475,6 +481,8 @@ impl Step {
             format!("{}/{}", self.tier_max, self.tier_end),
             self.rss_mib,
             self.cpu_ms_per_1k,
+            self.gen_cpu_ms_per_1k,
+            self.machine_busy_pct,
             self.pg_tps,
             self.pg_tps_max5
         )
@@ -576,6 +584,7 @@ async fn run_step(
     };
     let before = http_get(&node.http, "/metrics").await?;
     let cpu0 = node.cpu_seconds().unwrap_or(0.0);
+    let (gen0, machine0) = (self_cpu_seconds(), machine_jiffies());
     let x0 = pg_xacts(&pg.client, &pg.db).await?;
     let t0 = Instant::now();
     let samples = Arc::new(Mutex::new(Samples::default()));
@@ -589,6 +598,11 @@ async fn run_step(
     let after = http_get(&node.http, "/metrics").await?;
     let status: serde_json::Value = serde_json::from_str(&http_get(&node.http, "/v1/status").await?)?;
     let cpu = node.cpu_seconds().unwrap_or(0.0) - cpu0;
+    let gen_cpu = self_cpu_seconds() - gen0;
+    let machine_busy_pct = match (machine0, machine_jiffies()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64,
+        _ => 0.0,
+    };
     let s = *samples.lock().unwrap_or_else(|e| e.into_inner());
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
@@ -615,9 +629,33 @@ async fn run_step(
         tier_end: status["tier"].as_str().unwrap_or("?").to_string(),
         rss_mib: s.rss_max_mib.max(node.rss_kib().unwrap_or(0.0) / 1024.0),
         cpu_ms_per_1k: if sent > 0 { cpu * 1e6 / sent as f64 } else { 0.0 },
+        gen_cpu_ms_per_1k: if sent > 0 { gen_cpu * 1e6 / sent as f64 } else { 0.0 },
+        machine_busy_pct,
         pg_tps: (x1 - x0) / secs,
         pg_tps_max5: s.pg_max5,
     })
+}
+
+/// User + system CPU seconds of this process so far.
+fn self_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// (busy, total) jiffies of all cores together, from the first line of /proc/stat (Linux only).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are not busy.
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
 }
 
 /// Hold an ACCESS EXCLUSIVE lock on `providers` for `hold` out of every `period`: every read
