@@ -151,14 +151,7 @@ impl NodeProcess {
 
     /// User + system CPU time, seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Some(ticks / hz)
+        cpu_seconds(&self.pid.to_string())
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -584,7 +577,7 @@ async fn run_step(
     };
     let before = http_get(&node.http, "/metrics").await?;
     let cpu0 = node.cpu_seconds().unwrap_or(0.0);
-    let (gen0, machine0) = (self_cpu_seconds(), machine_jiffies());
+    let (gen0, machine0) = (cpu_seconds("self").unwrap_or(0.0), machine_jiffies());
     let x0 = pg_xacts(&pg.client, &pg.db).await?;
     let t0 = Instant::now();
     let samples = Arc::new(Mutex::new(Samples::default()));
@@ -598,7 +591,7 @@ async fn run_step(
     let after = http_get(&node.http, "/metrics").await?;
     let status: serde_json::Value = serde_json::from_str(&http_get(&node.http, "/v1/status").await?)?;
     let cpu = node.cpu_seconds().unwrap_or(0.0) - cpu0;
-    let gen_cpu = self_cpu_seconds() - gen0;
+    let gen_cpu = cpu_seconds("self").unwrap_or(0.0) - gen0;
     let machine_busy_pct = match (machine0, machine_jiffies()) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64,
         _ => 0.0,
@@ -636,15 +629,16 @@ async fn run_step(
     })
 }
 
-/// User + system CPU seconds of this process so far.
-fn self_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return 0.0;
-    }
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
+/// User + system CPU seconds of process `pid` ("self" for this one) so far, from /proc.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
 }
 
 /// (busy, total) jiffies of all cores together, from the first line of /proc/stat (Linux only).
