@@ -15,9 +15,8 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::head::HeadShared;
-use crate::load::LoadControl;
-use crate::node::Reloader;
+use crate::load::{LoadControl, Reloader};
+use crate::net::HeadShared;
 use crate::store::Store;
 
 /// Called before each scrape to refresh sampled gauges.

@@ -2,199 +2,27 @@
 //! (no global statics). Names follow `hydra_<subsystem>_<thing>_<unit>`; label values come only from
 //! fixed enums or the head index, never from a peer ID or a key. Every label series is created up
 //! front so dashboards show zeros rather than gaps.
+//!
+//! Label enums are in `metrics/labels.rs`, the HyperLogLog of distinct peers in
+//! `metrics/unique.rs`. Metrics depend only on configuration and [`crate::types`]; every other
+//! subsystem records into the struct it is handed.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU8, Ordering};
+mod labels;
+mod unique;
+
 use std::sync::Arc;
 use std::time::Instant;
-
-use libp2p::PeerId;
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
-use crate::wire::MessageType;
+pub use labels::{CacheResult, DbOp, Outcome, ShedReason, StreamEvent};
+pub use unique::UniquePeers;
 
-/// Outcome of one inbound request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Answered (or, for ADD_PROVIDER, accepted).
-    Ok,
-    /// Malformed or invalid; the stream was reset.
-    Invalid,
-    /// Deliberately not served in full (load, limits, deadlines).
-    Shed,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Ok, Outcome::Invalid, Outcome::Shed];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Invalid => "invalid",
-            Outcome::Shed => "shed",
-        }
-    }
-}
-
-/// Things that happen to an inbound kad stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEvent {
-    /// Handed to the queue.
-    Queued,
-    /// Queue full: reset and dropped.
-    QueueFull,
-    /// The peer already had `max_streams_per_peer` streams: reset and dropped.
-    PeerLimit,
-    /// Ended by the peer with EOF.
-    Closed,
-    /// Refused at the handler because the load tier is `peak`.
-    Refused,
-    /// Waited in the queue longer than `load.stream_queue_max_wait`: reset, not served late.
-    QueueWait,
-    /// Reset after the idle timeout.
-    IdleTimeout,
-    /// A message over the size limit (or the large-message budget): reset.
-    Oversized,
-    /// Any read, write or decode failure.
-    Error,
-}
-
-impl StreamEvent {
-    pub const ALL: [StreamEvent; 9] = [
-        StreamEvent::Queued,
-        StreamEvent::QueueFull,
-        StreamEvent::PeerLimit,
-        StreamEvent::Refused,
-        StreamEvent::QueueWait,
-        StreamEvent::Closed,
-        StreamEvent::IdleTimeout,
-        StreamEvent::Oversized,
-        StreamEvent::Error,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StreamEvent::Queued => "queued",
-            StreamEvent::QueueFull => "queue_full",
-            StreamEvent::PeerLimit => "peer_limit",
-            StreamEvent::Refused => "refused",
-            StreamEvent::QueueWait => "queue_wait",
-            StreamEvent::Closed => "closed",
-            StreamEvent::IdleTimeout => "idle_timeout",
-            StreamEvent::Oversized => "oversized",
-            StreamEvent::Error => "error",
-        }
-    }
-}
-
-/// Datastore operations, each timed by [`DatastoreMetrics::time`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DbOp {
-    PutProviders,
-    GetProviders,
-    PutValue,
-    GetValue,
-    Gc,
-    Migrate,
-    Estimate,
-    Leases,
-}
-
-impl DbOp {
-    pub const ALL: [DbOp; 8] = [
-        DbOp::PutProviders,
-        DbOp::GetProviders,
-        DbOp::PutValue,
-        DbOp::GetValue,
-        DbOp::Gc,
-        DbOp::Migrate,
-        DbOp::Estimate,
-        DbOp::Leases,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DbOp::PutProviders => "put_providers",
-            DbOp::GetProviders => "get_providers",
-            DbOp::PutValue => "put_value",
-            DbOp::GetValue => "get_value",
-            DbOp::Gc => "gc",
-            DbOp::Migrate => "migrate",
-            DbOp::Estimate => "estimate",
-            DbOp::Leases => "leases",
-        }
-    }
-}
-
-/// Why a request was shed (not served in full).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShedReason {
-    /// The write-behind buffer is full.
-    WriteBufferFull,
-    /// Too many datastore reads in flight.
-    ReadsInFlight,
-    /// The read missed its deadline.
-    ReadDeadline,
-    /// The datastore returned an error.
-    DatastoreError,
-    /// The peer is over its per-peer request rate.
-    PeerRate,
-    /// `degrade`: a key far from this head missed the cache (closer peers only).
-    CacheOnly,
-    /// `refuse` or `peak`: datastore work refused outright.
-    Tier,
-}
-
-impl ShedReason {
-    pub const ALL: [ShedReason; 7] = [
-        ShedReason::WriteBufferFull,
-        ShedReason::ReadsInFlight,
-        ShedReason::ReadDeadline,
-        ShedReason::DatastoreError,
-        ShedReason::PeerRate,
-        ShedReason::CacheOnly,
-        ShedReason::Tier,
-    ];
-    /// The reasons the provider manager itself sheds for.
-    pub const MANAGER: [ShedReason; 4] = [
-        ShedReason::WriteBufferFull,
-        ShedReason::ReadsInFlight,
-        ShedReason::ReadDeadline,
-        ShedReason::DatastoreError,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShedReason::WriteBufferFull => "write_buffer_full",
-            ShedReason::ReadsInFlight => "reads_in_flight",
-            ShedReason::ReadDeadline => "read_deadline",
-            ShedReason::DatastoreError => "datastore_error",
-            ShedReason::PeerRate => "peer_rate",
-            ShedReason::CacheOnly => "cache_only",
-            ShedReason::Tier => "tier",
-        }
-    }
-}
-
-/// Result of a provider-cache lookup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    Hit,
-    NegativeHit,
-    Miss,
-}
-
-impl CacheResult {
-    pub const ALL: [CacheResult; 3] = [CacheResult::Hit, CacheResult::NegativeHit, CacheResult::Miss];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::NegativeHit => "negative_hit",
-            CacheResult::Miss => "miss",
-        }
-    }
-}
+use crate::config::LoadSection;
+use crate::types::{MessageType, Signals, Tier};
 
 /// All of the node's metrics.
 #[derive(Clone)]
@@ -224,67 +52,24 @@ pub struct LoadMetrics {
 }
 
 impl LoadMetrics {
-    pub fn shed(&self, tier: crate::load::Tier, reason: ShedReason) {
+    pub fn shed(&self, tier: Tier, reason: ShedReason) {
         let r = ShedReason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
         if let Some(c) = self.shed_series.get(tier as usize).and_then(|t| t.get(r)) {
             c.inc();
         }
     }
 
-    pub fn set_signals(&self, s: &crate::load::Signals) {
+    pub fn set_signals(&self, s: &Signals) {
         for (name, v) in s.values() {
             self.signals.with_label_values(&[name]).set(v);
         }
     }
 
-    pub fn set_thresholds(&self, cfg: &crate::config::LoadSection) {
+    pub fn set_thresholds(&self, cfg: &LoadSection) {
         for (tier, t) in [("degrade", &cfg.degrade), ("refuse", &cfg.refuse), ("peak", &cfg.peak)] {
             for (name, v) in t.values() {
                 self.thresholds.with_label_values(&[tier, name]).set(v);
             }
-        }
-    }
-}
-
-/// HyperLogLog over peer IDs: 2^12 one-byte registers (4 KiB, ~1.6 % standard error), updated
-/// lock-free. Bounded memory however many peers connect, unlike a set.
-pub struct UniquePeers {
-    regs: Vec<AtomicU8>,
-    hasher: RandomState,
-}
-
-impl Default for UniquePeers {
-    fn default() -> Self {
-        Self { regs: (0..Self::M).map(|_| AtomicU8::new(0)).collect(), hasher: RandomState::new() }
-    }
-}
-
-impl UniquePeers {
-    const P: u32 = 12;
-    const M: usize = 1 << Self::P;
-
-    pub fn observe(&self, peer: &PeerId) {
-        let h = self.hasher.hash_one(peer);
-        let idx = (h >> (64 - Self::P)) as usize;
-        // A sentinel bit bounds the rank at 64 - P + 1.
-        let rank = ((h << Self::P) | (1 << (Self::P - 1))).leading_zeros() as u8 + 1;
-        self.regs[idx].fetch_max(rank, Ordering::Relaxed);
-    }
-
-    pub fn estimate(&self) -> f64 {
-        let m = Self::M as f64;
-        let mut sum = 0.0;
-        let mut zeros = 0usize;
-        for r in &self.regs {
-            let v = r.load(Ordering::Relaxed);
-            sum += 2f64.powi(-i32::from(v));
-            zeros += usize::from(v == 0);
-        }
-        let raw = 0.7213 / (1.0 + 1.079 / m) * m * m / sum;
-        if raw <= 2.5 * m && zeros > 0 {
-            m * (m / zeros as f64).ln() // linear counting for small cardinalities
-        } else {
-            raw
         }
     }
 }
@@ -611,7 +396,6 @@ impl Metrics {
 
 impl LoadMetrics {
     fn new(registry: &Registry) -> Self {
-        use crate::load::Tier;
         let shed = reg(
             registry,
             IntCounterVec::new(
@@ -659,7 +443,7 @@ impl LoadMetrics {
             )
             .unwrap(),
         );
-        for (name, _) in crate::load::Signals::default().values() {
+        for (name, _) in Signals::default().values() {
             signals.with_label_values(&[name]);
         }
         let reloads = reg(
@@ -704,7 +488,7 @@ impl LoadMetrics {
             ),
             reloads,
         };
-        m.set_thresholds(&crate::config::LoadSection::default());
+        m.set_thresholds(&LoadSection::default());
         m
     }
 }
@@ -737,27 +521,5 @@ impl DatastoreMetrics {
             self.errors.with_label_values(&[op.as_str()]).inc();
         }
         res
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unique_peer_estimate_is_close() {
-        for n in [10usize, 1000, 50_000] {
-            let u = UniquePeers::default();
-            for _ in 0..n {
-                let p = PeerId::random();
-                u.observe(&p);
-                u.observe(&p); // repeats do not count
-            }
-            let e = u.estimate();
-            // 6 %, or 1.5 peers for small n: two of ten peers share a register about once in a
-            // hundred runs (a birthday collision in 4,096), and linear counting then says 9.
-            let off = (e - n as f64).abs();
-            assert!(off < (0.06 * n as f64).max(1.5), "n = {n}: estimate {e:.1} is {off:.1} off");
-        }
     }
 }

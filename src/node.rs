@@ -5,6 +5,11 @@
 //! learns its siblings) → dispatcher → head tasks → HTTP. Shutdown order: stop intake (heads,
 //! dispatcher, stream tasks, HTTP) → wait for those tasks (bounded) → flush every buffered write
 //! → close the store.
+//!
+//! The node is the only module that knows every subsystem; none of them depends on it. Leasing
+//! head identities at start and renewing the leases is in `node/leases.rs`.
+
+mod leases;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,13 +21,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::leases::{lease_heads, Heartbeat};
 use crate::config::Config;
-use crate::head::{self, HeadShared};
-use crate::kad_server::Intake;
-use crate::load::{LoadControl, SignalSource, Tier};
+use crate::load::{LoadControl, Policy, Reloader, SignalSource};
 use crate::metrics::Metrics;
+use crate::net::head::{self, HeadShared};
+use crate::net::intake::Intake;
+use crate::net::streams::{self, Service};
 use crate::providers::ProviderManager;
-use crate::server::{self, Service};
 use crate::store::Store;
 
 /// How long shutdown waits for stream and head tasks before flushing anyway.
@@ -116,7 +122,7 @@ impl Node {
         }
         // Every head answers with its siblings (DHT servers spread over the keyspace) from one
         // shared list; they stay out of kad's routing tables, so heads never dial each other.
-        let siblings = crate::routing::Siblings::new(
+        let siblings = crate::net::routing::Siblings::new(
             starting.iter().map(|h| (h.shared.peer_id, h.shared.listen_addrs.clone())),
             cfg.address_filter,
         );
@@ -136,17 +142,17 @@ impl Node {
             load.clone(),
         ));
         // The load controller: the tier from measured signals; `peak` closes the intake.
-        intake.set_accepting(load.tier() < Tier::Peak);
+        intake.set_accepting(load.policy().new_streams);
         load.on_tier({
             let intake = intake.clone();
-            move |tier| intake.set_accepting(tier < Tier::Peak)
+            move |tier| intake.set_accepting(Policy::of(tier).new_streams)
         });
         tasks.spawn(load.clone().run(
             metrics.datastore.clone(),
             Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),
             cancel.clone(),
         ));
-        tasks.spawn(server::dispatch(svc, rx, cancel.clone(), tasks.clone()));
+        tasks.spawn(streams::dispatch(svc, rx, cancel.clone(), tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();
         for h in starting {
             tasks.spawn(h.run(bootstrap, cancel.clone()));
@@ -169,8 +175,7 @@ impl Node {
                 kad.unique_peers.set(kad.unique.estimate());
             })
         };
-        let reloader =
-            Reloader { file: cfg.config_file.clone(), load: load.clone(), metrics: metrics.load.clone() };
+        let reloader = Reloader::new(cfg.config_file.clone(), load.clone(), metrics.load.clone());
         let (http_addr, http) = crate::http::serve(
             http_listener,
             crate::http::AppState {
@@ -249,81 +254,6 @@ impl Node {
     }
 }
 
-/// Lease the configured heads. Live leases of this node name held by another run are either a
-/// crashed previous run's (they expire within `lease_ttl`) or another live process with the same
-/// name: wait up to one lease lifetime, then give up with the conflict error.
-async fn lease_heads(
-    store: &Store,
-    cfg: &Config,
-    token: &str,
-    seed: Arc<crate::identity::Seed>,
-) -> Result<Vec<crate::store::LeasedHead>, crate::store::StoreError> {
-    let deadline = tokio::time::Instant::now() + cfg.lease_ttl + Duration::from_secs(1);
-    loop {
-        match store.acquire_heads(&cfg.node_name, token, cfg.heads as u32, cfg.lease_ttl, seed.clone()).await
-        {
-            Err(crate::store::StoreError::LeaseConflict { leases, .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tracing::warn!(
-                    node = %cfg.node_name,
-                    leases,
-                    "head leases of this node name are still live (a crashed previous run, or another \
-                     process with the same name); waiting for them to expire"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            res => return res,
-        }
-    }
-}
-
-/// Renews this process's head leases every third of their lifetime, recording head addresses.
-struct Heartbeat {
-    store: Store,
-    node: String,
-    /// This run's lease token.
-    token: String,
-    ttl: Duration,
-    heads: Arc<Vec<Arc<HeadShared>>>,
-}
-
-impl Heartbeat {
-    async fn beat(&self) {
-        let rows: Vec<(u32, String)> = self
-            .heads
-            .iter()
-            .map(|h| {
-                let addrs: Vec<String> = h.listen_addrs.load().iter().map(|a| a.to_string()).collect();
-                (h.identity, addrs.join(" "))
-            })
-            .collect();
-        match self.store.renew_leases(&self.node, &self.token, self.ttl, &rows).await {
-            Ok(held) if held as usize == rows.len() => {}
-            Ok(held) => tracing::error!(
-                held,
-                expected = rows.len(),
-                "lost head leases: another process took over identities this one still runs \
-                 (was this process paused longer than identity.lease_ttl?); restart it"
-            ),
-            Err(e) => tracing::warn!(error = %e, "renewing head leases failed; retrying"),
-        }
-    }
-
-    async fn run(self, cancel: CancellationToken) {
-        // A fixed cadence, not "sleep after each renewal": slow renewals must not stretch it.
-        let mut tick = tokio::time::interval(self.ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await; // the first tick is immediate; `start` renewed just now
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => self.beat().await,
-            }
-        }
-    }
-}
-
 /// The node's parts the load controller samples.
 struct NodeSignals {
     providers: ProviderManager,
@@ -341,41 +271,5 @@ impl SignalSource for NodeSignals {
 
     fn inbound_queue(&self) -> (usize, usize) {
         self.intake.queue_fill()
-    }
-}
-
-/// Reloads `[load]` from the config file: validated first, applied only when valid.
-#[derive(Clone)]
-pub struct Reloader {
-    file: Option<std::path::PathBuf>,
-    load: Arc<LoadControl>,
-    metrics: crate::metrics::LoadMetrics,
-}
-
-impl Reloader {
-    pub fn reload(&self) -> Result<crate::config::LoadSection, String> {
-        let res = self.read();
-        match &res {
-            Ok(section) => {
-                self.load.reload(section.clone());
-                self.metrics.reloads.with_label_values(&["ok"]).inc();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "config reload rejected; the previous [load] settings stay");
-                self.metrics.reloads.with_label_values(&["error"]).inc();
-            }
-        }
-        res
-    }
-
-    fn read(&self) -> Result<crate::config::LoadSection, String> {
-        let Some(path) = &self.file else {
-            return Err("the node was started without --config: there is no file to reload".into());
-        };
-        let file = crate::config::ConfigFile::from_file(path).map_err(|e| e.to_string())?;
-        // The whole file must be valid (a typo elsewhere is reported now, not at the next
-        // restart), but only `[load]` takes effect without a restart.
-        file.validate().map_err(|e| e.to_string())?;
-        Ok(file.load)
     }
 }

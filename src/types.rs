@@ -1,8 +1,12 @@
-//! Domain identifiers shared by the server, the provider manager and the stores.
+//! Domain types shared by every layer: provider keys and records, the six DHT message types, and
+//! the load tier with the signal vector it is computed from.
 //!
-//! Wire bytes become these types once, in [`crate::wire`]; the stores persist them as bytes.
+//! This module depends on nothing else in the crate, so configuration, metrics, load control, the
+//! stores and the request path can all use these types without depending on each other. Wire bytes
+//! become these types once, in [`crate::net::wire`]; the stores persist them as bytes.
 
 use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
 
 /// Longest provider key accepted (bytes). Multihashes of CIDs are ~34 bytes; go accepts up to 80.
 pub const MAX_PROVIDER_KEY_LEN: usize = 80;
@@ -70,6 +74,136 @@ pub fn decode_addrs(mut blob: &[u8]) -> Vec<Multiaddr> {
         blob = &blob[len..];
     }
     out
+}
+
+/// Largest inbound message accepted, in bytes (go-libp2p-kad-dht's limit).
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// The six DHT message types, numbered as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum MessageType {
+    PutValue = 0,
+    GetValue = 1,
+    AddProvider = 2,
+    GetProviders = 3,
+    FindNode = 4,
+    Ping = 5,
+}
+
+impl MessageType {
+    pub const ALL: [MessageType; 6] = [
+        MessageType::PutValue,
+        MessageType::GetValue,
+        MessageType::AddProvider,
+        MessageType::GetProviders,
+        MessageType::FindNode,
+        MessageType::Ping,
+    ];
+
+    /// The type with this number on the wire, if any.
+    pub fn from_i32(v: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| *t as i32 == v)
+    }
+
+    /// Stable lower-case name, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::PutValue => "put_value",
+            MessageType::GetValue => "get_value",
+            MessageType::AddProvider => "add_provider",
+            MessageType::GetProviders => "get_providers",
+            MessageType::FindNode => "find_node",
+            MessageType::Ping => "ping",
+        }
+    }
+}
+
+/// How much work the node accepts, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Normal = 0,
+    Degrade = 1,
+    Refuse = 2,
+    /// Refuse, and new inbound kad streams are reset at the handler.
+    Peak = 3,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 4] = [Tier::Normal, Tier::Degrade, Tier::Refuse, Tier::Peak];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Normal => "normal",
+            Tier::Degrade => "degrade",
+            Tier::Refuse => "refuse",
+            Tier::Peak => "peak",
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Tier {
+        Tier::ALL.get(usize::from(v)).copied().unwrap_or(Tier::Peak)
+    }
+
+    pub(crate) fn below(self) -> Tier {
+        Tier::from_u8((self as u8).saturating_sub(1))
+    }
+}
+
+/// One value per signal: the measured signals ([`Signals`]) and the thresholds at which a tier is
+/// entered ([`Thresholds`]; 0 disables that signal for the tier) share this shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerSignal {
+    /// p99 of datastore lookups and writes (`get_providers`, `put_providers`) over the window, ms.
+    pub datastore_p99_ms: f64,
+    /// p99 of the wait for a pooled datastore connection over the window, ms.
+    pub pool_wait_p99_ms: f64,
+    /// Write-behind buffer entries / `providers.write_buffer_entries` (0..1).
+    pub write_buffer_fill_ratio: f64,
+    /// Keys queued for or in a lookup / `providers.max_reads_in_flight` (0..1).
+    pub reads_in_flight_ratio: f64,
+    /// Inbound kad streams waiting for a stream task / `limits.inbound_queue` (0..1).
+    pub inbound_queue_fill_ratio: f64,
+    /// Resident memory of the process, MiB.
+    pub rss_mib: f64,
+}
+
+/// Thresholds at which a tier is entered.
+pub type Thresholds = PerSignal;
+/// One sample of the measured signals.
+pub type Signals = PerSignal;
+
+impl PerSignal {
+    /// Every signal off (as thresholds).
+    pub const fn disabled() -> Self {
+        Self {
+            datastore_p99_ms: 0.0,
+            pool_wait_p99_ms: 0.0,
+            write_buffer_fill_ratio: 0.0,
+            reads_in_flight_ratio: 0.0,
+            inbound_queue_fill_ratio: 0.0,
+            rss_mib: 0.0,
+        }
+    }
+
+    /// (signal name, value), in a fixed order (metric label values and status keys).
+    pub fn values(&self) -> [(&'static str, f64); 6] {
+        [
+            ("datastore_p99_ms", self.datastore_p99_ms),
+            ("pool_wait_p99_ms", self.pool_wait_p99_ms),
+            ("write_buffer_fill_ratio", self.write_buffer_fill_ratio),
+            ("reads_in_flight_ratio", self.reads_in_flight_ratio),
+            ("inbound_queue_fill_ratio", self.inbound_queue_fill_ratio),
+            ("rss_mib", self.rss_mib),
+        ]
+    }
+
+    /// Whether any enabled signal is at or above `factor` × its threshold.
+    pub(crate) fn reached(&self, s: &Signals, factor: f64) -> bool {
+        self.values().iter().zip(s.values()).any(|((_, t), (_, v))| *t > 0.0 && v >= t * factor)
+    }
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ async fn fleet_identities_are_balanced_persistent_and_taken_over() {
     let fleet = Fleet::new().await;
     let (da, db, dc) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let base = hydra::pgcluster::free_port_base(20, &["127.0.0.2", "127.0.0.3"]).unwrap();
+    let base = hydra_testkit::free_port_base(20, &["127.0.0.2", "127.0.0.3"]).unwrap();
 
     // Two processes start at the same moment.
     let (la, lb) = (

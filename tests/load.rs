@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{head_addrs, http_get, http_request, metric, Backend, RawClient};
 use hydra::config::LoadSection;
 use hydra::load::Tier;
-use hydra::wire::{self, MessageType};
+use hydra::net::wire::{self, MessageType};
 use libp2p::kad::KBucketKey;
 
 fn random_key() -> Vec<u8> {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::{head_addrs, metric, start, Backend, KadClient, RawClient, WAIT};
 use futures::{AsyncReadExt, AsyncWriteExt};
-use hydra::wire::{self, MessageType};
+use hydra::net::wire::{self, MessageType};
 use libp2p::kad::{self, PutRecordOk, QueryResult, Quorum, Record, RecordKey};
 use libp2p::PeerId;
 

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{head_addrs, http_get, start, urlencode, Backend, RawClient, WAIT};
-use hydra::wire::{self, MessageType};
+use hydra::net::wire::{self, MessageType};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -131,7 +131,7 @@ async fn every_dashboard_query_returns_series_from_a_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), 3, Backend::Postgres).await;
     let prom_dir = tempfile::tempdir().unwrap();
-    let port = hydra::pgcluster::free_port_base(1, &["127.0.0.1"]).unwrap();
+    let port = hydra_testkit::free_port_base(1, &["127.0.0.1"]).unwrap();
     let config = prom_dir.path().join("prometheus.yml");
     std::fs::write(
         &config,

@@ -88,9 +88,12 @@ async fn a_second_process_sharing_postgres_returns_the_provider() {
     let k = key(1);
     let mut s = client.open(a_heads[0].0).await;
     RawClient::send(&mut s, &client.add_provider_body(k.as_bytes())).await.unwrap();
-    RawClient::request(&mut s, &hydra::wire::encode_request(hydra::wire::MessageType::Ping, &[], &[]))
-        .await
-        .unwrap();
+    RawClient::request(
+        &mut s,
+        &hydra::net::wire::encode_request(hydra::net::wire::MessageType::Ping, &[], &[]),
+    )
+    .await
+    .unwrap();
     a.providers().flush().await;
     for (head, _) in &b_heads {
         let reply = client.get_providers(*head, k.as_bytes()).await;

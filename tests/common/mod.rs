@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hydra::config::{AddressFilter, ConfigFile, StoreKind};
-use hydra::kad_server::KAD_PROTOCOL;
+use hydra::net::wire::{self, MessageType, PbMessage};
+use hydra::net::KAD_PROTOCOL;
 use hydra::types::PeerRecord;
-use hydra::wire::{self, MessageType, PbMessage};
 use hydra::{Config, Node};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;

@@ -4,7 +4,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use hydra::pgcluster::{create_database, PgCluster};
+use hydra_testkit::{create_database, PgCluster};
 
 static ADMIN_URL: OnceLock<Result<String, String>> = OnceLock::new();
 static CLUSTER: Mutex<Option<PgCluster>> = Mutex::new(None);

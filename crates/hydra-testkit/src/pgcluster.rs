@@ -208,7 +208,7 @@ impl Drop for PgCluster {
 pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
     let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
         .await
-        .with_context(|| format!("connect to {}", crate::config::redact_url(admin_url)))?;
+        .with_context(|| format!("connect to {}", describe(admin_url)))?;
     tokio::spawn(conn);
     // Identifiers cannot be bound; the name is ours and restricted to [a-z0-9_].
     if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
@@ -222,4 +222,18 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
         _ => base,
     };
     Ok(format!("{without_db}/{name}"))
+}
+
+/// Where a database URL points, for error messages, without its password.
+fn describe(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => format!(
+            "PostgreSQL at {:?} port {:?}, database {:?}, user {:?}",
+            c.get_hosts(),
+            c.get_ports(),
+            c.get_dbname().unwrap_or(""),
+            c.get_user().unwrap_or("")
+        ),
+        Err(_) => "PostgreSQL (the URL does not parse)".into(),
+    }
 }

@@ -1,33 +1,30 @@
 //! Serving inbound kad streams: the dispatcher and the per-stream request loop.
 //!
-//! The dispatcher takes streams from the intake queue ([`crate::kad_server`]) and runs each in its
+//! The dispatcher takes streams from the intake queue ([`super::intake`]) and runs each in its
 //! own task, at most `max_concurrent_streams` at once; while that many run, the queue fills and
 //! the handlers reset new streams (counted). A stream task serves many requests in sequence:
 //! every read has a deadline (`stream_idle_timeout` between requests, `io_timeout` within one), as
 //! do every write and the final close, so a slow or silent peer never holds a task for long.
 //!
-//! Requests are answered from the head's routing snapshot (FIND_NODE, closer peers) and from the
-//! provider manager (providers, values); nothing here touches a swarm. How much datastore work a
-//! request may cause depends on the load tier ([`crate::load`]), read once per request.
+//! Each decoded request is answered by [`super::requests`]; nothing here touches a swarm.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::AsyncWriteExt;
-use libp2p::PeerId;
-use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::head::HeadShared;
+use super::intake::InboundStream;
+use super::requests::{handle, Reply};
+use super::wire::{self, FrameError, MAX_MESSAGE_SIZE};
 use crate::config::LimitsSection;
-use crate::head::HeadShared;
-use crate::kad_server::InboundStream;
-use crate::load::{LoadControl, Tier};
+use crate::load::LoadControl;
 use crate::metrics::{KadMetrics, Outcome, ShedReason, StreamEvent};
 use crate::providers::ProviderManager;
-use crate::routing::K_VALUE;
-use crate::wire::{self, FrameError, Request, Response, MAX_MESSAGE_SIZE};
+use crate::types::Tier;
 
 /// Messages up to this size are read without touching the large-message budget.
 const SMALL_MESSAGE: usize = 64 * 1024;
@@ -57,7 +54,7 @@ impl Service {
     }
 
     /// Count a shed request and return its outcome.
-    fn shed(&self, tier: Tier, reason: ShedReason) -> Outcome {
+    pub(super) fn shed(&self, tier: Tier, reason: ShedReason) -> Outcome {
         self.load.shed(tier, reason);
         Outcome::Shed
     }
@@ -182,103 +179,5 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
             }
         }
         svc.metrics.request_duration.with_label_values(&[ty.as_str()]).observe(start.elapsed().as_secs_f64());
-    }
-}
-
-/// What to do on the stream after a request.
-enum Reply {
-    Send(Response),
-    /// No reply (ADD_PROVIDER never has one).
-    Nothing,
-    /// Reset the stream: the request failed in a way the peer must notice.
-    Reset,
-}
-
-/// Answer one request.
-async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
-    let me = svc.heads[head].peer_id;
-    let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
-    let tier = svc.load.tier();
-    // For requests that touch the datastore: refused by the tier or the peer's rate?
-    let refused = || {
-        if tier >= Tier::Refuse {
-            Some(ShedReason::Tier)
-        } else if !svc.load.allow_peer(&peer, tier) {
-            Some(ShedReason::PeerRate)
-        } else {
-            None
-        }
-    };
-    match req {
-        // Never touch the datastore: served in every tier, not rate limited.
-        Request::Ping => (Reply::Send(Response::Ping), Outcome::Ok),
-        Request::FindNode { key } => {
-            let closer = closer(&key);
-            (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
-        }
-        Request::GetProviders { key } => {
-            let served = match refused() {
-                Some(reason) => Err(reason),
-                // Degrade: the datastore only for keys this head is responsible for.
-                None if tier == Tier::Degrade
-                    && !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE) =>
-                {
-                    svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
-                }
-                None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
-            };
-            let (mut providers, outcome) = match served {
-                Ok(p) => (p, Outcome::Ok),
-                Err(reason) => (Vec::new(), svc.shed(tier, reason)),
-            };
-            providers.shuffle(&mut rand::thread_rng());
-            providers.truncate(svc.limits.max_providers_per_reply);
-            let closer = closer(key.as_bytes());
-            (Reply::Send(Response::GetProviders { key, providers, closer }), outcome)
-        }
-        Request::AddProvider { key, providers, rejected } => {
-            if providers.is_empty() {
-                tracing::debug!(%peer, rejected, "ADD_PROVIDER without a valid entry for the sender");
-                // Counted, but not worth a reset: go ignores such entries too.
-                return (Reply::Nothing, Outcome::Invalid);
-            }
-            if let Some(reason) = refused() {
-                return (Reply::Nothing, svc.shed(tier, reason));
-            }
-            let skip = (tier == Tier::Degrade).then(|| svc.load.config().degrade_skip_refresh_if_remaining);
-            let mut outcome = Outcome::Ok;
-            for rec in providers {
-                if let Err(s) = svc.providers.add_provider_unless_fresh(key.clone(), rec, skip) {
-                    outcome = svc.shed(tier, s.0);
-                }
-            }
-            (Reply::Nothing, outcome)
-        }
-        Request::GetValue { key } => {
-            let got = match refused() {
-                Some(reason) => Err(reason),
-                None => svc.providers.get_value(&key).await.map_err(|s| s.0),
-            };
-            let (record, outcome) = match got {
-                Ok(r) => (r, Outcome::Ok),
-                Err(reason) => (None, svc.shed(tier, reason)),
-            };
-            let closer = closer(&key);
-            (Reply::Send(Response::GetValue { key, record, closer }), outcome)
-        }
-        Request::PutValue { key, mut record } => {
-            if let Err(e) = crate::records::validate(&record) {
-                tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
-                return (Reply::Reset, Outcome::Invalid);
-            }
-            if let Some(reason) = refused() {
-                return (Reply::Reset, svc.shed(tier, reason));
-            }
-            record.time_received = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
-            match svc.providers.put_value(&record).await {
-                Ok(()) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
-                Err(s) => (Reply::Reset, svc.shed(tier, s.0)),
-            }
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! The swarm task only drives the swarm: it feeds kad (client mode) with addresses learned from
 //! identify, republishes the routing-table snapshot when kad reports a change, and tracks listen
 //! addresses. It never serves a request and never touches the datastore; inbound kad streams
-//! leave it through [`crate::kad_server`] straight into the shared queue.
+//! leave it through [`super::intake`] straight into the shared queue.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,10 +18,11 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{connection_limits, identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::admit;
+use super::intake::{Intake, KadServer, KAD_PROTOCOL};
+use super::routing::{RoutingSnapshot, Siblings};
 use crate::config::{AddressFilter, Config};
-use crate::kad_server::{Intake, KadServer, KAD_PROTOCOL};
 use crate::metrics::HeadMetrics;
-use crate::routing::{RoutingSnapshot, Siblings};
 
 /// How often a changed routing table is republished (changes are coalesced in between).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
@@ -247,60 +248,6 @@ impl StartingHead {
             }
             SwarmEvent::ConnectionClosed { .. } => true,
             _ => false,
-        }
-    }
-}
-
-/// Whether an address learned from a peer may enter the routing table under `filter`.
-pub fn admit(filter: AddressFilter, a: &Multiaddr) -> bool {
-    match filter {
-        AddressFilter::Any => true,
-        AddressFilter::Public => match a.iter().next() {
-            Some(Protocol::Ip4(ip)) => {
-                !(ip.is_loopback()
-                    || ip.is_private()
-                    || ip.is_link_local()
-                    || ip.is_unspecified()
-                    || ip.is_broadcast()
-                    || ip.is_documentation()
-                    || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64))
-            }
-            Some(Protocol::Ip6(ip)) => {
-                let seg0 = ip.segments()[0];
-                !(ip.is_loopback()
-                    || ip.is_unspecified()
-                    || (seg0 & 0xfe00) == 0xfc00
-                    || (seg0 & 0xffc0) == 0xfe80)
-            }
-            Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)) => true,
-            _ => false,
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Addresses below are only parsed and classified; nothing is dialled. The filter's job is to
-    // tell private from globally routable ranges, so the test needs one of each.
-    #[test]
-    fn public_filter_drops_local_ranges() {
-        for a in [
-            "/ip4/127.0.0.1/tcp/1",
-            "/ip4/10.1.2.3/tcp/1",
-            "/ip4/192.168.1.1/tcp/1",
-            "/ip4/100.64.0.1/tcp/1",
-            "/ip6/::1/tcp/1",
-            "/ip6/fe80::1/tcp/1",
-            "/ip6/fd00::1/tcp/1",
-        ] {
-            assert!(!admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
-            assert!(admit(AddressFilter::Any, &a.parse().unwrap()), "{a}");
-        }
-        for a in ["/ip4/8.8.8.8/tcp/4001", "/ip6/2001:4860::1/udp/4001/quic-v1", "/dns4/example.com/tcp/4001"]
-        {
-            assert!(admit(AddressFilter::Public, &a.parse().unwrap()), "{a}");
         }
     }
 }

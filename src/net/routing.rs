@@ -15,8 +15,8 @@ use arc_swap::ArcSwap;
 use libp2p::kad::KBucketKey;
 use libp2p::{Multiaddr, PeerId};
 
+use super::addrs::admit;
 use crate::config::AddressFilter;
-use crate::head::admit;
 use crate::types::PeerRecord;
 
 /// Kademlia replication parameter: closer-peer replies carry at most this many peers.

@@ -1,4 +1,4 @@
-//! `hydra bench store`: the provider manager against the raw PostgreSQL ceiling, in one run.
+//! `hydra-bench store` and `hydra-bench gc`: the provider manager against the raw PostgreSQL ceiling, in one run.
 //!
 //! Every run creates fresh databases on one server, preloads them identically (`preload` rows,
 //! 4 providers per key), then measures, side by side:
@@ -23,16 +23,16 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::NoTls;
 
-use crate::config::{PostgresSection, ProvidersSection, StoreKind};
-use crate::metrics::Metrics;
-use crate::pgcluster::{create_database, PgCluster};
-use crate::providers::ProviderManager;
-use crate::store::{now_ms, Store};
-use crate::types::{encode_addrs, PeerRecord, ProviderKey};
+use hydra::config::{PostgresSection, ProvidersSection, StoreKind};
+use hydra::metrics::Metrics;
+use hydra::providers::ProviderManager;
+use hydra::store::{now_ms, Store};
+use hydra::types::{encode_addrs, PeerRecord, ProviderKey};
+use hydra_testkit::{create_database, PgCluster};
 
 /// Options of `hydra bench store`.
 #[derive(Debug, Clone)]
-pub struct StoreBenchOpts {
+pub(crate) struct StoreBenchOpts {
     /// Server to use (a database on it must allow CREATE DATABASE); None: a throwaway cluster
     /// with production durability (fsync on).
     pub database_url: Option<String>,
@@ -75,8 +75,8 @@ fn random_key() -> ProviderKey {
 /// `expired_share` of the preloaded rows are already expired (for the GC benchmark).
 fn dataset(preload_rows: usize, write_rows: usize, lookups: usize, expired_share: f64) -> Dataset {
     use rand::seq::SliceRandom;
-    let live = crate::store::postgres_time(now_ms() + 48 * 3_600_000);
-    let dead = crate::store::postgres_time(now_ms() - 1000);
+    let live = hydra::store::postgres_time(now_ms() + 48 * 3_600_000);
+    let dead = hydra::store::postgres_time(now_ms() - 1000);
     let peers: Vec<_> = (0..PEERS)
         .map(|i| {
             let p = PeerId::random();
@@ -304,8 +304,8 @@ async fn raw_reads(url: &str, keys: Arc<Vec<ProviderKey>>) -> anyhow::Result<()>
         let (keys, next, url) = (keys.clone(), next.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             let c = connect(&url).await?;
-            let stmt = c.prepare(crate::store::LOOKUP_SQL).await?;
-            let now = crate::store::postgres_time(now_ms());
+            let stmt = c.prepare(hydra::store::LOOKUP_SQL).await?;
+            let now = hydra::store::postgres_time(now_ms());
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize * READ_BATCH;
                 if i >= keys.len() {
@@ -363,13 +363,13 @@ fn server(url: &Option<String>) -> anyhow::Result<(String, Option<PgCluster>)> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }
 
 /// Run the benchmark and print its report.
-pub async fn store(o: StoreBenchOpts) -> anyhow::Result<()> {
+pub(crate) async fn store(o: StoreBenchOpts) -> anyhow::Result<()> {
     let (admin, _cluster) = server(&o.database_url)?;
     println!(
         "hydra bench store: preload {} rows, write {} rows (half refreshes), look up {} keys, {} runs",
@@ -463,7 +463,7 @@ pub async fn store(o: StoreBenchOpts) -> anyhow::Result<()> {
 
 /// Options of `hydra bench gc`.
 #[derive(Debug, Clone)]
-pub struct GcBenchOpts {
+pub(crate) struct GcBenchOpts {
     pub database_url: Option<String>,
     /// Preloaded rows, half of them expired.
     pub rows: usize,
@@ -474,7 +474,7 @@ pub struct GcBenchOpts {
 
 /// `hydra bench gc`: the page-range collector's rate, alone and under concurrent writes, and what
 /// it costs those writes, measured side by side on identical databases.
-pub async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
+pub(crate) async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
     let (admin, _cluster) = server(&o.database_url)?;
     let chunk_pages = ProvidersSection::default().gc_chunk_pages;
     println!(
@@ -531,53 +531,5 @@ pub async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
     let m: Vec<f64> = cols.iter().map(|c| median(c.clone())).collect();
     println!("median {:>14.0}  {:>20.0}  {:>24.0}  {:>24.0}", m[0], m[1], m[2], m[3]);
     println!("writes during GC / writes alone = {:.2}", m[2] / m[1]);
-    Ok(())
-}
-
-/// `hydra bench startup`: for each head count, start `hydra run` (this binary, embedded store,
-/// loopback, fresh data directory), time until it logs "node started" (identities leased and
-/// derived, every head listening), stay idle, read its resident memory, stop it with SIGTERM.
-pub async fn startup(heads: Vec<usize>, runs: usize, idle: Duration, quic: bool) -> anyhow::Result<()> {
-    println!(
-        "hydra bench startup: {runs} runs per head count, idle {idle:?} before reading RSS, QUIC {quic}"
-    );
-    println!(
-        "{:>6}  {:>16}  {:>14}  {:>16}",
-        "heads", "start-up (s)", "idle RSS (MiB)", "RSS per head (KiB)"
-    );
-    for n in heads {
-        let (mut secs, mut rss) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let dir = std::env::temp_dir().join(format!("hydra-bench-startup-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let t = Instant::now();
-            let args: Vec<String> = [
-                "run",
-                "--heads",
-                &n.to_string(),
-                "--listen-ip",
-                "127.0.0.1",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--node-name",
-                "bench",
-                "--quic",
-                if quic { "true" } else { "false" },
-                "--data-dir",
-                &dir.display().to_string(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect();
-            let node = crate::loadgen::NodeProcess::spawn(&args, Duration::from_secs(600)).await?;
-            secs.push(t.elapsed().as_secs_f64());
-            tokio::time::sleep(idle).await;
-            rss.push(node.rss_kib().context("read the node's RSS")?);
-            node.stop().await;
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        let (s, r) = (median(secs), median(rss));
-        println!("{n:>6}  {s:>16.2}  {:>14.1}  {:>16.0}", r / 1024.0, r / n as f64);
-    }
     Ok(())
 }

@@ -13,10 +13,8 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId};
 use prost::Message as _;
 
+pub use crate::types::{MessageType, MAX_MESSAGE_SIZE};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
-
-/// Largest inbound message accepted, in bytes (go-libp2p-kad-dht's limit).
-pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 /// Protobuf `Message` of the DHT protocol.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -55,45 +53,6 @@ pub struct PbRecord {
     pub value: Vec<u8>,
     #[prost(string, tag = "5")]
     pub time_received: String,
-}
-
-/// Message type numbers on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(i32)]
-pub enum MessageType {
-    PutValue = 0,
-    GetValue = 1,
-    AddProvider = 2,
-    GetProviders = 3,
-    FindNode = 4,
-    Ping = 5,
-}
-
-impl MessageType {
-    pub const ALL: [MessageType; 6] = [
-        MessageType::PutValue,
-        MessageType::GetValue,
-        MessageType::AddProvider,
-        MessageType::GetProviders,
-        MessageType::FindNode,
-        MessageType::Ping,
-    ];
-
-    fn from_i32(v: i32) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| *t as i32 == v)
-    }
-
-    /// Stable lower-case name, used as a metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageType::PutValue => "put_value",
-            MessageType::GetValue => "get_value",
-            MessageType::AddProvider => "add_provider",
-            MessageType::GetProviders => "get_providers",
-            MessageType::FindNode => "find_node",
-            MessageType::Ping => "ping",
-        }
-    }
 }
 
 /// A decoded inbound request.

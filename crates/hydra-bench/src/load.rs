@@ -1,0 +1,244 @@
+//! `hydra-bench load`: an open-loop load generator against a real `hydra run` process.
+//!
+//! The node runs as a child process (the `hydra` binary of this checkout, built first; its RSS
+//! and CPU are its own) on a PostgreSQL database (a
+//! throwaway cluster unless `--database-url`). Many client identities — each a libp2p swarm with
+//! one real connection to every head — send requests at a **fixed arrival rate**: request i of a
+//! step is due at `start + i / rate` whether or not earlier ones were answered (a closed loop
+//! would slow down with the server and hide overload). Latency is measured from the due time,
+//! so queueing in the generator counts too. Every request opens a new stream, as rust-libp2p and
+//! js-libp2p clients do.
+//!
+//! Per step it prints offered and sent rate, goodput (requests the node counted `ok`, from its
+//! `/metrics`), sheds (the node's `hydra_load_shed_total` plus refused and dropped streams),
+//! client-side failures, latency p50/p99 of answered requests and p99 of answered GET_PROVIDERS,
+//! the highest and final tier, node RSS (max of 1 s samples), node CPU per 1,000 requests, and
+//! PostgreSQL transactions per second for the node's database (`pg_stat_database`; every
+//! statement the node issues is its own transaction).
+//!
+//! Capacity C is searched first (rates × 1.5 from `--start-rate` in short steps, while the
+//! answered GET_PROVIDERS p99 stays under `--p99-target-ms`, nothing is shed or fails, and the
+//! generator keeps up); then the `--multiples` of C run for `--step-seconds` each.
+
+mod client;
+mod step;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hydra::config::{AddressFilter, ConfigFile};
+use hydra_testkit::{create_database, PgCluster};
+use libp2p::{Multiaddr, PeerId};
+
+use futures::StreamExt as _;
+
+use self::client::{client, random_key, request, Ctx};
+use self::step::{connect_pg, run_step, slow_postgres, Pg, Step};
+use crate::node::{http_get, metric_sum, NodeProcess};
+
+/// Options of `hydra-bench load`.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadBenchOpts {
+    pub database_url: Option<String>,
+    /// Node config to start from (its `[load]` section, limits, …); listen and store settings
+    /// are overridden.
+    pub config: Option<PathBuf>,
+    pub heads: usize,
+    pub clients: usize,
+    /// Shares of ADD_PROVIDER, GET_PROVIDERS, FIND_NODE.
+    pub mix: [u32; 3],
+    /// Explicit rates (requests/s); when empty, capacity is searched and `multiples` of it run.
+    pub rates: Vec<f64>,
+    /// Capacity C to use instead of searching it (e.g. C of an unslowed run).
+    pub capacity: Option<f64>,
+    pub multiples: Vec<f64>,
+    pub start_rate: f64,
+    pub search_step: Duration,
+    pub step: Duration,
+    pub p99_target: Duration,
+    pub preload: usize,
+    /// Hold an ACCESS EXCLUSIVE lock on `providers` for `.0` out of every `.1`.
+    pub slow_postgres: Option<(Duration, Duration)>,
+    pub request_timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Add,
+    Get,
+    Find,
+}
+
+fn print_tier_changes(node: &NodeProcess) {
+    for c in node.tier_changes() {
+        println!("         {c}");
+    }
+}
+
+/// Run the benchmark and print its report.
+pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
+    let hydra = crate::node::hydra_binary()?;
+    let (admin, _cluster) = match &o.database_url {
+        Some(u) => (u.clone(), None),
+        None => {
+            let c = PgCluster::start(true).context("start a throwaway PostgreSQL (fsync on)")?;
+            // Like the node (see `NodeProcess::spawn`), the database outranks the generator.
+            if c.set_priority(-10) == 0 {
+                println!(
+                    "note: could not raise PostgreSQL's priority (not root?); it competes with the generator"
+                );
+            }
+            (c.url("postgres"), Some(c))
+        }
+    };
+    let db = format!("hydra_loadbench_{}", std::process::id());
+    let url = create_database(&admin, &db).await?;
+    let dir = std::env::temp_dir().join(format!("hydra-bench-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut file = match &o.config {
+        Some(p) => ConfigFile::from_file(p)?,
+        None => ConfigFile::default(),
+    };
+    file.heads = o.heads;
+    file.listen_ip = "127.0.0.1".into();
+    file.port_base = 0;
+    file.http_listen = "127.0.0.1:0".into();
+    file.data_dir = dir.join("data");
+    file.database_url = url.clone();
+    file.quic = false;
+    file.bootstrap.clear();
+    file.node_name = "bench-load".into();
+    file.identity_seed_file = String::new();
+    file.routing.address_filter = AddressFilter::Any;
+    file.validate().context("node config")?;
+    let cfg_path = dir.join("hydra.toml");
+    std::fs::write(&cfg_path, toml::to_string(&file)?)?;
+    let l = &file.load;
+    println!(
+        "hydra-bench load: {} heads, {} clients, mix add/get/find {:?}, request timeout {:?}, \
+         statement budget {}/s, per-peer {}/s",
+        o.heads,
+        o.clients,
+        o.mix,
+        o.request_timeout,
+        l.datastore_statements_per_second,
+        l.per_peer_requests_per_second
+    );
+
+    let mut node = NodeProcess::spawn(
+        &hydra,
+        &["run".into(), "--config".into(), cfg_path.display().to_string()],
+        Duration::from_secs(120),
+    )
+    .await?;
+    let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&node.http, "/v1/heads").await?)?;
+    let heads: Vec<(PeerId, Multiaddr)> = heads
+        .into_iter()
+        .filter_map(|h| {
+            let tcp = h.addrs.iter().find(|a| a.contains("/tcp/"))?.parse().ok()?;
+            Some((h.peer_id.parse().ok()?, tcp))
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(o.clients);
+    for _ in 0..o.clients {
+        clients.push(client(&heads).await?);
+    }
+    println!("{} clients connected to {} heads", clients.len(), heads.len());
+
+    // Preload: records the GET_PROVIDERS half of known keys finds.
+    let preloaded: Vec<Vec<u8>> = (0..o.preload).map(|_| random_key()).collect();
+    let ctx = Arc::new(Ctx {
+        heads,
+        clients,
+        preloaded: Vec::new(),
+        mix: [1, 0, 0],
+        timeout: o.request_timeout,
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: o.max_in_flight,
+    });
+    futures::stream::iter(preloaded.iter().cloned())
+        .for_each_concurrent(128, |k| {
+            let ctx = ctx.clone();
+            async move {
+                let _ = tokio::time::timeout(ctx.timeout, request(&ctx, Op::Add, k)).await;
+            }
+        })
+        .await;
+    let Ok(ctx) = Arc::try_unwrap(ctx) else { anyhow::bail!("preload still running") };
+    let ctx = Arc::new(Ctx { preloaded, mix: o.mix, ..ctx });
+    // Let the buffer drain into the datastore before measuring.
+    for _ in 0..120 {
+        let m = http_get(&node.http, "/metrics").await?;
+        if metric_sum(&m, "hydra_providers_write_buffer_entries", &[]) == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The preload burst may have raised the tier: measure from `normal` (dwell included).
+    for _ in 0..240 {
+        let status = http_get(&node.http, "/v1/status").await.unwrap_or_default();
+        if status.contains("\"tier\":\"normal\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let pg = Pg { client: connect_pg(&url).await?, url: url.clone(), db: db.clone() };
+    let slow = o.slow_postgres.map(|(hold, period)| tokio::spawn(slow_postgres(url.clone(), hold, period)));
+    if let Some((hold, period)) = o.slow_postgres {
+        println!("PostgreSQL slowed: providers locked (ACCESS EXCLUSIVE) {hold:?} of every {period:?}");
+    }
+
+    let mut rates: Vec<(String, f64)> = o.rates.iter().map(|r| (format!("{r:.0}/s"), *r)).collect();
+    if let (true, Some(c)) = (rates.is_empty(), o.capacity) {
+        println!("capacity C = {c:.0} requests/s (given)");
+        rates = o.multiples.iter().map(|m| (format!("{m}C"), m * c)).collect();
+    }
+    if rates.is_empty() {
+        println!("searching capacity: steps of {:?}, rate × 1.5 from {}/s while get p99 ≤ {:?}, nothing shed or failed", o.search_step, o.start_rate, o.p99_target);
+        println!("{}", Step::header());
+        let mut rate = o.start_rate;
+        let mut capacity = None;
+        loop {
+            let st = run_step(&ctx, &node, &pg, "search".into(), rate, o.search_step).await?;
+            println!("{}", st.row());
+            print_tier_changes(&node);
+            let pass = st.get_p99 <= o.p99_target.as_secs_f64() * 1e3
+                && st.failed == 0
+                && st.dropped == 0
+                && st.shed < 0.005 * rate
+                && st.sent >= 0.95 * rate;
+            if !pass {
+                break;
+            }
+            capacity = Some(rate);
+            rate *= 1.5;
+        }
+        let c = capacity.context("not even the start rate met the target: lower --start-rate")?;
+        println!("capacity C = {c:.0} requests/s");
+        rates = o.multiples.iter().map(|m| (format!("{m}C"), m * c)).collect();
+    }
+    println!("{}", Step::header());
+    let mut steps = Vec::new();
+    for (label, rate) in rates {
+        let st = run_step(&ctx, &node, &pg, label, rate, o.step).await?;
+        println!("{}", st.row());
+        print_tier_changes(&node);
+        steps.push(st);
+        if !node.is_running() {
+            anyhow::bail!("the node exited during the step");
+        }
+    }
+    if let Some(s) = slow {
+        s.abort();
+    }
+    let running = node.is_running();
+    let clean = node.stop().await;
+    println!("node still up at the end: {running}; clean shutdown: {clean}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! One measured step: drive a rate for a while, sample the node and PostgreSQL meanwhile, and
+//! report what the client and the node saw.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::client::{drive, percentile_ms, Ctx, Tally};
+use crate::node::{cpu_seconds, histogram_quantile_ms, http_get, machine_jiffies, metric_sum, NodeProcess};
+
+/// Results of one step.
+pub(crate) struct Step {
+    pub(crate) label: String,
+    pub(crate) offered: f64,
+    pub(crate) sent: f64,
+    pub(crate) goodput: f64,
+    /// Of `goodput`: GET_PROVIDERS and ADD_PROVIDER (the datastore-bound requests).
+    pub(crate) ds_goodput: f64,
+    pub(crate) shed: f64,
+    pub(crate) failed: u64,
+    pub(crate) dropped: u64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) get_p99: f64,
+    /// p99 of GET_PROVIDERS inside the node (decoded request to reply written), bucket bound.
+    pub(crate) node_get_p99: f64,
+    pub(crate) tier_max: String,
+    pub(crate) tier_end: String,
+    pub(crate) rss_mib: f64,
+    pub(crate) cpu_ms_per_1k: f64,
+    /// CPU of this process (the generator) per 1,000 requests sent.
+    pub(crate) gen_cpu_ms_per_1k: f64,
+    /// Busy share of all the machine's cores over the step (node, PostgreSQL, generator, rest).
+    pub(crate) machine_busy_pct: f64,
+    pub(crate) pg_tps: f64,
+    pub(crate) pg_tps_max5: f64,
+}
+
+impl Step {
+    pub(crate) fn header() -> String {
+        format!(
+            "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}",
+            "step",
+            "offered",
+            "sent",
+            "goodput",
+            "ds-good",
+            "shed/s",
+            "failed",
+            "gen-drop",
+            "p50 ms",
+            "p99 ms",
+            "get p99",
+            "node",
+            "tier max/end",
+            "RSS MiB",
+            "cpu ms/1k",
+            "gen ms/1k",
+            "busy %",
+            "pg tx/s",
+            "max 5s"
+        )
+    }
+
+    pub(crate) fn row(&self) -> String {
+        format!(
+            "{:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>7.0} {:>8.1} {:>8.1} {:>6.0} {:>8.0} {:>8.0}",
+            self.label,
+            self.offered,
+            self.sent,
+            self.goodput,
+            self.ds_goodput,
+            self.shed,
+            self.failed,
+            self.dropped,
+            self.p50,
+            self.p99,
+            self.get_p99,
+            self.node_get_p99,
+            format!("{}/{}", self.tier_max, self.tier_end),
+            self.rss_mib,
+            self.cpu_ms_per_1k,
+            self.gen_cpu_ms_per_1k,
+            self.machine_busy_pct,
+            self.pg_tps,
+            self.pg_tps_max5
+        )
+    }
+}
+
+/// PostgreSQL transactions committed + rolled back in `db` so far.
+pub(crate) async fn pg_xacts(c: &tokio_postgres::Client, db: &str) -> anyhow::Result<f64> {
+    let row = c
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::float8 FROM pg_stat_database WHERE datname = $1",
+            &[&db],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub(crate) const TIERS: [&str; 4] = ["normal", "degrade", "refuse", "peak"];
+
+/// What the sampler saw during a step (1 s samples).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Samples {
+    tier_max: usize,
+    rss_max_mib: f64,
+    /// Highest PostgreSQL transaction rate over a 5 s window.
+    pg_max5: f64,
+}
+
+pub(crate) async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+/// Every second: the node's tier and RSS; every 5 s: PostgreSQL's transaction rate.
+pub(crate) async fn sample(http: String, pid: u32, pg_url: String, db: String, out: Arc<Mutex<Samples>>) {
+    let Ok(pg) = connect_pg(&pg_url).await else { return };
+    let mut last = match pg_xacts(&pg, &db).await {
+        Ok(x) => (Instant::now(), x),
+        Err(_) => return,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 1u64.. {
+        tick.tick().await;
+        let tier = match http_get(&http, "/v1/status")
+            .await
+            .map(|b| serde_json::from_str::<serde_json::Value>(&b))
+        {
+            Ok(Ok(v)) => TIERS.iter().position(|t| v["tier"] == *t).unwrap_or(0),
+            _ => 0,
+        };
+        let rss = hydra::load::rss_bytes(&pid.to_string()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+        let mut pg_rate = None;
+        if n % 5 == 0 {
+            if let Ok(x) = pg_xacts(&pg, &db).await {
+                pg_rate = Some((x - last.1) / last.0.elapsed().as_secs_f64());
+                last = (Instant::now(), x);
+            }
+        }
+        let mut s = out.lock().unwrap_or_else(|e| e.into_inner());
+        s.tier_max = s.tier_max.max(tier);
+        s.rss_max_mib = s.rss_max_mib.max(rss);
+        if let Some(r) = pg_rate {
+            s.pg_max5 = s.pg_max5.max(r);
+        }
+    }
+}
+
+/// The node's PostgreSQL database, for the transaction counts.
+pub(crate) struct Pg {
+    pub(crate) url: String,
+    pub(crate) db: String,
+    pub(crate) client: tokio_postgres::Client,
+}
+
+pub(crate) async fn run_step(
+    ctx: &Arc<Ctx>,
+    node: &NodeProcess,
+    pg: &Pg,
+    label: String,
+    rate: f64,
+    dur: Duration,
+) -> anyhow::Result<Step> {
+    let ok = |m: &str| metric_sum(m, "hydra_kad_requests_total", &[("outcome", "ok")]);
+    let ds_ok = |m: &str| {
+        ["get_providers", "add_provider"]
+            .iter()
+            .map(|t| metric_sum(m, "hydra_kad_requests_total", &[("outcome", "ok"), ("type", t)]))
+            .sum::<f64>()
+    };
+    let shed = |m: &str| {
+        metric_sum(m, "hydra_load_shed_total", &[])
+            + metric_sum(m, "hydra_kad_streams_total", &[("event", "refused")])
+            + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_full")])
+            + metric_sum(m, "hydra_kad_streams_total", &[("event", "peer_limit")])
+            + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_wait")])
+    };
+    let before = http_get(&node.http, "/metrics").await?;
+    let cpu0 = node.cpu_seconds().unwrap_or(0.0);
+    let (gen0, machine0) = (cpu_seconds("self").unwrap_or(0.0), machine_jiffies());
+    let x0 = pg_xacts(&pg.client, &pg.db).await?;
+    let t0 = Instant::now();
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let sampler =
+        tokio::spawn(sample(node.http.clone(), node.pid, pg.url.clone(), pg.db.clone(), samples.clone()));
+    let tally = Arc::new(Tally::default());
+    drive(ctx, rate, dur, &tally).await;
+    sampler.abort();
+    let secs = t0.elapsed().as_secs_f64();
+    let x1 = pg_xacts(&pg.client, &pg.db).await?;
+    let after = http_get(&node.http, "/metrics").await?;
+    let status: serde_json::Value = serde_json::from_str(&http_get(&node.http, "/v1/status").await?)?;
+    let cpu = node.cpu_seconds().unwrap_or(0.0) - cpu0;
+    let gen_cpu = cpu_seconds("self").unwrap_or(0.0) - gen0;
+    let machine_busy_pct = match (machine0, machine_jiffies()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64,
+        _ => 0.0,
+    };
+    let s = *samples.lock().unwrap_or_else(|e| e.into_inner());
+    let sent = tally.sent.load(Ordering::Relaxed);
+    let per_s = |v: f64| v / dur.as_secs_f64();
+    Ok(Step {
+        label,
+        offered: rate,
+        sent: per_s(sent as f64),
+        goodput: per_s(ok(&after) - ok(&before)),
+        ds_goodput: per_s(ds_ok(&after) - ds_ok(&before)),
+        shed: per_s(shed(&after) - shed(&before)),
+        failed: tally.failed.load(Ordering::Relaxed),
+        dropped: tally.dropped.load(Ordering::Relaxed),
+        p50: percentile_ms(&tally.latency, 0.5),
+        p99: percentile_ms(&tally.latency, 0.99),
+        get_p99: percentile_ms(&tally.get_latency, 0.99),
+        node_get_p99: histogram_quantile_ms(
+            &before,
+            &after,
+            "hydra_kad_request_duration_seconds",
+            &[("type", "get_providers")],
+            0.99,
+        ),
+        tier_max: TIERS[s.tier_max].to_string(),
+        tier_end: status["tier"].as_str().unwrap_or("?").to_string(),
+        rss_mib: s.rss_max_mib.max(node.rss_kib().unwrap_or(0.0) / 1024.0),
+        cpu_ms_per_1k: if sent > 0 { cpu * 1e6 / sent as f64 } else { 0.0 },
+        gen_cpu_ms_per_1k: if sent > 0 { gen_cpu * 1e6 / sent as f64 } else { 0.0 },
+        machine_busy_pct,
+        pg_tps: (x1 - x0) / secs,
+        pg_tps_max5: s.pg_max5,
+    })
+}
+
+/// Hold an ACCESS EXCLUSIVE lock on `providers` for `hold` out of every `period`: every read
+/// and write of provider records stalls meanwhile, as behind a slow or overloaded database.
+pub(crate) async fn slow_postgres(url: String, hold: Duration, period: Duration) {
+    let Ok(c) = connect_pg(&url).await else { return };
+    loop {
+        let held = async {
+            c.batch_execute("BEGIN; LOCK TABLE providers IN ACCESS EXCLUSIVE MODE").await?;
+            tokio::time::sleep(hold).await;
+            c.batch_execute("COMMIT").await
+        };
+        if held.await.is_err() {
+            return;
+        }
+        tokio::time::sleep(period.saturating_sub(hold)).await;
+    }
+}

@@ -1,0 +1,195 @@
+//! `hydra-bench`: the benchmarks of `docs/benchmarks.md`, a binary of its own so the node's
+//! binary carries none of their code. Run with `cargo run --release -p hydra-bench -- <command>`;
+//! the commands that start a node (`load`, `startup`) first build the `hydra` binary of this
+//! checkout with the same profile (or use `HYDRA_BIN`).
+
+mod load;
+mod node;
+mod startup;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hydra-bench", version, about = "Benchmarks of the hydra node (see docs/benchmarks.md)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Provider manager vs the raw PostgreSQL ceiling (writes and reads), side by side.
+    Store {
+        /// Server to use (must allow CREATE DATABASE); default: a throwaway local cluster.
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 400_000)]
+        preload: usize,
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 50_000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Start-up time and idle memory of `hydra run` with many heads (embedded store).
+    Startup {
+        /// Head counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500,1000")]
+        heads: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds to stay idle before reading the resident memory.
+        #[arg(long, default_value_t = 5)]
+        idle: u64,
+        /// Run the heads with QUIC listeners too.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        quic: bool,
+    },
+    /// Open-loop load against a `hydra run` process on PostgreSQL: capacity, then multiples of it.
+    Load {
+        /// Server to use (must allow CREATE DATABASE); default: a throwaway local cluster.
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Node config to start from (e.g. its [load] section); listen and store settings are set
+        /// by the benchmark.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Client identities (each its own libp2p connection to every head).
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Request mix: percentages of ADD_PROVIDER, GET_PROVIDERS, FIND_NODE.
+        #[arg(long, value_delimiter = ',', default_value = "30,50,20")]
+        mix: Vec<u32>,
+        /// Offered rates (requests/s) to run; when absent, capacity C is searched first.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        /// Use this capacity C (requests/s) instead of searching it.
+        #[arg(long)]
+        capacity: Option<f64>,
+        /// Multiples of C to run after the search.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,5,10")]
+        multiples: Vec<f64>,
+        /// First rate of the capacity search (requests/s).
+        #[arg(long, default_value_t = 250.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 10)]
+        search_seconds: u64,
+        #[arg(long, default_value_t = 30)]
+        step_seconds: u64,
+        /// The latency target that defines capacity: p99 of answered GET_PROVIDERS.
+        #[arg(long, default_value_t = 50)]
+        p99_target_ms: u64,
+        /// Provider records announced before measuring.
+        #[arg(long, default_value_t = 20_000)]
+        preload: usize,
+        /// Slow PostgreSQL down: hold an exclusive lock on the provider table for this many ms…
+        #[arg(long)]
+        slow_hold_ms: Option<u64>,
+        /// …out of every this many ms.
+        #[arg(long, default_value_t = 1000)]
+        slow_period_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        request_timeout_ms: u64,
+        /// Requests the generator keeps in flight at most (beyond: counted as generator drops).
+        #[arg(long, default_value_t = 50_000)]
+        max_in_flight: usize,
+    },
+    /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
+    Gc {
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 200_000)]
+        writes: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let res = match &cli.command {
+        Command::Store { database_url, preload, rows, lookups, runs } => {
+            rt.block_on(store::store(store::StoreBenchOpts {
+                database_url: database_url.clone(),
+                preload: *preload,
+                rows: *rows,
+                lookups: *lookups,
+                runs: (*runs).max(1),
+            }))
+        }
+        Command::Startup { heads, runs, idle, quic } => rt.block_on(startup::startup(
+            heads.clone(),
+            (*runs).max(1),
+            std::time::Duration::from_secs(*idle),
+            *quic,
+        )),
+        Command::Load {
+            database_url,
+            config,
+            heads,
+            clients,
+            mix,
+            rates,
+            capacity,
+            multiples,
+            start_rate,
+            search_seconds,
+            step_seconds,
+            p99_target_ms,
+            preload,
+            slow_hold_ms,
+            slow_period_ms,
+            request_timeout_ms,
+            max_in_flight,
+        } => {
+            let ms = std::time::Duration::from_millis;
+            let secs = std::time::Duration::from_secs;
+            match <[u32; 3]>::try_from(mix.as_slice()) {
+                Err(_) => Err(anyhow::anyhow!("--mix takes three numbers: add,get,find")),
+                Ok(mix) => rt.block_on(load::load(load::LoadBenchOpts {
+                    database_url: database_url.clone(),
+                    config: config.clone(),
+                    heads: (*heads).max(1),
+                    clients: (*clients).max(1),
+                    mix,
+                    rates: rates.clone(),
+                    capacity: *capacity,
+                    multiples: multiples.clone(),
+                    start_rate: *start_rate,
+                    search_step: secs(*search_seconds),
+                    step: secs(*step_seconds),
+                    p99_target: ms(*p99_target_ms),
+                    preload: *preload,
+                    slow_postgres: slow_hold_ms.map(|h| (ms(h), ms(*slow_period_ms))),
+                    request_timeout: ms(*request_timeout_ms),
+                    max_in_flight: *max_in_flight,
+                })),
+            }
+        }
+        Command::Gc { database_url, rows, writes, runs } => rt.block_on(store::gc(store::GcBenchOpts {
+            database_url: database_url.clone(),
+            rows: *rows,
+            writes: *writes,
+            runs: (*runs).max(1),
+        })),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hydra-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

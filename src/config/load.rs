@@ -1,0 +1,155 @@
+//! `[load]`: tiers, rate limits and the datastore statement budget — the one section reloaded
+//! without a restart — with its defaults and its validation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::{invalid, nonzero_duration, positive, ConfigError};
+use crate::types::{Thresholds, Tier};
+
+/// Load tiers, rate limits and the datastore statement budget (see `src/load.rs`). The only
+/// section reloaded without a restart: on SIGHUP and `POST /v1/config/reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadSection {
+    /// How often the signals are sampled and the tier recomputed.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// Latency signals are percentiles over this recent window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A tier is held at least this long before the node steps down from it.
+    #[serde(with = "humantime_serde")]
+    pub min_dwell: Duration,
+    /// A tier is left only when every signal is below `exit_ratio` × its threshold for that tier.
+    pub exit_ratio: f64,
+    /// Pin the tier ("normal", "degrade", "refuse", "peak") instead of computing it: for
+    /// emergencies and drills. Absent: computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_tier: Option<Tier>,
+    /// Hard ceiling on datastore statements per second issued by this process for requests
+    /// (flushes: 2 per batch; lookups and value operations: 1). Statements wait for it; 0: no limit.
+    pub datastore_statements_per_second: u32,
+    /// Datastore-touching requests (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) one peer
+    /// may make per second over all heads; 0: no limit.
+    pub per_peer_requests_per_second: u32,
+    /// Requests one peer may make in a burst.
+    pub per_peer_burst: u32,
+    /// In `degrade` and above one request costs this many of a peer's requests.
+    pub degrade_per_peer_cost: u32,
+    /// Peers with their own rate bucket (memory bound); beyond it new peers share one bucket.
+    pub max_tracked_peers: usize,
+    /// In `degrade`, an ADD_PROVIDER refreshing a record this process wrote that still has more
+    /// than this long to live is acknowledged without a write.
+    #[serde(with = "humantime_serde")]
+    pub degrade_skip_refresh_if_remaining: Duration,
+    /// An inbound kad stream that waited longer than this for a stream task is reset instead of
+    /// served late; this bounds queueing delay whatever the offered load.
+    #[serde(with = "humantime_serde")]
+    pub stream_queue_max_wait: Duration,
+    /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
+    pub degrade: Thresholds,
+    pub refuse: Thresholds,
+    pub peak: Thresholds,
+}
+
+impl Default for LoadSection {
+    fn default() -> Self {
+        let [degrade, refuse, peak] = default_thresholds();
+        Self {
+            sample_interval: Duration::from_millis(250),
+            window: Duration::from_secs(10),
+            min_dwell: Duration::from_secs(15),
+            exit_ratio: 0.7,
+            force_tier: None,
+            datastore_statements_per_second: 2000,
+            per_peer_requests_per_second: 200,
+            per_peer_burst: 400,
+            degrade_per_peer_cost: 4,
+            max_tracked_peers: 100_000,
+            degrade_skip_refresh_if_remaining: Duration::from_secs(24 * 3600),
+            stream_queue_max_wait: Duration::from_millis(25),
+            degrade,
+            refuse,
+            peak,
+        }
+    }
+}
+
+impl LoadSection {
+    /// Check the section; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        nonzero_duration("load.sample_interval", self.sample_interval)?;
+        nonzero_duration("load.min_dwell", self.min_dwell)?;
+        nonzero_duration("load.stream_queue_max_wait", self.stream_queue_max_wait)?;
+        if self.window < self.sample_interval * 2 {
+            return Err(invalid("load.window", "must be at least two sample intervals"));
+        }
+        if !(self.exit_ratio > 0.0 && self.exit_ratio < 1.0) {
+            return Err(invalid(
+                "load.exit_ratio",
+                format!("must be between 0 and 1, got {}", self.exit_ratio),
+            ));
+        }
+        positive("load.max_tracked_peers", self.max_tracked_peers)?;
+        positive("load.degrade_per_peer_cost", self.degrade_per_peer_cost as usize)?;
+        if self.per_peer_requests_per_second > 0 && self.per_peer_burst < self.degrade_per_peer_cost {
+            return Err(invalid("load.per_peer_burst", "must be at least load.degrade_per_peer_cost"));
+        }
+        let tiers = [("degrade", &self.degrade), ("refuse", &self.refuse), ("peak", &self.peak)];
+        for (tier, t) in tiers {
+            for (signal, v) in t.values() {
+                let bad = !v.is_finite() || v < 0.0 || (signal.ends_with("_ratio") && v > 1.0);
+                if bad {
+                    return Err(ConfigError::Field {
+                        field: format!("load.{tier}.{signal}"),
+                        reason: format!(
+                            "must be {}, got {v}",
+                            if signal.ends_with("_ratio") { "between 0 and 1" } else { "0 or more" }
+                        ),
+                    });
+                }
+            }
+        }
+        // A higher tier must not be entered before a lower one on the same signal.
+        for pair in tiers.windows(2) {
+            let ((lo_name, lo), (hi_name, hi)) = (pair[0], pair[1]);
+            for ((signal, l), (_, h)) in lo.values().into_iter().zip(hi.values()) {
+                if l > 0.0 && h > 0.0 && h < l {
+                    return Err(ConfigError::Field {
+                        field: format!("load.{hi_name}.{signal}"),
+                        reason: format!("{h} is below load.{lo_name}.{signal} = {l}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tier thresholds shipped as defaults (see docs/benchmarks.md for how they were chosen).
+pub fn default_thresholds() -> [Thresholds; 3] {
+    [
+        // degrade: the datastore is slowing or work is queueing; also when the intake is half
+        // full (the CPU is busy: less datastore work frees some, PostgreSQL often shares it).
+        Thresholds {
+            datastore_p99_ms: 50.0,
+            pool_wait_p99_ms: 20.0,
+            write_buffer_fill_ratio: 0.5,
+            reads_in_flight_ratio: 0.5,
+            inbound_queue_fill_ratio: 0.5,
+            rss_mib: 0.0,
+        },
+        // refuse: the datastore itself is in distress (latency, pool wait). Not on the bounded
+        // queues (write buffer, lookups, intake): each sheds its own excess and keeps serving up
+        // to its bound; measured (docs/benchmarks.md), refusing on them as well cut datastore
+        // goodput to a fifth while PostgreSQL was below its budget.
+        Thresholds { datastore_p99_ms: 250.0, pool_wait_p99_ms: 100.0, ..Thresholds::disabled() },
+        // peak: off unless the operator sets it — typically `rss_mib` below the memory limit.
+        // Not on the intake by default: measured (docs/benchmarks.md), refusing every new stream
+        // while the CPU is saturated cut goodput to a fifth, because the transport work per
+        // stream is paid either way; the bounded queue and its max wait already shed there.
+        Thresholds::disabled(),
+    ]
+}

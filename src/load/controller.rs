@@ -1,0 +1,287 @@
+//! The load controller: the shared [`LoadControl`] (the tier every request reads, the limits, the
+//! live `[load]` settings) and the task that samples signals, decides and publishes the tier.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::budget::StatementBudget;
+use super::peers::PeerLimiter;
+use super::policy::Policy;
+use super::signals::{rss_bytes, SignalSource, Window};
+use super::tier::decide;
+use crate::config::LoadSection;
+use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
+use crate::types::{Signals, Tier};
+
+/// The current tier and what it was computed from, as `GET /v1/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub tier: Tier,
+    /// Set when `load.force_tier` pins the tier.
+    pub forced: bool,
+    /// Seconds since the tier last changed.
+    pub tier_age_seconds: f64,
+    pub signals: Signals,
+    /// Recent datastore latency by operation (p95, p99), ms.
+    pub datastore_latency_ms: HashMap<&'static str, LatencyPair>,
+    pub load: LoadSection,
+}
+
+/// What the controller measured last.
+struct Sample {
+    signals: Signals,
+    latency: HashMap<&'static str, LatencyPair>,
+    /// When the tier last changed.
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LatencyPair {
+    pub p95: f64,
+    pub p99: f64,
+}
+
+type TierHook = Box<dyn Fn(Tier) + Send + Sync>;
+
+/// Shared load state: the tier (read on every request), the limits and the live `[load]` config.
+pub struct LoadControl {
+    tier: AtomicU8,
+    cfg: ArcSwap<LoadSection>,
+    peers: ArcSwapOption<PeerLimiter>,
+    budget: Arc<StatementBudget>,
+    /// The controller's last sample; [`Self::status`] adds the live tier and settings.
+    sample: ArcSwap<Option<Sample>>,
+    metrics: LoadMetrics,
+    /// Told every tier change (the node closes or opens its intake for `peak`).
+    on_tier: Mutex<Option<TierHook>>,
+}
+
+impl LoadControl {
+    pub fn new(cfg: LoadSection, budget: Arc<StatementBudget>, metrics: LoadMetrics) -> Arc<Self> {
+        let this = Arc::new(Self {
+            tier: AtomicU8::new(cfg.force_tier.unwrap_or(Tier::Normal) as u8),
+            cfg: ArcSwap::from_pointee(cfg.clone()),
+            peers: ArcSwapOption::empty(),
+            budget,
+            sample: ArcSwap::from_pointee(None),
+            metrics,
+            on_tier: Mutex::new(None),
+        });
+        this.apply(cfg);
+        this
+    }
+
+    /// The current tier.
+    pub fn tier(&self) -> Tier {
+        Tier::from_u8(self.tier.load(Ordering::Relaxed))
+    }
+
+    pub fn config(&self) -> Arc<LoadSection> {
+        self.cfg.load_full()
+    }
+
+    /// Count one shed request.
+    pub fn shed(&self, tier: Tier, reason: ShedReason) {
+        self.metrics.shed(tier, reason);
+    }
+
+    /// What the current tier does (one atomic load).
+    pub fn policy(&self) -> Policy {
+        Policy::of(self.tier())
+    }
+
+    /// Whether `peer` may make one more datastore-touching request now. Where the tier's policy
+    /// raises the cost, a request costs `degrade_per_peer_cost` cells, so the per-peer rate is
+    /// divided by it.
+    pub fn allow_peer(&self, peer: &PeerId, tier: Tier) -> bool {
+        let Some(limiter) = &*self.peers.load() else { return true };
+        let cost = if Policy::of(tier).raised_peer_cost { limiter.degrade_cost } else { NonZeroU32::MIN };
+        matches!(limiter.limiter.check_key_n(peer, cost), Ok(Ok(())))
+    }
+
+    /// Replace the `[load]` settings (already validated) without a restart.
+    pub fn reload(&self, cfg: LoadSection) {
+        tracing::info!(
+            statements_per_second = cfg.datastore_statements_per_second,
+            per_peer_requests_per_second = cfg.per_peer_requests_per_second,
+            force_tier = cfg.force_tier.map(Tier::as_str).unwrap_or("computed"),
+            "load settings reloaded"
+        );
+        self.apply(cfg);
+    }
+
+    fn apply(&self, cfg: LoadSection) {
+        self.budget.set(cfg.datastore_statements_per_second);
+        self.peers.store(PeerLimiter::new(&cfg).map(Arc::new));
+        self.metrics.set_thresholds(&cfg);
+        let forced = cfg.force_tier;
+        self.cfg.store(Arc::new(cfg));
+        if let Some(t) = forced {
+            self.transition(None, t, &Signals::default());
+        }
+    }
+
+    /// Call `f` on every tier change from now on.
+    pub fn on_tier(&self, f: impl Fn(Tier) + Send + Sync + 'static) {
+        *self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Move to `next` (if it differs) — only if the tier is still `from`, when given: the atomic,
+    /// the gauge, a log line, the callback. False if nothing changed.
+    fn transition(&self, from: Option<Tier>, next: Tier, s: &Signals) -> bool {
+        let cur = match from {
+            None => self.tier.swap(next as u8, Ordering::Relaxed),
+            Some(f) => {
+                match self.tier.compare_exchange(f as u8, next as u8, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                }
+            }
+        };
+        let cur = Tier::from_u8(cur);
+        if cur == next {
+            return false;
+        }
+        self.metrics.tier.set(next as i64);
+        self.metrics.transitions.with_label_values(&[next.as_str()]).inc();
+        if next > cur {
+            tracing::warn!(signals = ?s, "load tier {} -> {}", cur.as_str(), next.as_str());
+        } else {
+            tracing::info!(signals = ?s, "load tier {} -> {}", cur.as_str(), next.as_str());
+        }
+        if let Some(f) = &*self.on_tier.lock().unwrap_or_else(|e| e.into_inner()) {
+            f(next);
+        }
+        true
+    }
+
+    /// The last sample with the current tier and settings (None before the first sample).
+    pub fn status(&self) -> Option<Status> {
+        let sample = self.sample.load_full();
+        let Sample { signals, latency, since } = (*sample).as_ref()?;
+        let load = (*self.config()).clone();
+        Some(Status {
+            tier: self.tier(),
+            forced: load.force_tier.is_some(),
+            tier_age_seconds: since.elapsed().as_secs_f64(),
+            signals: *signals,
+            datastore_latency_ms: latency.clone(),
+            load,
+        })
+    }
+
+    /// The controller: sample, decide, publish, until cancelled.
+    pub async fn run(
+        self: Arc<Self>,
+        datastore: DatastoreMetrics,
+        source: Arc<dyn SignalSource>,
+        cancel: CancellationToken,
+    ) {
+        const LATENCY_OPS: [DbOp; 4] =
+            [DbOp::GetProviders, DbOp::PutProviders, DbOp::GetValue, DbOp::PutValue];
+        let mut cfg = self.config();
+        let slots =
+            |c: &LoadSection| (c.window.as_secs_f64() / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
+        let mut windows: Vec<Window> = LATENCY_OPS.iter().map(|_| Window::new(slots(&cfg))).collect();
+        let mut pool_wait = Window::new(slots(&cfg));
+        let mut since = Instant::now();
+        let mut last = self.tier();
+        let mut last_prune = Instant::now();
+        loop {
+            for (w, op) in windows.iter_mut().zip(LATENCY_OPS) {
+                w.push(&datastore.duration.with_label_values(&[op.as_str()]));
+            }
+            pool_wait.push(&datastore.pool_wait);
+            let latency: HashMap<&'static str, LatencyPair> = windows
+                .iter()
+                .zip(LATENCY_OPS)
+                .map(|(w, op)| {
+                    (op.as_str(), LatencyPair { p95: w.quantile(0.95) * 1e3, p99: w.quantile(0.99) * 1e3 })
+                })
+                .collect();
+            let ratio = |(n, max): (usize, usize)| if max == 0 { 0.0 } else { n as f64 / max as f64 };
+            let s = Signals {
+                // The tier follows the hot-path operations; value ops are shown but rare.
+                datastore_p99_ms: latency["get_providers"].p99.max(latency["put_providers"].p99),
+                pool_wait_p99_ms: pool_wait.quantile(0.99) * 1e3,
+                write_buffer_fill_ratio: ratio(source.write_buffer()),
+                reads_in_flight_ratio: ratio(source.reads_in_flight()),
+                inbound_queue_fill_ratio: ratio(source.inbound_queue()),
+                rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
+            };
+            let now = Instant::now();
+            // The tier first, then the settings: a reload stores its settings before its tier,
+            // so this pair is never older settings with a newer forced tier.
+            let cur = self.tier();
+            let new_cfg = self.config();
+            if !Arc::ptr_eq(&new_cfg, &cfg) {
+                if new_cfg.window != cfg.window || new_cfg.sample_interval != cfg.sample_interval {
+                    for w in windows.iter_mut().chain(std::iter::once(&mut pool_wait)) {
+                        w.len = slots(&new_cfg).max(2);
+                    }
+                }
+                cfg = new_cfg;
+            }
+            if cur != last {
+                since = now; // changed by a reload (force_tier)
+            }
+            let next = decide(cur, since, now, &s, &cfg);
+            // Only from `cur`: a reload that moved the tier meanwhile wins, and is seen next time.
+            if next != cur && self.transition(Some(cur), next, &s) {
+                since = now;
+            }
+            last = next;
+            self.metrics.set_signals(&s);
+            if let Some(p) = &*self.peers.load() {
+                if now.duration_since(last_prune) >= Duration::from_secs(10) || p.store.is_full() {
+                    p.limiter.retain_recent();
+                    last_prune = now;
+                }
+                self.metrics.tracked_peers.set(p.store.len() as i64);
+            }
+            self.sample.store(Arc::new(Some(Sample { signals: s, latency, since })));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(cfg.sample_interval) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_peer_limits_hold_and_memory_is_bounded() {
+        let c = LoadSection {
+            per_peer_requests_per_second: 1,
+            per_peer_burst: 4,
+            degrade_per_peer_cost: 4,
+            max_tracked_peers: 32,
+            ..LoadSection::default()
+        };
+        let metrics = crate::metrics::Metrics::new(&prometheus::Registry::new(), 1).load;
+        let load = LoadControl::new(c, Arc::new(StatementBudget::default()), metrics);
+        let p = PeerId::random();
+        let allowed = (0..10).filter(|_| load.allow_peer(&p, Tier::Normal)).count();
+        assert_eq!(allowed, 4, "the burst, then limited");
+        let q = PeerId::random();
+        assert!(load.allow_peer(&q, Tier::Degrade), "degrade: one request costs the whole burst…");
+        assert!(!load.allow_peer(&q, Tier::Degrade), "…so the next one waits");
+        // A flood of fresh peer IDs: the map stays bounded, the overflow bucket limits them.
+        let flood: usize = (0..10_000).filter(|_| load.allow_peer(&PeerId::random(), Tier::Normal)).count();
+        let store = &load.peers.load_full().unwrap().store;
+        assert!(store.len() <= 32, "{} peers tracked", store.len());
+        assert!(flood < 32 + 10, "{flood} requests of new peers allowed");
+    }
+}

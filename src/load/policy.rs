@@ -1,0 +1,80 @@
+//! What each tier does: the one table the request path asks, once per request.
+//!
+//! The stream tasks, the intake and the per-peer limiter read a [`Policy`] instead of comparing
+//! tiers themselves, so changing what a tier does is a change here (and to the table in
+//! `ARCHITECTURE.md`), not a hunt through the request path.
+
+use crate::types::Tier;
+
+/// What the node does in one tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The tier this policy belongs to (sheds are counted by it).
+    pub tier: Tier,
+    /// Requests that touch the datastore (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) are
+    /// served. When false they are shed: GET_PROVIDERS and GET_VALUE answer with closer peers
+    /// only, ADD_PROVIDER is dropped, PUT_VALUE is reset.
+    pub datastore: bool,
+    /// GET_PROVIDERS for a key this head is not among the k closest to is answered from the
+    /// cache only (a miss: closer peers only). Keys it is responsible for still reach the
+    /// datastore (go-libp2p-kad-dht #730).
+    pub far_keys_from_cache_only: bool,
+    /// An ADD_PROVIDER refreshing a record this process wrote that still has more than
+    /// `load.degrade_skip_refresh_if_remaining` to live is acknowledged without a write.
+    pub skip_fresh_refreshes: bool,
+    /// One datastore-touching request costs `load.degrade_per_peer_cost` of the peer's rate.
+    pub raised_peer_cost: bool,
+    /// New inbound kad streams are accepted; when false the handler resets them. Open streams
+    /// keep being served.
+    pub new_streams: bool,
+}
+
+impl Policy {
+    /// The policy of `tier`. FIND_NODE and PING never touch the datastore and are served in
+    /// every tier (on open streams in `peak`), without a per-peer limit.
+    pub const fn of(tier: Tier) -> Policy {
+        let normal = Policy {
+            tier,
+            datastore: true,
+            far_keys_from_cache_only: false,
+            skip_fresh_refreshes: false,
+            raised_peer_cost: false,
+            new_streams: true,
+        };
+        match tier {
+            Tier::Normal => normal,
+            Tier::Degrade => Policy {
+                far_keys_from_cache_only: true,
+                skip_fresh_refreshes: true,
+                raised_peer_cost: true,
+                ..normal
+            },
+            // Nothing reaches the datastore, so the degrade refinements have nothing to refine.
+            Tier::Refuse => Policy { datastore: false, raised_peer_cost: true, ..normal },
+            Tier::Peak => Policy { datastore: false, raised_peer_cost: true, new_streams: false, ..normal },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_higher_tier_never_does_more_work_than_a_lower_one() {
+        for pair in Tier::ALL.windows(2) {
+            let (lo, hi) = (Policy::of(pair[0]), Policy::of(pair[1]));
+            assert!(hi.datastore <= lo.datastore, "{pair:?}");
+            assert!(hi.new_streams <= lo.new_streams, "{pair:?}");
+            assert!(hi.raised_peer_cost >= lo.raised_peer_cost, "{pair:?}");
+            // Cache-only reads and skipped refreshes only make sense while the datastore serves.
+            if hi.datastore {
+                assert!(hi.far_keys_from_cache_only >= lo.far_keys_from_cache_only, "{pair:?}");
+                assert!(hi.skip_fresh_refreshes >= lo.skip_fresh_refreshes, "{pair:?}");
+            }
+        }
+        let normal = Policy::of(Tier::Normal);
+        assert!(normal.datastore && normal.new_streams && !normal.far_keys_from_cache_only);
+        assert!(!Policy::of(Tier::Peak).new_streams && !Policy::of(Tier::Refuse).datastore);
+    }
+}

@@ -1,0 +1,104 @@
+//! Where the signals come from: the node's bounded queues ([`SignalSource`]), recent percentiles
+//! of the datastore histograms ([`Window`]), and the process's resident memory ([`rss_bytes`]).
+
+use std::collections::VecDeque;
+
+/// Recent percentiles of one histogram: cumulative bucket counts sampled over a sliding window.
+pub(crate) struct Window {
+    samples: VecDeque<Vec<u64>>,
+    bounds: Vec<f64>,
+    pub(crate) len: usize,
+}
+
+impl Window {
+    pub(crate) fn new(len: usize) -> Self {
+        Self { samples: VecDeque::new(), bounds: Vec::new(), len: len.max(2) }
+    }
+
+    pub(crate) fn push(&mut self, h: &prometheus::Histogram) {
+        use prometheus::core::Metric as _;
+        let m = h.metric();
+        let hist = m.get_histogram();
+        self.bounds = hist.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        let mut counts: Vec<u64> = hist.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        counts.push(hist.get_sample_count()); // +Inf
+        self.samples.push_back(counts);
+        while self.samples.len() > self.len {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The `q` quantile (0..1) of the observations in the window, in the histogram's unit,
+    /// interpolated within its bucket as Prometheus' `histogram_quantile` does; 0 without any.
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
+        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+        let delta: Vec<u64> = new.iter().zip(old).map(|(n, o)| n.saturating_sub(*o)).collect();
+        let total = *delta.last().unwrap_or(&0);
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = q * total as f64;
+        let mut prev_count = 0u64;
+        let mut prev_bound = 0.0;
+        for (i, &c) in delta.iter().enumerate() {
+            if c as f64 >= rank {
+                let Some(&bound) = self.bounds.get(i) else {
+                    return prev_bound; // in the +Inf bucket: the largest finite bound
+                };
+                let in_bucket = (c - prev_count) as f64;
+                let frac = if in_bucket > 0.0 { (rank - prev_count as f64) / in_bucket } else { 1.0 };
+                return prev_bound + (bound - prev_bound) * frac;
+            }
+            prev_count = c;
+            prev_bound = self.bounds.get(i).copied().unwrap_or(prev_bound);
+        }
+        prev_bound
+    }
+}
+
+/// What the controller reads to compute [`Signals`]; the node implements it over its parts.
+pub trait SignalSource: Send + Sync + 'static {
+    /// (entries buffered, limit).
+    fn write_buffer(&self) -> (usize, usize);
+    /// (keys in flight, limit).
+    fn reads_in_flight(&self) -> (usize, usize);
+    /// (streams queued, queue capacity).
+    fn inbound_queue(&self) -> (usize, usize);
+}
+
+/// Resident set size of process `pid` ("self" for this one), from /proc (Linux only).
+pub fn rss_bytes(pid: &str) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_quantiles_follow_recent_observations_only() {
+        let h = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("t", "t").buckets(vec![0.001, 0.01, 0.1, 1.0]),
+        )
+        .unwrap();
+        let mut w = Window::new(3);
+        w.push(&h);
+        for _ in 0..1000 {
+            h.observe(0.5); // old, slow
+        }
+        w.push(&h);
+        assert!(w.quantile(0.99) > 0.1);
+        for _ in 0..100 {
+            h.observe(0.005);
+        }
+        w.push(&h);
+        w.push(&h); // the slow sample has left the 3-sample window
+        let p99 = w.quantile(0.99);
+        assert!(p99 > 0.001 && p99 <= 0.01, "{p99}");
+        assert_eq!(Window::new(3).quantile(0.99), 0.0);
+    }
+}

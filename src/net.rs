@@ -1,0 +1,24 @@
+//! The network side: heads (one libp2p swarm each), the inbound `/ipfs/kad/1.0.0` intake, the
+//! stream tasks that serve requests, the wire format and the routing snapshots.
+//!
+//! Request path, in module order: [`head`] (a swarm task: listeners, identify → kad, snapshot
+//! publishing) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
+//! queue) → [`streams`] (dispatcher and per-stream loop with deadlines) → [`requests`] (one
+//! request, by the load tier's policy) → [`routing`] (closer peers from a snapshot) or the
+//! provider manager. [`wire`] is the only module that sees protobuf structs; [`addrs`] decides
+//! which addresses may enter a routing table or a reply.
+//!
+//! Must not: await the datastore inside a swarm task, let a stream task touch a swarm, or make
+//! FIND_NODE and PING depend on the provider manager. Datastore work goes through
+//! [`crate::providers::ProviderManager`] only; admission asks [`crate::load`].
+
+pub mod addrs;
+pub mod head;
+pub mod intake;
+pub mod requests;
+pub mod routing;
+pub mod streams;
+pub mod wire;
+
+pub use head::HeadShared;
+pub use intake::KAD_PROTOCOL;

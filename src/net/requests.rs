@@ -1,0 +1,111 @@
+//! Answering one decoded request: from the head's routing snapshot (FIND_NODE, closer peers) and
+//! from the provider manager (providers, values). What a request may cost depends on the load
+//! tier's [`Policy`](crate::load::Policy), read once per request; nothing here touches a swarm.
+
+use libp2p::PeerId;
+use rand::seq::SliceRandom;
+
+use super::routing::K_VALUE;
+use super::streams::Service;
+use super::wire::{Request, Response};
+use crate::metrics::{Outcome, ShedReason};
+
+/// What to do on the stream after a request.
+pub(super) enum Reply {
+    Send(Response),
+    /// No reply (ADD_PROVIDER never has one).
+    Nothing,
+    /// Reset the stream: the request failed in a way the peer must notice.
+    Reset,
+}
+
+/// Answer one request.
+pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
+    let me = svc.heads[head].peer_id;
+    let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
+    let policy = svc.load.policy();
+    let tier = policy.tier;
+    // For requests that touch the datastore: refused by the tier or the peer's rate?
+    let refused = || {
+        if !policy.datastore {
+            Some(ShedReason::Tier)
+        } else if !svc.load.allow_peer(&peer, tier) {
+            Some(ShedReason::PeerRate)
+        } else {
+            None
+        }
+    };
+    match req {
+        // Never touch the datastore: served in every tier, not rate limited.
+        Request::Ping => (Reply::Send(Response::Ping), Outcome::Ok),
+        Request::FindNode { key } => {
+            let closer = closer(&key);
+            (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
+        }
+        Request::GetProviders { key } => {
+            let served = match refused() {
+                Some(reason) => Err(reason),
+                // Degrade: the datastore only for keys this head is responsible for.
+                None if policy.far_keys_from_cache_only
+                    && !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE) =>
+                {
+                    svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
+                }
+                None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
+            };
+            let (mut providers, outcome) = match served {
+                Ok(p) => (p, Outcome::Ok),
+                Err(reason) => (Vec::new(), svc.shed(tier, reason)),
+            };
+            providers.shuffle(&mut rand::thread_rng());
+            providers.truncate(svc.limits.max_providers_per_reply);
+            let closer = closer(key.as_bytes());
+            (Reply::Send(Response::GetProviders { key, providers, closer }), outcome)
+        }
+        Request::AddProvider { key, providers, rejected } => {
+            if providers.is_empty() {
+                tracing::debug!(%peer, rejected, "ADD_PROVIDER without a valid entry for the sender");
+                // Counted, but not worth a reset: go ignores such entries too.
+                return (Reply::Nothing, Outcome::Invalid);
+            }
+            if let Some(reason) = refused() {
+                return (Reply::Nothing, svc.shed(tier, reason));
+            }
+            let skip =
+                policy.skip_fresh_refreshes.then(|| svc.load.config().degrade_skip_refresh_if_remaining);
+            let mut outcome = Outcome::Ok;
+            for rec in providers {
+                if let Err(s) = svc.providers.add_provider_unless_fresh(key.clone(), rec, skip) {
+                    outcome = svc.shed(tier, s.0);
+                }
+            }
+            (Reply::Nothing, outcome)
+        }
+        Request::GetValue { key } => {
+            let got = match refused() {
+                Some(reason) => Err(reason),
+                None => svc.providers.get_value(&key).await.map_err(|s| s.0),
+            };
+            let (record, outcome) = match got {
+                Ok(r) => (r, Outcome::Ok),
+                Err(reason) => (None, svc.shed(tier, reason)),
+            };
+            let closer = closer(&key);
+            (Reply::Send(Response::GetValue { key, record, closer }), outcome)
+        }
+        Request::PutValue { key, mut record } => {
+            if let Err(e) = crate::providers::records::validate(&record) {
+                tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
+                return (Reply::Reset, Outcome::Invalid);
+            }
+            if let Some(reason) = refused() {
+                return (Reply::Reset, svc.shed(tier, reason));
+            }
+            record.time_received = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+            match svc.providers.put_value(&record).await {
+                Ok(()) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
+                Err(s) => (Reply::Reset, svc.shed(tier, s.0)),
+            }
+        }
+    }
+}

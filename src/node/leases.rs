@@ -1,0 +1,85 @@
+//! Head identities at start-up and while running: lease them in the datastore (waiting out a
+//! crashed previous run of the same node name), then renew the leases on a fixed cadence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::identity::Seed;
+use crate::net::HeadShared;
+use crate::store::{LeasedHead, Store, StoreError};
+
+/// Lease the configured heads. Live leases of this node name held by another run are either a
+/// crashed previous run's (they expire within `lease_ttl`) or another live process with the same
+/// name: wait up to one lease lifetime, then give up with the conflict error.
+pub(super) async fn lease_heads(
+    store: &Store,
+    cfg: &Config,
+    token: &str,
+    seed: Arc<Seed>,
+) -> Result<Vec<LeasedHead>, StoreError> {
+    let deadline = tokio::time::Instant::now() + cfg.lease_ttl + Duration::from_secs(1);
+    loop {
+        match store.acquire_heads(&cfg.node_name, token, cfg.heads as u32, cfg.lease_ttl, seed.clone()).await
+        {
+            Err(StoreError::LeaseConflict { leases, .. }) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(
+                    node = %cfg.node_name,
+                    leases,
+                    "head leases of this node name are still live (a crashed previous run, or another \
+                     process with the same name); waiting for them to expire"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            res => return res,
+        }
+    }
+}
+
+/// Renews this process's head leases every third of their lifetime, recording head addresses.
+pub(super) struct Heartbeat {
+    pub(super) store: Store,
+    pub(super) node: String,
+    /// This run's lease token.
+    pub(super) token: String,
+    pub(super) ttl: Duration,
+    pub(super) heads: Arc<Vec<Arc<HeadShared>>>,
+}
+
+impl Heartbeat {
+    pub(super) async fn beat(&self) {
+        let rows: Vec<(u32, String)> = self
+            .heads
+            .iter()
+            .map(|h| {
+                let addrs: Vec<String> = h.listen_addrs.load().iter().map(|a| a.to_string()).collect();
+                (h.identity, addrs.join(" "))
+            })
+            .collect();
+        match self.store.renew_leases(&self.node, &self.token, self.ttl, &rows).await {
+            Ok(held) if held as usize == rows.len() => {}
+            Ok(held) => tracing::error!(
+                held,
+                expected = rows.len(),
+                "lost head leases: another process took over identities this one still runs \
+                 (was this process paused longer than identity.lease_ttl?); restart it"
+            ),
+            Err(e) => tracing::warn!(error = %e, "renewing head leases failed; retrying"),
+        }
+    }
+
+    pub(super) async fn run(self, cancel: CancellationToken) {
+        // A fixed cadence, not "sleep after each renewal": slow renewals must not stretch it.
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; `start` renewed just now
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => self.beat().await,
+            }
+        }
+    }
+}
