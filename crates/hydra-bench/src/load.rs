@@ -37,6 +37,7 @@ use futures::StreamExt as _;
 
 use self::client::{client, random_key, request, Ctx};
 use self::step::{connect_pg, run_step, slow_postgres, Pg, Step};
+use crate::cpu_quota::{CpuQuota, PERIOD_US};
 use crate::node::{http_get, metric_sum, NodeProcess};
 
 /// Options of `hydra-bench load`.
@@ -64,6 +65,8 @@ pub(crate) struct LoadBenchOpts {
     pub slow_postgres: Option<(Duration, Duration)>,
     pub request_timeout: Duration,
     pub max_in_flight: usize,
+    /// Confine the node to this share of one core (a cgroup with a 10 ms period).
+    pub node_cpu_quota: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,12 +133,23 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         l.per_peer_requests_per_second
     );
 
+    // Before the node starts: a cgroup that cannot be made fails the run at once.
+    let quota = o.node_cpu_quota.map(CpuQuota::create).transpose()?;
     let mut node = NodeProcess::spawn(
         &hydra,
         &["run".into(), "--config".into(), cfg_path.display().to_string()],
         Duration::from_secs(120),
     )
     .await?;
+    if let Some(q) = &quota {
+        q.add(node.pid)?;
+        println!(
+            "node confined to {:.2} of one core ({} µs of CPU per {PERIOD_US} µs period); generator and \
+             PostgreSQL outside",
+            q.cores(),
+            q.quota_us
+        );
+    }
     let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&node.http, "/v1/heads").await?)?;
     let heads: Vec<(PeerId, Multiaddr)> = heads
         .into_iter()
@@ -235,6 +249,11 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     }
     if let Some(s) = slow {
         s.abort();
+    }
+    if let Some(q) = &quota {
+        if let Some(us) = q.throttled_us() {
+            println!("node throttled by its CPU quota for {:.1} s in all", us as f64 / 1e6);
+        }
     }
     let running = node.is_running();
     let clean = node.stop().await;

@@ -3,6 +3,7 @@
 //! the commands that start a node (`load`, `startup`) first build the `hydra` binary of this
 //! checkout with the same profile (or use `HYDRA_BIN`).
 
+mod cpu_quota;
 mod load;
 mod node;
 mod startup;
@@ -99,6 +100,10 @@ enum Command {
         /// Requests the generator keeps in flight at most (beyond: counted as generator drops).
         #[arg(long, default_value_t = 50_000)]
         max_in_flight: usize,
+        /// Confine the node to this share of one core (cgroup CPU quota, 10 ms period; needs
+        /// root), e.g. 0.2, so the generator and PostgreSQL have the cores the node lacks.
+        #[arg(long)]
+        node_cpu_quota: Option<f64>,
     },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
@@ -116,7 +121,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let res = match &cli.command {
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
             slow_period_ms,
             request_timeout_ms,
             max_in_flight,
+            node_cpu_quota,
         } => {
             let ms = std::time::Duration::from_millis;
             let secs = std::time::Duration::from_secs;
@@ -175,6 +181,7 @@ fn main() -> ExitCode {
                     slow_postgres: slow_hold_ms.map(|h| (ms(h), ms(*slow_period_ms))),
                     request_timeout: ms(*request_timeout_ms),
                     max_in_flight: *max_in_flight,
+                    node_cpu_quota: *node_cpu_quota,
                 })),
             }
         }

@@ -219,3 +219,33 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
     let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "# HELP x\n\
+        hydra_kad_requests_total{head=\"0\",type=\"find_node\",outcome=\"ok\"} 3\n\
+        hydra_kad_requests_total{head=\"1\",type=\"find_node\",outcome=\"ok\"} 4\n\
+        hydra_kad_requests_total{head=\"0\",type=\"find_node\",outcome=\"shed\"} 100\n\
+        d_bucket{type=\"get\",le=\"0.001\"} 0\nd_bucket{type=\"get\",le=\"0.01\"} 0\n\
+        d_bucket{type=\"get\",le=\"0.1\"} 0\nd_bucket{type=\"get\",le=\"+Inf\"} 0\n";
+
+    #[test]
+    fn metric_sums_match_every_label_given() {
+        assert_eq!(metric_sum(BEFORE, "hydra_kad_requests_total", &[("outcome", "ok")]), 7.0);
+        assert_eq!(metric_sum(BEFORE, "hydra_kad_requests_total", &[]), 107.0);
+        assert_eq!(metric_sum(BEFORE, "hydra_kad_requests_total", &[("head", "1"), ("outcome", "ok")]), 4.0);
+        assert_eq!(metric_sum(BEFORE, "missing", &[]), 0.0);
+    }
+
+    #[test]
+    fn histogram_quantiles_count_only_observations_between_scrapes() {
+        // 99 fast observations and one slow one between the scrapes.
+        let after = "d_bucket{type=\"get\",le=\"0.001\"} 99\nd_bucket{type=\"get\",le=\"0.01\"} 99\n\
+            d_bucket{type=\"get\",le=\"0.1\"} 100\nd_bucket{type=\"get\",le=\"+Inf\"} 100\n";
+        assert_eq!(histogram_quantile_ms(BEFORE, after, "d", &[("type", "get")], 0.5), 1.0);
+        assert_eq!(histogram_quantile_ms(BEFORE, after, "d", &[("type", "get")], 0.999), 100.0);
+        assert!(histogram_quantile_ms(BEFORE, BEFORE, "d", &[("type", "get")], 0.5).is_nan(), "none observed");
+    }
+}
