@@ -51,8 +51,9 @@ OVERVIEW = [
     ]),
     ("Streams and shedding", [
         panel("Inbound stream events/s", [(f"sum by (event) (rate(hydra_kad_streams_total{{{N}}}[{RI}]))", "{{event}}")], "ops",
-              desc="queue_full: the intake queue was full and new streams were reset; queue_wait: a stream waited longer than load.stream_queue_max_wait; refused: tier peak."),
-        panel("Active streams", [(f"hydra_kad_active_streams{{{N}}}", "{{instance}}")]),
+              desc="queue_full: the intake queue was full and new streams were reset; queue_wait: a stream waited longer than load.stream_queue_max_wait; refused: tier peak; evicted: an idle stream closed for a newer one at a stream cap; peer_limit: a cap full of busy streams reset a new one; slot_wait: no request slot in time."),
+        panel("Open streams and requests in flight", [(f"hydra_kad_active_streams{{{N}}}", "open {{instance}}"), (f"hydra_kad_requests_in_flight{{{N}}}", "in flight {{instance}}")],
+              desc="Open streams cost memory (limits.max_open_streams); requests in flight hold one of limits.max_concurrent_requests slots. Many open, few in flight: idle streams, as go clients keep them."),
         panel("Provider sheds/s by reason", [(f"sum by (reason) (rate(hydra_providers_shed_total{{{N}}}[{RI}]))", "{{reason}}")], "ops"),
     ]),
     ("Datastore", [

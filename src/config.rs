@@ -134,11 +134,19 @@ pub struct RoutingSection {
 pub struct LimitsSection {
     /// Inbound kad streams waiting for a stream task (all heads). Full queue: stream reset, counted.
     pub inbound_queue: usize,
-    /// Stream tasks serving inbound kad streams at once (all heads).
-    pub max_concurrent_streams: usize,
-    /// Inbound kad streams one peer may have queued or open at once (all heads). Requests on one
-    /// stream are sequential, so bursts on a stream are unaffected.
-    pub max_streams_per_peer: u32,
+    /// Requests being served at once (all heads). A slot is taken per request, after its
+    /// length prefix arrives, and given back with the reply: an idle stream holds none.
+    #[serde(alias = "max_concurrent_streams")]
+    pub max_concurrent_requests: usize,
+    /// Open inbound kad streams, idle or not, in the whole process. A new stream past a cap
+    /// closes the longest-idle stream of that scope (`hydra_kad_streams_total{event="evicted"}`);
+    /// only if all of them are serving a request is it reset (`event="peer_limit"`).
+    pub max_open_streams: usize,
+    /// Open inbound kad streams per remote peer on one head (rust-libp2p's kad allows 32 per
+    /// connection). Requests on one stream are sequential, so bursts on a stream are unaffected.
+    pub max_streams_per_peer_per_head: usize,
+    /// Open inbound kad streams per remote IP address, over all heads and peers.
+    pub max_streams_per_ip: usize,
     /// Established connections per head.
     pub max_connections_per_head: u32,
     /// An inbound stream with no new request for this long is reset.
@@ -251,8 +259,10 @@ impl Default for LimitsSection {
     fn default() -> Self {
         Self {
             inbound_queue: 1024,
-            max_concurrent_streams: 4096,
-            max_streams_per_peer: 64,
+            max_concurrent_requests: 4096,
+            max_open_streams: 32_768,
+            max_streams_per_peer_per_head: 64,
+            max_streams_per_ip: 1024,
             max_connections_per_head: 2048,
             stream_idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(10),

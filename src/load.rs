@@ -13,9 +13,12 @@
 //! | tier | GET_PROVIDERS | ADD_PROVIDER | FIND_NODE, PING | new inbound streams |
 //! |---|---|---|---|---|
 //! | `normal` | cache, then datastore | buffered | served | accepted |
-//! | `degrade` | datastore only for keys this head is among the k closest to, else cache only (miss → closer peers only) | buffered, but a refresh of a record with more than `degrade_skip_refresh_if_remaining` left is not rewritten; per-peer cost × `degrade_per_peer_cost` | served | accepted |
-//! | `refuse` | closer peers only | dropped | served | accepted |
-//! | `peak` | closer peers only | dropped | served | reset at the handler |
+//! | `degrade` | datastore only for keys this head is among the k closest to, else cache only (miss → closer peers only) | buffered, but a refresh of a record with more than `degrade_skip_refresh_if_remaining` left is not rewritten | served | accepted |
+//! | `refuse` | cached answer, else closer peers only | dropped | served | accepted |
+//! | `peak` | cached answer, else closer peers only | dropped | served | reset at the handler |
+//!
+//! Per-peer rates apply from `degrade` up (cost × `degrade_per_peer_cost`, cached answers free),
+//! and in `normal` only while statements wait for the budget.
 //!
 //! A tier is **entered** as soon as any signal reaches that tier's threshold (escalation is
 //! immediate: the datastore must be protected now, not after a dwell), and **left** only when

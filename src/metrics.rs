@@ -84,8 +84,10 @@ pub struct KadMetrics {
     pub request_duration: HistogramVec,
     /// Inbound stream events.
     pub streams: IntCounterVec,
-    /// Stream tasks running now.
+    /// Inbound kad streams open now (idle or serving a request).
     pub active_streams: IntGauge,
+    /// Requests holding a request slot now (`limits.max_concurrent_requests`).
+    pub requests_in_flight: IntGauge,
     /// Distinct peers that opened a kad stream (estimate), and its gauge.
     pub unique: Arc<UniquePeers>,
     pub unique_peers: Gauge,
@@ -164,7 +166,19 @@ impl Metrics {
         );
         let active_streams = reg(
             registry,
-            IntGauge::new("hydra_kad_active_streams", "Inbound kad streams being served now").unwrap(),
+            IntGauge::new(
+                "hydra_kad_active_streams",
+                "Inbound kad streams open now, idle or serving a request",
+            )
+            .unwrap(),
+        );
+        let requests_in_flight = reg(
+            registry,
+            IntGauge::new(
+                "hydra_kad_requests_in_flight",
+                "Inbound kad requests holding one of limits.max_concurrent_requests slots now",
+            )
+            .unwrap(),
         );
         // Every (head, type, outcome) series, created up front and kept, so counting a request
         // is an index, not a label lookup.
@@ -376,6 +390,7 @@ impl Metrics {
                 request_duration,
                 streams,
                 active_streams,
+                requests_in_flight,
                 unique: Arc::new(UniquePeers::default()),
                 unique_peers,
             },

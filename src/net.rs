@@ -15,6 +15,7 @@
 pub mod addrs;
 pub mod head;
 pub mod intake;
+pub mod open_streams;
 pub mod requests;
 pub mod routing;
 pub mod streams;

@@ -27,6 +27,7 @@ use crate::load::{LoadControl, Policy, Reloader, SignalSource};
 use crate::metrics::Metrics;
 use crate::net::head::{self, HeadShared};
 use crate::net::intake::Intake;
+use crate::net::open_streams::StreamCaps;
 use crate::net::streams::{self, Service};
 use crate::providers::ProviderManager;
 use crate::store::Store;
@@ -72,7 +73,12 @@ impl Node {
         );
 
         let (tx, rx) = mpsc::channel(cfg.limits.inbound_queue);
-        let intake = Intake::new(tx, cfg.limits.max_streams_per_peer, metrics.kad.clone());
+        let caps = StreamCaps {
+            per_peer_per_head: cfg.limits.max_streams_per_peer_per_head,
+            per_ip: cfg.limits.max_streams_per_ip,
+            per_process: cfg.limits.max_open_streams,
+        };
+        let intake = Intake::new(tx, caps, metrics.kad.clone());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 

@@ -214,6 +214,16 @@ impl ProviderManager {
         Some(out)
     }
 
+    /// A cached datastore answer for `key` merged with this process's buffered writes: what
+    /// [`Self::get_providers`] would answer without a lookup. `None` on a cache miss.
+    pub fn cached_answer(&self, key: &ProviderKey) -> Option<Vec<PeerRecord>> {
+        let inner = &self.inner;
+        let stored = inner.reads.peek_hit(key)?;
+        let mut out = inner.buffer.local(key, inner.per_key);
+        merge(&mut out, stored.iter(), inner.per_key);
+        Some(out)
+    }
+
     /// (entries buffered or being written, `write_buffer_entries`).
     pub fn write_buffer_fill(&self) -> (usize, usize) {
         (self.inner.buffer.entries(), self.inner.cfg.write_buffer_entries)

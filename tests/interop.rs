@@ -2,6 +2,9 @@
 //! in `tests/js/package-lock.json`) against a node's heads over real TCP on loopback.
 //!
 //! Needs `node` and `npm` on PATH; the npm packages are installed with `npm ci` on first use.
+//!
+//! The nodes run the **shipped defaults** (`common::shipped_config_on`): computed tiers, the 40 ms
+//! read deadline, per-peer limits, the 25 ms queue wait — what users run, busy machine or not.
 
 mod common;
 
@@ -15,7 +18,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{metric, start, Backend};
+use common::{metric, Backend};
 
 static NPM: Mutex<()> = Mutex::new(());
 /// One js scenario at a time: each starts several js-libp2p processes, and in parallel on two
@@ -87,7 +90,18 @@ fn sheds(node: &hydra::Node) -> String {
         .iter()
         .map(|e| format!("{e}={}", metric(node, "hydra_kad_streams_total", &[("event", e)])))
         .collect();
-    format!("shed requests: {}; streams: {}", by_type.join(" "), streams.join(" "))
+    let reasons: Vec<String> =
+        ["tier", "cache_only", "peer_rate", "read_deadline", "reads_in_flight", "datastore_error"]
+            .iter()
+            .map(|r| format!("{r}={}", metric(node, "hydra_load_shed_total", &[("reason", r)])))
+            .collect();
+    let tier = node.load().tier().as_str();
+    format!(
+        "shed requests: {}; by reason: {}; tier now {tier}; streams: {}",
+        by_type.join(" "),
+        reasons.join(" "),
+        streams.join(" ")
+    )
 }
 
 fn heads_json(node: &hydra::Node) -> String {
@@ -107,7 +121,9 @@ fn heads_json(node: &hydra::Node) -> String {
 async fn js_peer_provides_and_finds_100_cids_through_the_heads(backend: Backend) {
     ensure_js_deps();
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 4, backend).await;
+    let node = hydra::Node::start(common::shipped_config_on(dir.path(), 4, backend).await)
+        .await
+        .expect("node starts");
     let r = run_js(&heads_json(&node), "provide-find", 100).await;
     println!("js provide-find ({backend:?}): {r:?}");
     assert_eq!(r.provided, 100);
@@ -122,7 +138,9 @@ async fn js_peer_provides_and_finds_100_cids_through_the_heads(backend: Backend)
 async fn js_dht_walk_through_a_mixed_js_and_hydra_network(backend: Backend) {
     ensure_js_deps();
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), 4, backend).await;
+    let node = hydra::Node::start(common::shipped_config_on(dir.path(), 4, backend).await)
+        .await
+        .expect("node starts");
     let r = run_js(&heads_json(&node), "walk", 20).await;
     println!("js walk ({backend:?}): {r:?}");
     assert_eq!(r.provided, 20);

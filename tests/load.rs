@@ -221,3 +221,56 @@ async fn datastore_statements_never_exceed_the_budget() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_peer_limits_apply_only_under_contention_and_cached_answers_are_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config_on(dir.path(), 2, Backend::Sqlite).await;
+    // A small per-peer rate, so a few requests exceed it (the shipped one is 200/s).
+    cfg.load.per_peer_requests_per_second = 1;
+    cfg.load.per_peer_burst = 4;
+    cfg.load.force_tier = Some(Tier::Normal);
+    let file = dir.path().join("hydra.toml");
+    write_load(&file, &cfg.load);
+    cfg.config_file = Some(file.clone());
+    let node = hydra::Node::start(cfg).await.expect("node starts");
+    let heads = head_addrs(&node);
+    let provider = RawClient::connect(&heads).await;
+    let asker = RawClient::connect(&heads).await;
+    let key = random_key();
+    let mut s = provider.open(heads[0].0).await;
+    RawClient::send(&mut s, &provider.add_provider_body(&key)).await.unwrap();
+    RawClient::request(&mut s, &wire::encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+
+    // Normal tier, spare capacity: 40 lookups of new keys, 10 × the burst, none limited.
+    for _ in 0..40 {
+        asker.get_providers(heads[1].0, &random_key()).await;
+    }
+    assert_eq!(asker.get_providers(heads[1].0, &key).await.provider_peers.len(), 1);
+    assert_eq!(shed(&node, "normal", "peer_rate"), 0.0, "no peer is limited at the normal tier");
+
+    // Contention (degrade forced): the cached answer for `key` stays free however often it is
+    // asked; lookups of new keys are charged, and the peer soon runs out.
+    let degrade = LoadSection { force_tier: Some(Tier::Degrade), ..node.load().config().as_ref().clone() };
+    write_load(&file, &degrade);
+    assert_eq!(reload(&node).await.0, 200);
+    for _ in 0..20 {
+        let reply = asker.get_providers(heads[1].0, &key).await;
+        assert_eq!(reply.provider_peers.len(), 1, "a cached answer is never limited");
+    }
+    assert_eq!(shed(&node, "degrade", "peer_rate"), 0.0);
+    // Keys every head is among the 20 closest to (two heads): not cache-only, so charged.
+    let mut limited = 0;
+    for _ in 0..10 {
+        let reply = asker.get_providers(heads[1].0, &random_key()).await;
+        assert!(!reply.closer_peers.is_empty(), "a shed GET_PROVIDERS still carries closer peers");
+        limited = shed(&node, "degrade", "peer_rate") as usize;
+    }
+    assert!(limited >= 5, "the peer's burst is one degrade request: {limited} of 10 limited");
+    // Another peer has its own share.
+    let other = RawClient::connect(&heads).await;
+    let before = shed(&node, "degrade", "peer_rate");
+    other.get_providers(heads[1].0, &random_key()).await;
+    assert_eq!(shed(&node, "degrade", "peer_rate"), before, "one peer's excess does not limit another");
+    node.shutdown().await;
+}

@@ -24,6 +24,10 @@ pub struct LoadSection {
     pub min_dwell: Duration,
     /// A tier is left only when every signal is below `exit_ratio` × its threshold for that tier.
     pub exit_ratio: f64,
+    /// Latency signals (datastore and pool-wait p99) count only over windows holding at least
+    /// this many operations: a p99 of a few is their maximum (one cold connection), and so few
+    /// requests cannot overload the datastore. 0: every window counts.
+    pub min_latency_samples: u64,
     /// Pin the tier ("normal", "degrade", "refuse", "peak") instead of computing it: for
     /// emergencies and drills. Absent: computed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +66,7 @@ impl Default for LoadSection {
             window: Duration::from_secs(10),
             min_dwell: Duration::from_secs(15),
             exit_ratio: 0.7,
+            min_latency_samples: 100,
             force_tier: None,
             datastore_statements_per_second: 2000,
             per_peer_requests_per_second: 200,

@@ -107,8 +107,10 @@ impl ConfigFile {
         };
         let l = &self.limits;
         positive("limits.inbound_queue", l.inbound_queue)?;
-        positive("limits.max_concurrent_streams", l.max_concurrent_streams)?;
-        positive("limits.max_streams_per_peer", l.max_streams_per_peer as usize)?;
+        positive("limits.max_concurrent_requests", l.max_concurrent_requests)?;
+        positive("limits.max_open_streams", l.max_open_streams)?;
+        positive("limits.max_streams_per_peer_per_head", l.max_streams_per_peer_per_head)?;
+        positive("limits.max_streams_per_ip", l.max_streams_per_ip)?;
         positive("limits.max_connections_per_head", l.max_connections_per_head as usize)?;
         positive("limits.max_providers_per_reply", l.max_providers_per_reply)?;
         nonzero_duration("limits.stream_idle_timeout", l.stream_idle_timeout)?;

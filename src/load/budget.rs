@@ -1,6 +1,7 @@
 //! The datastore statement budget: a per-process ceiling on statements per second.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -20,12 +21,20 @@ pub struct StatementBudget {
     limiter: ArcSwapOption<DirectLimiter>,
     /// Observes how long statements waited (`hydra_load_statement_budget_wait_seconds`).
     wait: Option<prometheus::Histogram>,
+    /// Statements waiting for the budget now.
+    waiting: AtomicUsize,
 }
 
 impl StatementBudget {
     /// An unlimited budget (until [`Self::set`]) whose waits are observed in `wait`.
     pub fn new(wait: prometheus::Histogram) -> Self {
-        Self { limiter: ArcSwapOption::empty(), wait: Some(wait) }
+        Self { limiter: ArcSwapOption::empty(), wait: Some(wait), waiting: AtomicUsize::new(0) }
+    }
+
+    /// Whether statements are waiting for the budget right now: the datastore work this process
+    /// may do is used up, so per-peer fairness applies even in the normal tier.
+    pub fn is_exhausted(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// Budget `per_second` statements per second; 0 removes the limit.
@@ -45,10 +54,21 @@ impl StatementBudget {
                 continue;
             }
             let start = std::time::Instant::now();
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _done = Waiting(&self.waiting);
             limiter.until_ready().await;
             if let Some(h) = &self.wait {
                 h.observe(start.elapsed().as_secs_f64());
             }
         }
+    }
+}
+
+/// Takes one statement off the waiting count when the wait ends (or the waiter is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -99,10 +99,19 @@ impl LoadControl {
         Policy::of(self.tier())
     }
 
-    /// Whether `peer` may make one more datastore-touching request now. Where the tier's policy
-    /// raises the cost, a request costs `degrade_per_peer_cost` cells, so the per-peer rate is
-    /// divided by it.
+    /// Whether per-peer rates apply now: only when the node is short of capacity — a tier whose
+    /// policy says so, or statements waiting for the datastore budget.
+    pub fn peer_limits_active(&self, tier: Tier) -> bool {
+        Policy::of(tier).per_peer_limits || self.budget.is_exhausted()
+    }
+
+    /// Whether `peer` may make one more datastore-touching request now. Always, unless
+    /// [`Self::peer_limits_active`]; then where the tier's policy raises the cost a request costs
+    /// `degrade_per_peer_cost` cells, so the per-peer rate is divided by it.
     pub fn allow_peer(&self, peer: &PeerId, tier: Tier) -> bool {
+        if !self.peer_limits_active(tier) {
+            return true;
+        }
         let Some(limiter) = &*self.peers.load() else { return true };
         let cost = if Policy::of(tier).raised_peer_cost { limiter.degrade_cost } else { NonZeroU32::MIN };
         matches!(limiter.limiter.check_key_n(peer, cost), Ok(Ok(())))
@@ -210,9 +219,13 @@ impl LoadControl {
                 .collect();
             let ratio = |(n, max): (usize, usize)| if max == 0 { 0.0 } else { n as f64 / max as f64 };
             let s = Signals {
-                // The tier follows the hot-path operations; value ops are shown but rare.
-                datastore_p99_ms: latency["get_providers"].p99.max(latency["put_providers"].p99),
-                pool_wait_p99_ms: pool_wait.quantile(0.99) * 1e3,
+                // The tier follows the hot-path operations (lookups, writes); value ops are shown
+                // but rare. Windows with too few operations to have a p99 signal nothing.
+                datastore_p99_ms: windows[..2]
+                    .iter()
+                    .map(|w| w.signal(0.99, cfg.min_latency_samples) * 1e3)
+                    .fold(0.0, f64::max),
+                pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples) * 1e3,
                 write_buffer_fill_ratio: ratio(source.write_buffer()),
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),
                 inbound_queue_fill_ratio: ratio(source.inbound_queue()),
@@ -274,12 +287,12 @@ mod tests {
         let load = LoadControl::new(c, Arc::new(StatementBudget::default()), metrics);
         let p = PeerId::random();
         let allowed = (0..10).filter(|_| load.allow_peer(&p, Tier::Normal)).count();
-        assert_eq!(allowed, 4, "the burst, then limited");
+        assert_eq!(allowed, 10, "normal tier, budget not exhausted: no peer is limited");
         let q = PeerId::random();
         assert!(load.allow_peer(&q, Tier::Degrade), "degrade: one request costs the whole burst…");
         assert!(!load.allow_peer(&q, Tier::Degrade), "…so the next one waits");
         // A flood of fresh peer IDs: the map stays bounded, the overflow bucket limits them.
-        let flood: usize = (0..10_000).filter(|_| load.allow_peer(&PeerId::random(), Tier::Normal)).count();
+        let flood: usize = (0..10_000).filter(|_| load.allow_peer(&PeerId::random(), Tier::Refuse)).count();
         let store = &load.peers.load_full().unwrap().store;
         assert!(store.len() <= 32, "{} peers tracked", store.len());
         assert!(flood < 32 + 10, "{flood} requests of new peers allowed");

@@ -22,6 +22,12 @@ pub struct Policy {
     /// An ADD_PROVIDER refreshing a record this process wrote that still has more than
     /// `load.degrade_skip_refresh_if_remaining` to live is acknowledged without a write.
     pub skip_fresh_refreshes: bool,
+    /// Per-peer rates of datastore-touching requests apply (`load.per_peer_*`). Off in `normal`:
+    /// a node with spare capacity answers every peer in full — to a DHT client a shed
+    /// GET_PROVIDERS is indistinguishable from "nobody provides this". (They also apply in
+    /// `normal` while statements wait for the datastore budget: [`crate::load::LoadControl::allow_peer`].)
+    /// Cached answers are free: never limited.
+    pub per_peer_limits: bool,
     /// One datastore-touching request costs `load.degrade_per_peer_cost` of the peer's rate.
     pub raised_peer_cost: bool,
     /// New inbound kad streams are accepted; when false the handler resets them. Open streams
@@ -38,6 +44,7 @@ impl Policy {
             datastore: true,
             far_keys_from_cache_only: false,
             skip_fresh_refreshes: false,
+            per_peer_limits: false,
             raised_peer_cost: false,
             new_streams: true,
         };
@@ -46,12 +53,21 @@ impl Policy {
             Tier::Degrade => Policy {
                 far_keys_from_cache_only: true,
                 skip_fresh_refreshes: true,
+                per_peer_limits: true,
                 raised_peer_cost: true,
                 ..normal
             },
             // Nothing reaches the datastore, so the degrade refinements have nothing to refine.
-            Tier::Refuse => Policy { datastore: false, raised_peer_cost: true, ..normal },
-            Tier::Peak => Policy { datastore: false, raised_peer_cost: true, new_streams: false, ..normal },
+            Tier::Refuse => {
+                Policy { datastore: false, per_peer_limits: true, raised_peer_cost: true, ..normal }
+            }
+            Tier::Peak => Policy {
+                datastore: false,
+                per_peer_limits: true,
+                raised_peer_cost: true,
+                new_streams: false,
+                ..normal
+            },
         }
     }
 }
@@ -67,6 +83,7 @@ mod tests {
             assert!(hi.datastore <= lo.datastore, "{pair:?}");
             assert!(hi.new_streams <= lo.new_streams, "{pair:?}");
             assert!(hi.raised_peer_cost >= lo.raised_peer_cost, "{pair:?}");
+            assert!(hi.per_peer_limits >= lo.per_peer_limits, "{pair:?}");
             // Cache-only reads and skipped refreshes only make sense while the datastore serves.
             if hi.datastore {
                 assert!(hi.far_keys_from_cache_only >= lo.far_keys_from_cache_only, "{pair:?}");
@@ -75,6 +92,7 @@ mod tests {
         }
         let normal = Policy::of(Tier::Normal);
         assert!(normal.datastore && normal.new_streams && !normal.far_keys_from_cache_only);
+        assert!(!normal.per_peer_limits, "a node with spare capacity limits no peer");
         assert!(!Policy::of(Tier::Peak).new_streams && !Policy::of(Tier::Refuse).datastore);
     }
 }

@@ -28,6 +28,25 @@ impl Window {
         }
     }
 
+    /// Observations in the window.
+    pub(crate) fn count(&self) -> u64 {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(old), Some(new)) => new.last().unwrap_or(&0).saturating_sub(*old.last().unwrap_or(&0)),
+            _ => 0,
+        }
+    }
+
+    /// The `q` quantile of the window as a tier signal: 0 with fewer than `min` observations. A
+    /// p99 of a handful of operations is their maximum — one cold connection or one slow fsync —
+    /// and a datastore that few requests reach is not overloaded by them.
+    pub(crate) fn signal(&self, q: f64, min: u64) -> f64 {
+        if self.count() < min {
+            0.0
+        } else {
+            self.quantile(q)
+        }
+    }
+
     /// The `q` quantile (0..1) of the observations in the window, in the histogram's unit,
     /// interpolated within its bucket as Prometheus' `histogram_quantile` does; 0 without any.
     pub(crate) fn quantile(&self, q: f64) -> f64 {
@@ -99,6 +118,9 @@ mod tests {
         w.push(&h); // the slow sample has left the 3-sample window
         let p99 = w.quantile(0.99);
         assert!(p99 > 0.001 && p99 <= 0.01, "{p99}");
+        assert_eq!(w.count(), 100);
+        assert_eq!(w.signal(0.99, 100), p99);
+        assert_eq!(w.signal(0.99, 101), 0.0, "too few observations to be a signal");
         assert_eq!(Window::new(3).quantile(0.99), 0.0);
     }
 }

@@ -29,8 +29,14 @@ pub enum StreamEvent {
     Queued,
     /// Queue full: reset and dropped.
     QueueFull,
-    /// The peer already had `max_streams_per_peer` streams: reset and dropped.
+    /// A stream cap (per peer and head, per IP, per process) was full and every stream under it
+    /// was serving a request: the new stream was reset.
     PeerLimit,
+    /// An idle stream closed to make room for a newer one at a stream cap.
+    Evicted,
+    /// No request slot (`limits.max_concurrent_requests`) within `load.stream_queue_max_wait`:
+    /// the stream was reset.
+    SlotWait,
     /// Ended by the peer with EOF.
     Closed,
     /// Refused at the handler because the load tier is `peak`.
@@ -46,10 +52,12 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 9] = [
+    pub const ALL: [StreamEvent; 11] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
         StreamEvent::PeerLimit,
+        StreamEvent::Evicted,
+        StreamEvent::SlotWait,
         StreamEvent::Refused,
         StreamEvent::QueueWait,
         StreamEvent::Closed,
@@ -62,6 +70,8 @@ impl StreamEvent {
             StreamEvent::Queued => "queued",
             StreamEvent::QueueFull => "queue_full",
             StreamEvent::PeerLimit => "peer_limit",
+            StreamEvent::Evicted => "evicted",
+            StreamEvent::SlotWait => "slot_wait",
             StreamEvent::Refused => "refused",
             StreamEvent::QueueWait => "queue_wait",
             StreamEvent::Closed => "closed",

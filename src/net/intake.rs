@@ -11,14 +11,15 @@
 //! go and js peers recognise a DHT server. Accepted streams leave the connection's stream budget
 //! at once, so a burst of requests on one connection is limited only by the queue.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use libp2p::core::upgrade::{DeniedUpgrade, ReadyUpgrade};
 use libp2p::core::{transport::PortUse, Endpoint, Multiaddr};
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::handler::{ConnectionEvent, FullyNegotiatedInbound};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
@@ -27,8 +28,8 @@ use libp2p::swarm::{
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
+use super::open_streams::{OpenStream, OpenStreams, Refusal, StreamCaps};
 use crate::metrics::{KadMetrics, StreamEvent};
-use crate::sharded::Sharded;
 
 /// The Amino DHT protocol.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/kad/1.0.0");
@@ -40,74 +41,25 @@ pub struct InboundStream {
     /// The authenticated remote peer.
     pub peer: PeerId,
     pub stream: Stream,
-    /// The peer's stream slot, released when the stream is dropped.
-    pub slot: PeerSlot,
+    /// Its place under the open-stream caps, released when the stream is dropped.
+    pub open: OpenStream,
     /// When it entered the queue (streams that waited too long are reset, not served late).
     pub queued_at: std::time::Instant,
-}
-
-const PEER_SHARDS: usize = 16;
-
-/// Concurrent inbound streams per remote peer, over all heads. An entry exists only while its
-/// count is positive, so the map is bounded by the streams queued and running.
-pub struct PeerStreams {
-    counts: Sharded<HashMap<PeerId, u32>>,
-    limit: u32,
-}
-
-/// One of a peer's stream slots; dropping it frees the slot.
-pub struct PeerSlot {
-    owner: Arc<PeerStreams>,
-    peer: PeerId,
-}
-
-impl PeerStreams {
-    pub fn new(limit: u32) -> Arc<Self> {
-        Arc::new(Self { counts: Sharded::new(PEER_SHARDS, HashMap::new), limit })
-    }
-
-    /// A slot for `peer`, unless it already holds `limit` streams.
-    pub fn try_acquire(self: &Arc<Self>, peer: PeerId) -> Option<PeerSlot> {
-        let mut shard = self.counts.lock_for(&peer);
-        let n = shard.entry(peer).or_insert(0);
-        if *n >= self.limit {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot { owner: self.clone(), peer })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut shard = self.owner.counts.lock_for(&self.peer);
-        if let Some(n) = shard.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                shard.remove(&self.peer);
-            }
-        }
-    }
 }
 
 /// Shared intake state for all heads: the queue and whether new streams are accepted.
 #[derive(Clone)]
 pub struct Intake {
     queue: mpsc::Sender<InboundStream>,
-    peers: Arc<PeerStreams>,
+    open: Arc<OpenStreams>,
     /// False at the peak load level: new streams are reset at once.
     accepting: Arc<AtomicBool>,
     metrics: KadMetrics,
 }
 
 impl Intake {
-    pub fn new(queue: mpsc::Sender<InboundStream>, max_streams_per_peer: u32, metrics: KadMetrics) -> Self {
-        Self {
-            queue,
-            peers: PeerStreams::new(max_streams_per_peer),
-            accepting: Arc::new(AtomicBool::new(true)),
-            metrics,
-        }
+    pub fn new(queue: mpsc::Sender<InboundStream>, caps: StreamCaps, metrics: KadMetrics) -> Self {
+        Self { queue, open: OpenStreams::new(caps), accepting: Arc::new(AtomicBool::new(true)), metrics }
     }
 
     /// Stop (or resume) accepting new inbound kad streams.
@@ -121,17 +73,30 @@ impl Intake {
         (max - self.queue.capacity(), max)
     }
 
-    fn offer(&self, head: usize, peer: PeerId, stream: Stream) {
+    /// Open inbound streams (idle or serving a request), all heads.
+    pub fn open_streams(&self) -> usize {
+        self.open.len()
+    }
+
+    fn offer(&self, head: usize, peer: PeerId, ip: Option<IpAddr>, stream: Stream) {
         if !self.accepting.load(Ordering::Relaxed) {
             self.metrics.stream(StreamEvent::Refused);
             return; // dropped: the stream is reset
         }
-        let Some(slot) = self.peers.try_acquire(peer) else {
-            self.metrics.stream(StreamEvent::PeerLimit);
-            return; // one peer may not hold every stream slot
+        let open = match self.open.open(peer, head, ip) {
+            Ok((open, evicted)) => {
+                for _ in 0..evicted {
+                    self.metrics.stream(StreamEvent::Evicted);
+                }
+                open
+            }
+            Err(Refusal::AllBusy) => {
+                self.metrics.stream(StreamEvent::PeerLimit);
+                return; // every stream of a full scope is busy: this one is reset
+            }
         };
         let queued_at = std::time::Instant::now();
-        match self.queue.try_send(InboundStream { head, peer, stream, slot, queued_at }) {
+        match self.queue.try_send(InboundStream { head, peer, stream, open, queued_at }) {
             Ok(()) => self.metrics.stream(StreamEvent::Queued),
             Err(_) => self.metrics.stream(StreamEvent::QueueFull),
         }
@@ -149,8 +114,13 @@ impl KadServer {
         Self { head, intake }
     }
 
-    fn handler(&self, peer: PeerId) -> Handler {
-        Handler { head: self.head, peer, intake: self.intake.clone() }
+    fn handler(&self, peer: PeerId, remote: &Multiaddr) -> Handler {
+        let ip = remote.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+            _ => None,
+        });
+        Handler { head: self.head, peer, ip, intake: self.intake.clone() }
     }
 }
 
@@ -162,21 +132,21 @@ impl NetworkBehaviour for KadServer {
         &mut self,
         _: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
+        _local: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, remote))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
         _: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
+        addr: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, addr))
     }
 
     fn on_swarm_event(&mut self, _: FromSwarm) {}
@@ -194,6 +164,8 @@ impl NetworkBehaviour for KadServer {
 pub struct Handler {
     head: usize,
     peer: PeerId,
+    /// The remote IP address of the connection (for the per-IP stream cap).
+    ip: Option<IpAddr>,
     intake: Intake,
 }
 
@@ -227,7 +199,7 @@ impl ConnectionHandler for Handler {
         if let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) =
             event
         {
-            self.intake.offer(self.head, self.peer, stream);
+            self.intake.offer(self.head, self.peer, self.ip, stream);
         }
     }
 }

@@ -43,15 +43,22 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
             (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
         }
         Request::GetProviders { key } => {
-            let served = match refused() {
-                Some(reason) => Err(reason),
+            let far = || !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE);
+            let served = if !policy.datastore {
+                // Refused datastore work: a cached answer costs nothing and is still served.
+                svc.providers.cached_answer(&key).ok_or(ShedReason::Tier)
+            } else if policy.far_keys_from_cache_only && far() {
                 // Degrade: the datastore only for keys this head is responsible for.
-                None if policy.far_keys_from_cache_only
-                    && !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE) =>
-                {
-                    svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
+                svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
+            } else if svc.load.peer_limits_active(tier) {
+                // Short of capacity: cached answers are free, lookups are charged to the peer.
+                match svc.providers.cached_answer(&key) {
+                    Some(hit) => Ok(hit),
+                    None if !svc.load.allow_peer(&peer, tier) => Err(ShedReason::PeerRate),
+                    None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
                 }
-                None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
+            } else {
+                svc.providers.get_providers(&key).await.map_err(|s| s.0)
             };
             let (mut providers, outcome) = match served {
                 Ok(p) => (p, Outcome::Ok),

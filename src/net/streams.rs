@@ -1,10 +1,12 @@
 //! Serving inbound kad streams: the dispatcher and the per-stream request loop.
 //!
 //! The dispatcher takes streams from the intake queue ([`super::intake`]) and runs each in its
-//! own task, at most `max_concurrent_streams` at once; while that many run, the queue fills and
-//! the handlers reset new streams (counted). A stream task serves many requests in sequence:
-//! every read has a deadline (`stream_idle_timeout` between requests, `io_timeout` within one), as
-//! do every write and the final close, so a slow or silent peer never holds a task for long.
+//! own task. An open stream costs memory, not a worker slot: it is bounded by the open-stream
+//! caps ([`super::open_streams`]) and takes one of `max_concurrent_requests` slots only while it
+//! serves a request — from the request's length prefix to its reply. A stream task serves many
+//! requests in sequence: every read has a deadline (`stream_idle_timeout` between requests,
+//! `io_timeout` within one), as do every write and the final close, so a slow or silent peer
+//! never holds a task for long, and an idle one holds no slot at all.
 //!
 //! Each decoded request is answered by [`super::requests`]; nothing here touches a swarm.
 
@@ -39,6 +41,8 @@ pub struct Service {
     pub load: Arc<LoadControl>,
     /// Budget, in KiB, for bodies of messages larger than [`SMALL_MESSAGE`] held at once.
     large_budget: Semaphore,
+    /// One permit per request being served (`limits.max_concurrent_requests`).
+    requests: Semaphore,
 }
 
 impl Service {
@@ -50,7 +54,8 @@ impl Service {
         load: Arc<LoadControl>,
     ) -> Self {
         let kib = limits.large_message_budget_bytes / 1024;
-        Self { heads, providers, metrics, limits, load, large_budget: Semaphore::new(kib) }
+        let requests = Semaphore::new(limits.max_concurrent_requests);
+        Self { heads, providers, metrics, limits, load, large_budget: Semaphore::new(kib), requests }
     }
 
     /// Count a shed request and return its outcome.
@@ -60,25 +65,18 @@ impl Service {
     }
 }
 
-/// Run until cancelled: take queued streams and serve each in a task, bounded.
+/// Run until cancelled: take queued streams and serve each in a task (bounded by the open-stream
+/// caps the intake applied).
 pub async fn dispatch(
     svc: Arc<Service>,
     mut queue: mpsc::Receiver<InboundStream>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(svc.limits.max_concurrent_streams));
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
             s = queue.recv() => match s { Some(s) => s, None => return },
-        };
-        if too_late(&svc, &s, &queue) {
-            continue;
-        }
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         if too_late(&svc, &s, &queue) {
             continue;
@@ -92,7 +90,6 @@ pub async fn dispatch(
                 _ = serve_stream(&svc, s) => {}
             }
             svc.metrics.active_streams.dec();
-            drop(permit);
         });
     }
 }
@@ -113,11 +110,22 @@ fn too_late(svc: &Service, s: &InboundStream, queue: &mpsc::Receiver<InboundStre
 /// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was
 /// not closed resets it.
 async fn serve_stream(svc: &Service, s: InboundStream) {
-    let InboundStream { head, peer, mut stream, slot: _slot, queued_at: _ } = s;
+    let InboundStream { head, peer, mut stream, open, queued_at: _ } = s;
     svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
     loop {
-        let len = match tokio::time::timeout(l.stream_idle_timeout, wire::read_length(&mut stream)).await {
+        // Idle: no request slot held; a newer stream may close this one (at a stream cap).
+        let read = tokio::select! {
+            _ = open.evicted() => {
+                let _ = tokio::time::timeout(l.io_timeout, stream.close()).await;
+                return; // counted as `evicted` by the intake that closed it
+            }
+            r = tokio::time::timeout(l.stream_idle_timeout, wire::read_length(&mut stream)) => r,
+        };
+        if !open.set_busy() {
+            return; // evicted just as its next request began
+        }
+        let len = match read {
             Err(_) => return svc.metrics.stream(StreamEvent::IdleTimeout),
             Ok(Ok(None)) => {
                 svc.metrics.stream(StreamEvent::Closed);
@@ -134,6 +142,13 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
             tracing::debug!(%peer, len, "kad message over the size limit");
             return svc.metrics.stream(StreamEvent::Oversized);
         }
+        // One request slot, from the length prefix to the reply.
+        let max_wait = svc.load.config().stream_queue_max_wait;
+        let slot = match tokio::time::timeout(max_wait, svc.requests.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => return svc.metrics.stream(StreamEvent::SlotWait),
+        };
+        let _in_flight = InFlight::new(&svc.metrics.requests_in_flight);
         let _budget = if len > SMALL_MESSAGE {
             match svc.large_budget.try_acquire_many(len.div_ceil(1024) as u32) {
                 Ok(p) => Some(p),
@@ -179,5 +194,24 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
             }
         }
         svc.metrics.request_duration.with_label_values(&[ty.as_str()]).observe(start.elapsed().as_secs_f64());
+        drop(_in_flight);
+        drop(slot);
+        open.set_idle();
+    }
+}
+
+/// Counts one request in `hydra_kad_requests_in_flight` while it lives (every return included).
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

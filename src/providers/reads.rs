@@ -125,6 +125,15 @@ impl Reads {
     }
 
     /// The cached answer for `key`, without a lookup on a miss (counted like any cache lookup).
+    /// A cached answer for `key`, counted only when there is one (the lookup a miss leads to
+    /// counts the miss).
+    pub fn peek_hit(&self, key: &ProviderKey) -> Option<Providers> {
+        let c = self.cache.get(key).filter(|c| c.until > Instant::now())?;
+        let r = if c.providers.is_empty() { CacheResult::NegativeHit } else { CacheResult::Hit };
+        self.metrics.cache.with_label_values(&[r.as_str()]).inc();
+        Some(c.providers)
+    }
+
     pub fn peek(&self, key: &ProviderKey) -> Option<Providers> {
         let c = self.cache.get(key).filter(|c| c.until > Instant::now());
         let r = match &c {

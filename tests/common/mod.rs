@@ -50,6 +50,27 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     f.validate().expect("test config is valid")
 }
 
+/// A node with the **shipped defaults**, changed only where a test network needs it: loopback,
+/// ephemeral ports, a node name of its own, `address_filter = "any"` (the peers' addresses are
+/// loopback ones, which the public filter drops). Tiers are computed, deadlines, per-peer limits
+/// and queue waits are the shipped ones.
+pub async fn shipped_config_on(dir: &Path, heads: usize, backend: Backend) -> Config {
+    let mut f = ConfigFile {
+        heads,
+        node_name: format!("test-{:08x}", rand::random::<u32>()),
+        listen_ip: "127.0.0.1".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_owned(),
+        ..Default::default()
+    };
+    f.routing.address_filter = AddressFilter::Any;
+    let mut c = f.validate().expect("test config is valid");
+    if backend == Backend::Postgres {
+        c.store = StoreKind::Postgres(pg::fresh_database().await);
+    }
+    c
+}
+
 /// Which datastore a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -297,6 +318,23 @@ impl RawClient {
     pub async fn connect(peers: &[(PeerId, Multiaddr)]) -> Self {
         let mut swarm = transport_swarm(|_| libp2p_stream::Behaviour::new());
         let addr = listen_local(&mut swarm).await;
+        Self::connected(swarm, addr, peers).await
+    }
+
+    /// Like [`Self::connect`], but every connection's source address is `src` (any of
+    /// 127.0.0.0/8), as a client on another host would have: for per-IP limits on loopback. The
+    /// client does not listen; its announced address is `src` itself.
+    pub async fn connect_from(src: std::net::Ipv4Addr, peers: &[(PeerId, Multiaddr)]) -> Self {
+        let swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
+        let addr: Multiaddr = format!("/ip4/{src}/tcp/1").parse().unwrap();
+        Self::connected(swarm, addr, peers).await
+    }
+
+    async fn connected(
+        mut swarm: Swarm<libp2p_stream::Behaviour>,
+        addr: Multiaddr,
+        peers: &[(PeerId, Multiaddr)],
+    ) -> Self {
         let peer_id = *swarm.local_peer_id();
         let control = swarm.behaviour().new_control();
         let mut want: HashSet<PeerId> = peers.iter().map(|p| p.0).collect();

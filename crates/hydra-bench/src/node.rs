@@ -246,6 +246,9 @@ mod tests {
             d_bucket{type=\"get\",le=\"0.1\"} 100\nd_bucket{type=\"get\",le=\"+Inf\"} 100\n";
         assert_eq!(histogram_quantile_ms(BEFORE, after, "d", &[("type", "get")], 0.5), 1.0);
         assert_eq!(histogram_quantile_ms(BEFORE, after, "d", &[("type", "get")], 0.999), 100.0);
-        assert!(histogram_quantile_ms(BEFORE, BEFORE, "d", &[("type", "get")], 0.5).is_nan(), "none observed");
+        assert!(
+            histogram_quantile_ms(BEFORE, BEFORE, "d", &[("type", "get")], 0.5).is_nan(),
+            "none observed"
+        );
     }
 }

@@ -23,7 +23,8 @@ fn bench(args: &[&str]) -> String {
 #[test]
 fn startup_starts_and_measures_this_checkouts_node() {
     let out = bench(&["startup", "--heads", "2", "--runs", "1", "--idle", "0", "--quic", "false"]);
-    let row = out.lines().find(|l| l.split_whitespace().next() == Some("2")).unwrap_or_else(|| panic!("{out}"));
+    let row =
+        out.lines().find(|l| l.split_whitespace().next() == Some("2")).unwrap_or_else(|| panic!("{out}"));
     let rss_mib: f64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(rss_mib > 1.0, "idle RSS of a real node: {row}");
 }
@@ -31,7 +32,17 @@ fn startup_starts_and_measures_this_checkouts_node() {
 #[test]
 fn load_runs_a_step_and_the_node_answers() {
     let out = bench(&[
-        "load", "--heads", "2", "--clients", "2", "--preload", "20", "--rates", "100", "--step-seconds", "2",
+        "load",
+        "--heads",
+        "2",
+        "--clients",
+        "2",
+        "--preload",
+        "20",
+        "--rates",
+        "100",
+        "--step-seconds",
+        "2",
     ]);
     let row = out.lines().find(|l| l.trim_start().starts_with("100/s")).unwrap_or_else(|| panic!("{out}"));
     let goodput: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();

@@ -1,7 +1,10 @@
 //! Test and benchmark infrastructure shared by hydra's integration tests (as a dev-dependency)
-//! and `hydra-bench`; never linked into the node. It does not depend on the `hydra` library, so
+//! and `hydra-bench`; never linked into the node: throwaway PostgreSQL clusters and clients on
+//! distinct loopback source addresses. It does not depend on the `hydra` library, so
 //! the node's own tests and the benchmarks link one copy of it.
 
+pub mod net;
 pub mod pgcluster;
 
+pub use net::{bound_swarm, BoundTcp};
 pub use pgcluster::{create_database, free_port_base, PgCluster};
