@@ -4,6 +4,7 @@
 //! checkout with the same profile (or use `HYDRA_BIN`).
 
 mod cpu_quota;
+mod idle;
 mod load;
 mod node;
 mod startup;
@@ -105,6 +106,20 @@ enum Command {
         #[arg(long)]
         node_cpu_quota: Option<f64>,
     },
+    /// Idle streams: memory per idle stream, and a fresh client's FIND_NODEs beside them.
+    IdleStreams {
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Client identities, each from its own loopback source address.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Idle streams each client holds on every head (the node allows 64 per peer and head).
+        #[arg(long, default_value_t = 64)]
+        streams_per_head: usize,
+        /// FIND_NODEs the fresh client sends afterwards.
+        #[arg(long, default_value_t = 1000)]
+        probes: usize,
+    },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
         #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
@@ -184,6 +199,14 @@ fn main() -> ExitCode {
                     node_cpu_quota: *node_cpu_quota,
                 })),
             }
+        }
+        Command::IdleStreams { heads, clients, streams_per_head, probes } => {
+            rt.block_on(idle::idle_streams(idle::IdleOpts {
+                heads: (*heads).max(1),
+                clients: (*clients).max(1),
+                streams_per_head: *streams_per_head,
+                probes: *probes,
+            }))
         }
         Command::Gc { database_url, rows, writes, runs } => rt.block_on(store::gc(store::GcBenchOpts {
             database_url: database_url.clone(),
