@@ -15,8 +15,10 @@
 //! **Crash loss.** Accepted records still buffered are lost on a crash: at most
 //! `write_buffer_entries`, in steady state about `flush_interval` worth of announcements. A
 //! graceful shutdown flushes everything ([`ProviderManager::shutdown`]). A failed flush is logged
-//! and counted (`hydra_providers_flush_failures_total`); its rows are dropped, and clients
-//! re-announce every 22 h.
+//! and counted (`hydra_providers_flush_failures_total`); its rows go back to the buffer and are
+//! written again after a backoff (100 ms doubling to 5 s), so a datastore outage loses nothing the
+//! buffer can hold; while the buffer is full, new announcements are shed and counted. Records
+//! still buffered when a shutdown finds the datastore down are logged (ERROR) with their count.
 //!
 //! **Reads.** `get_providers` = cached-or-looked-up datastore answer ∪ this process's buffered and
 //! in-flight writes, within `read_deadline`; when the deadline passes or too many lookups are
@@ -55,6 +57,35 @@ fn merge<'a>(out: &mut Vec<PeerRecord>, recs: impl Iterator<Item = &'a PeerRecor
     }
 }
 
+/// Exponential backoff between failed flushes: 100 ms, doubling to 5 s; reset by a success.
+#[derive(Default)]
+struct Backoff(std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    /// A flush failed: the delay before the next attempt.
+    fn failed(&self) -> Duration {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let delay = s.map_or(Self::FIRST, |(_, d)| (d * 2).min(Self::MAX));
+        *s = Some((tokio::time::Instant::now() + delay, delay));
+        delay
+    }
+
+    fn succeeded(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether flushes may be attempted now.
+    fn ready(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|(at, _)| tokio::time::Instant::now() >= at)
+    }
+}
+
 /// Datastore lookups one `get_providers` makes at most when its answers raced a flush.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -73,6 +104,8 @@ struct Inner {
     flush_permits: Arc<Semaphore>,
     value_permits: Semaphore,
     flush_wanted: Notify,
+    /// After a failed flush, the flusher waits before the next attempt.
+    backoff: Backoff,
     metrics: ProviderMetrics,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -118,6 +151,7 @@ impl ProviderManager {
             flush_permits: Arc::new(Semaphore::new(cfg.max_flushes_in_flight)),
             value_permits: Semaphore::new(cfg.max_read_queries),
             flush_wanted: Notify::new(),
+            backoff: Backoff::default(),
             metrics,
             cancel,
             tasks,
@@ -297,6 +331,13 @@ impl ProviderManager {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
         self.flush().await;
+        let left = self.inner.buffer.entries();
+        if left > 0 {
+            tracing::error!(
+                records = left,
+                "datastore unavailable at shutdown: buffered provider records lost"
+            );
+        }
         self.inner.store.close().await;
     }
 
@@ -322,10 +363,22 @@ impl ProviderManager {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, rows = rows.len(), "provider flush failed; rows dropped");
+                    // Accepted means kept: the rows go back to the (bounded) buffer and are
+                    // written again after a backoff; only the buffer's bound sheds new ones.
+                    let retry_in = inner.backoff.failed();
+                    tracing::warn!(
+                        error = %e,
+                        rows = rows.len(),
+                        ?retry_in,
+                        "provider flush failed; rows kept in the buffer for a retry"
+                    );
                     inner.metrics.flushes_failed.inc();
+                    inner.buffer.requeue(idx, &batch);
+                    drop(permit);
+                    return;
                 }
             }
+            inner.backoff.succeeded();
             inner.buffer.complete(idx, &batch, || inner.reads.invalidate(batch.keys()));
             inner.metrics.write_buffer_entries.set(inner.buffer.entries() as i64);
             drop(permit);
@@ -341,6 +394,9 @@ impl ProviderManager {
                 _ = self.inner.cancel.cancelled() => return,
                 _ = self.inner.flush_wanted.notified() => {}
                 _ = tokio::time::sleep(tick) => {}
+            }
+            if !self.inner.backoff.ready() {
+                continue; // the datastore failed a flush: wait before trying again
             }
             for idx in 0..SHARDS {
                 if self.inner.buffer.due(idx, interval) {

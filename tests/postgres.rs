@@ -374,3 +374,41 @@ async fn migrate_command_creates_the_schema() {
         std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres")).unwrap().count();
     assert_eq!(n as usize, files, "every migration in migrations/postgres applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_accepted_during_a_datastore_outage_are_kept_and_written_when_it_returns() {
+    // A cluster of its own: this test stops and restarts it.
+    let cluster = hydra_testkit::PgCluster::start(false).unwrap();
+    let url = hydra_testkit::create_database(&cluster.url("postgres"), "outage").await.unwrap();
+    let (store, _r) = open(&url).await;
+    let metrics = Metrics::new(&prometheus::Registry::new(), 1);
+    let cfg = ProvidersSection { flush_interval: Duration::from_millis(50), ..Default::default() };
+    let m = ProviderManager::start(store, cfg, 100, metrics.providers.clone());
+    let rec = || PeerRecord { peer: PeerId::random(), addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()] };
+    for i in 0..100 {
+        m.add_provider(key(i), rec()).unwrap();
+    }
+    m.flush().await;
+    assert_eq!(count(&url, "providers").await, 100);
+
+    cluster.halt().unwrap();
+    for i in 100..200 {
+        m.add_provider(key(i), rec()).expect("accepted into the buffer while the datastore is down");
+    }
+    until("failed flushes", || metrics.providers.flushes_failed.get() >= 2).await;
+    assert_eq!(m.buffered(), 100, "failed flushes keep their rows");
+
+    cluster.resume().unwrap();
+    until("the buffer to drain", || m.buffered() == 0).await;
+    assert_eq!(count(&url, "providers").await, 200, "every record accepted during the outage was written");
+    m.shutdown().await;
+}
+
+/// Poll `done` until it holds (bounded by `common::WAIT`).
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < common::WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

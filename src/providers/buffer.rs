@@ -136,6 +136,36 @@ impl WriteBuffer {
         Some(batch)
     }
 
+    /// The batch's write failed: its entries go back to pending, to be written again. Where the
+    /// same (key, provider) was announced again meanwhile, the later expiry wins and the older
+    /// copy stops counting; nothing is lost and nothing is counted twice.
+    pub fn requeue(&self, idx: usize, batch: &Arc<Batch>) {
+        let mut guard = self.lock(idx);
+        let shard = &mut *guard;
+        shard.in_flight.retain(|b| !Arc::ptr_eq(b, batch));
+        let mut duplicates = 0;
+        for (key, by_peer) in batch.iter() {
+            let slot = shard.pending.entry(key.clone()).or_default();
+            for (peer, p) in by_peer {
+                match slot.entry(*peer) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        if e.get().expires_at < p.expires_at {
+                            e.insert(p.clone());
+                        }
+                        duplicates += 1;
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(p.clone());
+                        shard.pending_entries += 1;
+                    }
+                }
+            }
+        }
+        shard.oldest.get_or_insert_with(Instant::now);
+        drop(guard);
+        self.entries.fetch_sub(duplicates, Ordering::Relaxed);
+    }
+
     /// The batch's write finished (or failed): release its entries. `before_release` runs after
     /// the epoch moved and before the entries stop being visible (cache invalidation goes there).
     pub fn complete(&self, idx: usize, batch: &Arc<Batch>, before_release: impl FnOnce()) -> usize {
@@ -167,6 +197,29 @@ pub fn rows(batch: &Batch) -> Vec<ProviderWrite> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_batch_is_requeued_without_loss_or_double_counting() {
+        let buf = WriteBuffer::new(100, 10);
+        let key = ProviderKey::new(vec![1; 34]).unwrap();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let p = |expires_at| Pending { addrs: Vec::new(), expires_at, addrs_expire_at: expires_at };
+        buf.add(key.clone(), a, p(100)).unwrap();
+        buf.add(key.clone(), b, p(100)).unwrap();
+        let idx = buf.shard_of(&key);
+        let batch = buf.take(idx).unwrap();
+        // While the write is in flight, `a` announces again (a new entry beside the batch's).
+        buf.add(key.clone(), a, p(200)).unwrap();
+        assert_eq!(buf.entries(), 3);
+        buf.requeue(idx, &batch);
+        assert_eq!(buf.entries(), 2, "a's two copies count once");
+        assert_eq!(buf.pending(idx), 2);
+        let again = buf.take(idx).unwrap();
+        assert_eq!(again[&key][&a].expires_at, 200, "the later announcement wins");
+        assert_eq!(again[&key][&b].expires_at, 100, "nothing of the failed batch is lost");
+        buf.complete(idx, &again, || {});
+        assert_eq!(buf.entries(), 0);
+    }
 
     #[test]
     fn refused_adds_leave_nothing_behind() {

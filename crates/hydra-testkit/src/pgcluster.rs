@@ -16,6 +16,8 @@ pub struct PgCluster {
     bindir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Server options of the last start (a resumed server starts with the same ones).
+    opts: String,
 }
 
 fn find_bindir() -> anyhow::Result<PathBuf> {
@@ -87,7 +89,7 @@ impl PgCluster {
                 bail!("chown postgres {} failed", dir.display());
             }
         }
-        let mut c = Self { dir, bindir, port: 0, as_postgres };
+        let mut c = Self { dir, bindir, port: 0, as_postgres, opts: String::new() };
         let data = c.dir.join("data");
         c.run(
             "initdb",
@@ -124,7 +126,10 @@ impl PgCluster {
                 )
                 .with_context(|| format!("pg_ctl start on port {} (log: {})", c.port, log.display()));
             match started {
-                Ok(()) => break,
+                Ok(()) => {
+                    c.opts = opts;
+                    break;
+                }
                 Err(e) if tries >= 3 => return Err(e),
                 Err(e) => eprintln!("{e:#}; trying another port"),
             }
@@ -188,6 +193,22 @@ impl PgCluster {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Stop the server at once and keep its files, as a crashed or unreachable database would be.
+    pub fn halt(&self) -> anyhow::Result<()> {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"])
+    }
+
+    /// Start a halted server again, on the same port with the same options.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        self.run(
+            "pg_ctl",
+            &["-D", &data.to_string_lossy(), "-o", &self.opts, "-l", &log.to_string_lossy(), "-w", "start"],
+        )
     }
 
     /// Stop the server at once and remove its files.
