@@ -170,6 +170,7 @@ impl Node {
             token: token.clone(),
             ttl: cfg.lease_ttl,
             heads: heads.clone(),
+            load: load.clone(),
         };
         heartbeat.beat().await;
         tasks.spawn(heartbeat.run(cancel.clone()));

@@ -412,3 +412,33 @@ async fn until(what: &str, done: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_statement_budget_is_split_among_live_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("fleet.seed");
+    std::fs::write(&seed, hex::encode([5u8; 32])).unwrap();
+    let mut a_cfg = common::config_on(dir.path(), 1, Backend::Postgres).await;
+    a_cfg.identity_seed_file = Some(seed.clone());
+    // Leases renewed (and the fleet re-counted) every second.
+    a_cfg.lease_ttl = Duration::from_secs(3);
+    a_cfg.load.fleet_datastore_statements_per_second = 100;
+    let mut b_cfg = a_cfg.clone();
+    b_cfg.node_name = format!("{}-b", a_cfg.node_name);
+    b_cfg.data_dir = dir.path().join("b");
+    let budget =
+        |n: &hydra::Node| n.load().status().map(|s| (s.statement_budget_per_second, s.fleet_processes));
+    let a = hydra::Node::start(a_cfg).await.unwrap();
+    // Alone: the whole fleet budget (below the per-process 2,000/s).
+    until("a's first sample", || budget(&a).is_some()).await;
+    assert_eq!(budget(&a), Some((100, 1)));
+    let b = hydra::Node::start(b_cfg).await.unwrap();
+    until("both processes to count each other", || {
+        budget(&a) == Some((50, 2)) && budget(&b) == Some((50, 2))
+    })
+    .await;
+    // Once the stopped process's leases expire (lease_ttl), the other takes the whole budget.
+    b.shutdown().await;
+    until("a to be alone again", || budget(&a) == Some((100, 1))).await;
+    a.shutdown().await;
+}

@@ -35,6 +35,12 @@ pub struct LoadSection {
     /// Hard ceiling on datastore statements per second issued by this process for requests
     /// (flushes: 2 per batch; lookups and value operations: 1). Statements wait for it; 0: no limit.
     pub datastore_statements_per_second: u32,
+    /// Ceiling on datastore statements per second for the whole fleet sharing this datastore,
+    /// split evenly among the processes holding live head leases (each process takes
+    /// fleet / live processes, re-counted at every lease heartbeat; with
+    /// `datastore_statements_per_second` also set, the lower of the two). 0: no fleet ceiling.
+    /// Set it to the database's capacity once, the same in every process.
+    pub fleet_datastore_statements_per_second: u32,
     /// Datastore-touching requests (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) one peer
     /// may make per second over all heads; 0: no limit.
     pub per_peer_requests_per_second: u32,
@@ -69,6 +75,7 @@ impl Default for LoadSection {
             min_latency_samples: 100,
             force_tier: None,
             datastore_statements_per_second: 2000,
+            fleet_datastore_statements_per_second: 0,
             per_peer_requests_per_second: 200,
             per_peer_burst: 400,
             degrade_per_peer_cost: 4,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,11 @@ pub struct Status {
     pub signals: Signals,
     /// Recent datastore latency by operation (p95, p99), ms.
     pub datastore_latency_ms: HashMap<&'static str, LatencyPair>,
+    /// The statement budget in force (0: none): `load.datastore_statements_per_second`, or this
+    /// process's share of `load.fleet_datastore_statements_per_second` if lower.
+    pub statement_budget_per_second: u32,
+    /// Processes with live head leases on this datastore, as last counted (1 until counted).
+    pub fleet_processes: u32,
     pub load: LoadSection,
 }
 
@@ -58,6 +63,8 @@ pub struct LoadControl {
     cfg: ArcSwap<LoadSection>,
     peers: ArcSwapOption<PeerLimiter>,
     budget: Arc<StatementBudget>,
+    /// Processes sharing the datastore's fleet budget (live lease holders; 1 until counted).
+    fleet_processes: AtomicU32,
     /// The controller's last sample; [`Self::status`] adds the live tier and settings.
     sample: ArcSwap<Option<Sample>>,
     metrics: LoadMetrics,
@@ -72,6 +79,7 @@ impl LoadControl {
             cfg: ArcSwap::from_pointee(cfg.clone()),
             peers: ArcSwapOption::empty(),
             budget,
+            fleet_processes: AtomicU32::new(1),
             sample: ArcSwap::from_pointee(None),
             metrics,
             on_tier: Mutex::new(None),
@@ -128,8 +136,36 @@ impl LoadControl {
         self.apply(cfg);
     }
 
+    /// This process's statement budget under `cfg`: its own ceiling, or its share of the
+    /// fleet's if lower (0: unlimited).
+    fn budget_for(&self, cfg: &LoadSection) -> u32 {
+        let own = cfg.datastore_statements_per_second;
+        let fleet = cfg.fleet_datastore_statements_per_second;
+        if fleet == 0 {
+            return own;
+        }
+        let share = (fleet / self.fleet_processes.load(Ordering::Relaxed).max(1)).max(1);
+        if own == 0 {
+            share
+        } else {
+            own.min(share)
+        }
+    }
+
+    /// `n` processes hold live head leases on this datastore (counted by the lease heartbeat):
+    /// re-split the fleet's statement budget.
+    pub fn set_fleet_processes(&self, n: u32) {
+        let n = n.max(1);
+        if self.fleet_processes.swap(n, Ordering::Relaxed) != n {
+            let cfg = self.config();
+            let budget = self.budget_for(&cfg);
+            tracing::info!(processes = n, statements_per_second = budget, "fleet statement budget re-split");
+            self.budget.set(budget);
+        }
+    }
+
     fn apply(&self, cfg: LoadSection) {
-        self.budget.set(cfg.datastore_statements_per_second);
+        self.budget.set(self.budget_for(&cfg));
         self.peers.store(PeerLimiter::new(&cfg).map(Arc::new));
         self.metrics.set_thresholds(&cfg);
         let forced = cfg.force_tier;
@@ -184,6 +220,8 @@ impl LoadControl {
             tier_age_seconds: since.elapsed().as_secs_f64(),
             signals: *signals,
             datastore_latency_ms: latency.clone(),
+            statement_budget_per_second: self.budget_for(&load),
+            fleet_processes: self.fleet_processes.load(Ordering::Relaxed),
             load,
         })
     }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::identity::Seed;
+use crate::load::LoadControl;
 use crate::net::HeadShared;
 use crate::store::{LeasedHead, Store, StoreError};
 
@@ -46,6 +47,8 @@ pub(super) struct Heartbeat {
     pub(super) token: String,
     pub(super) ttl: Duration,
     pub(super) heads: Arc<Vec<Arc<HeadShared>>>,
+    /// Told how many processes hold live leases (the fleet's statement budget is split by it).
+    pub(super) load: Arc<LoadControl>,
 }
 
 impl Heartbeat {
@@ -67,6 +70,23 @@ impl Heartbeat {
                  (was this process paused longer than identity.lease_ttl?); restart it"
             ),
             Err(e) => tracing::warn!(error = %e, "renewing head leases failed; retrying"),
+        }
+        if self.load.config().fleet_datastore_statements_per_second > 0 {
+            self.count_fleet().await;
+        }
+    }
+
+    /// Count the processes (node names) holding live leases, for the fleet's statement budget.
+    async fn count_fleet(&self) {
+        match self.store.list_heads().await {
+            Ok(heads) => {
+                let live: std::collections::HashSet<&str> =
+                    heads.iter().filter(|h| h.lease_active).filter_map(|h| h.node.as_deref()).collect();
+                self.load.set_fleet_processes(live.len().max(1) as u32);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "counting the fleet's processes failed; the budget split stays")
+            }
         }
     }
 
