@@ -130,9 +130,18 @@ fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
     Ok(file)
 }
 
-fn init_tracing(format: LogFormat) {
+/// `RUST_LOG`, else INFO without libp2p's per-swarm peer-ID lines (each head logs its own with
+/// its addresses); without bootstrap peers also without kad's "Failed to trigger bootstrap: No
+/// known peers" warning per head at start — running without them is the documented default,
+/// said once at INFO by the node.
+fn init_tracing(format: LogFormat, no_bootstrap: bool) {
+    let default = if no_bootstrap {
+        "info,libp2p_swarm=warn,libp2p_kad::behaviour=error"
+    } else {
+        "info,libp2p_swarm=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
@@ -166,7 +175,7 @@ fn main() -> ExitCode {
         print!("{}", file.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    init_tracing(cfg.log_format);
+    init_tracing(cfg.log_format, cfg.bootstrap.is_empty());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -160,6 +160,12 @@ impl Node {
         ));
         tasks.spawn(streams::dispatch(svc, rx, cancel.clone(), tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();
+        if !bootstrap {
+            tracing::info!(
+                "no bootstrap peers configured: the heads wait for peers to connect; to join the \
+                 public Amino DHT, start with --config config/amino-bootstrap.toml"
+            );
+        }
         for h in starting {
             tasks.spawn(h.run(bootstrap, cancel.clone()));
         }

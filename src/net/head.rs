@@ -82,6 +82,12 @@ pub async fn bind(
         .with_behaviour(|key| {
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(Duration::from_secs(60));
+            if cfg.bootstrap.is_empty() {
+                // Nobody to bootstrap from: a periodic bootstrap would find no known peers every
+                // 5 minutes per head. A peer entering the routing table (from identify) still
+                // triggers kad's automatic bootstrap.
+                kcfg.set_periodic_bootstrap_interval(None);
+            }
             let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kcfg);
             // Pinned: in automatic mode kad would become a server and claim the kad protocol.
             kad.set_mode(Some(kad::Mode::Client));
