@@ -27,8 +27,10 @@ pub const STABLE_LOAD_TOML: &str =
 /// Bound for any single wait in a test; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A config for a node with `heads` heads on 127.0.0.1, ephemeral ports, store in `dir`.
-pub fn config(dir: &Path, heads: usize) -> Config {
+/// The shipped defaults, changed only where a test network needs it: `heads` heads on 127.0.0.1,
+/// ephemeral ports, store in `dir`, a node name of its own, `address_filter = "any"` (the peers'
+/// addresses are loopback ones, which the public filter drops).
+fn loopback_file(dir: &Path, heads: usize) -> ConfigFile {
     let mut f = ConfigFile {
         heads,
         // Distinct per node: processes sharing a datastore are told apart by name.
@@ -39,6 +41,12 @@ pub fn config(dir: &Path, heads: usize) -> Config {
         ..Default::default()
     };
     f.routing.address_filter = AddressFilter::Any;
+    f
+}
+
+/// A config for a node with `heads` heads on 127.0.0.1, ephemeral ports, store in `dir`.
+pub fn config(dir: &Path, heads: usize) -> Config {
+    let mut f = loopback_file(dir, heads);
     f.providers.flush_interval = Duration::from_millis(50);
     // Functional tests must not depend on how busy the machine is: deadline sheds are a load
     // behaviour, tested where load is the subject.
@@ -50,20 +58,10 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     f.validate().expect("test config is valid")
 }
 
-/// A node with the **shipped defaults**, changed only where a test network needs it: loopback,
-/// ephemeral ports, a node name of its own, `address_filter = "any"` (the peers' addresses are
-/// loopback ones, which the public filter drops). Tiers are computed, deadlines, per-peer limits
-/// and queue waits are the shipped ones.
+/// A node with the **shipped defaults** ([`loopback_file`]): tiers are computed; deadlines,
+/// per-peer limits and queue waits are the shipped ones.
 pub async fn shipped_config_on(dir: &Path, heads: usize, backend: Backend) -> Config {
-    let mut f = ConfigFile {
-        heads,
-        node_name: format!("test-{:08x}", rand::random::<u32>()),
-        listen_ip: "127.0.0.1".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: dir.to_owned(),
-        ..Default::default()
-    };
-    f.routing.address_filter = AddressFilter::Any;
+    let f = loopback_file(dir, heads);
     let mut c = f.validate().expect("test config is valid");
     if backend == Backend::Postgres {
         c.store = StoreKind::Postgres(pg::fresh_database().await);

@@ -20,7 +20,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Stream};
 
-use crate::node::{http_get, metric_sum, NodeProcess};
+use crate::node::{http_get, loopback_run_args, metric_sum, NodeProcess};
 
 pub(crate) struct IdleOpts {
     pub heads: usize,
@@ -74,26 +74,7 @@ pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
     let hydra = crate::node::hydra_binary()?;
     let dir = std::env::temp_dir().join(format!("hydra-bench-idle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let args: Vec<String> = [
-        "run",
-        "--heads",
-        &o.heads.to_string(),
-        "--listen-ip",
-        "127.0.0.1",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--node-name",
-        "bench-idle",
-        "--quic",
-        "false",
-        "--address-filter",
-        "any",
-        "--data-dir",
-        &dir.display().to_string(),
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
+    let args = loopback_run_args(o.heads, &dir, "bench-idle", false, &["--address-filter", "any"]);
     let node = NodeProcess::spawn(&hydra, &args, Duration::from_secs(120)).await?;
     let infos: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&node.http, "/v1/heads").await?)?;
     let heads: Vec<(PeerId, Multiaddr)> = infos

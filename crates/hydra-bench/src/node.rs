@@ -42,6 +42,22 @@ pub(crate) fn hydra_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// `hydra run` arguments for a node on loopback with `heads` heads, the embedded store in `dir`,
+/// ephemeral ports and no QUIC unless `quic`, and `extra` flags.
+pub(crate) fn loopback_run_args(
+    heads: usize,
+    dir: &Path,
+    node_name: &str,
+    quic: bool,
+    extra: &[&str],
+) -> Vec<String> {
+    let (heads, dir) = (heads.to_string(), dir.display().to_string());
+    let quic = if quic { "true" } else { "false" };
+    let base = ["run", "--heads", &heads, "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"];
+    let rest = ["--node-name", node_name, "--quic", quic, "--data-dir", &dir];
+    base.iter().chain(&rest).chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// A `hydra run` child process: its HTTP address, and its logs drained so it never blocks.
 pub(crate) struct NodeProcess {
     child: tokio::process::Child,

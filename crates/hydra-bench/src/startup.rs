@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::node::NodeProcess;
+use crate::node::{loopback_run_args, NodeProcess};
 use crate::store::median;
 
 /// `hydra-bench startup`: for each head count, start `hydra run` (this checkout's binary, embedded store,
@@ -30,24 +30,7 @@ pub(crate) async fn startup(
             let dir = std::env::temp_dir().join(format!("hydra-bench-startup-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let t = Instant::now();
-            let args: Vec<String> = [
-                "run",
-                "--heads",
-                &n.to_string(),
-                "--listen-ip",
-                "127.0.0.1",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--node-name",
-                "bench",
-                "--quic",
-                if quic { "true" } else { "false" },
-                "--data-dir",
-                &dir.display().to_string(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect();
+            let args = loopback_run_args(n, &dir, "bench", quic, &[]);
             let node = NodeProcess::spawn(&hydra, &args, Duration::from_secs(600)).await?;
             secs.push(t.elapsed().as_secs_f64());
             tokio::time::sleep(idle).await;
