@@ -1,7 +1,8 @@
 //! The HTTP server: health, Prometheus metrics, and the operator API.
 //!
 //! Bound to `http_listen` (loopback by default). Handlers read published state only (head
-//! addresses, the metrics registry); none of them touches a swarm or waits on the datastore.
+//! addresses, the metrics registry); none of them touches a swarm, and only
+//! `/v1/heads?fleet=true` reads the datastore.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
