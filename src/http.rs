@@ -2,7 +2,8 @@
 //!
 //! Bound to `http_listen` (loopback by default). Handlers read published state only (head
 //! addresses, the metrics registry); none of them touches a swarm, and only
-//! `/v1/heads?fleet=true` reads the datastore.
+//! `/v1/heads?fleet=true` and `/readyz` read the datastore (`/readyz` at most once a second,
+//! one probe at a time, whatever the rate of readiness checks).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,13 @@ use crate::store::Store;
 /// Called before each scrape to refresh sampled gauges.
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
 
+/// How long a readiness answer is reused, and how long the datastore may take to answer.
+const READY_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The last datastore probe of `/readyz`: when, and why not ready (None: ready).
+type Probe = tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>;
+
 /// What the handlers read.
 #[derive(Clone)]
 pub struct AppState {
@@ -32,6 +40,8 @@ pub struct AppState {
     pub on_scrape: ScrapeHook,
     pub load: Arc<LoadControl>,
     pub reloader: Reloader,
+    /// Single-flight, cached datastore probe for `/readyz`.
+    pub probe: Arc<Probe>,
 }
 
 /// One head of this process as listed by `GET /v1/heads`.
@@ -66,6 +76,7 @@ pub fn serve(
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/heads", get(heads_list))
         .route("/v1/status", get(status))
@@ -79,6 +90,41 @@ pub fn serve(
         }
     };
     Ok((local, fut))
+}
+
+/// `GET /readyz`: 200 when every head listens and the datastore answers, else 503 naming why.
+/// Never cached by clients; the datastore probe is reused for [`READY_CACHE`].
+async fn readyz(State(s): State<AppState>) -> Response {
+    let not_ready = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CACHE_CONTROL, "no-store")],
+            format!("not ready: {why}\n"),
+        )
+            .into_response()
+    };
+    if let Some(h) = s.heads.iter().find(|h| h.listen_addrs.load().is_empty()) {
+        return not_ready(format!("head {} has no listen address", h.index));
+    }
+    let mut last = s.probe.lock().await;
+    let fresh = last.as_ref().filter(|(at, _)| at.elapsed() < READY_CACHE).map(|(_, r)| r.clone());
+    let failure = match fresh {
+        Some(r) => r,
+        None => {
+            let r = match tokio::time::timeout(READY_TIMEOUT, s.store.ping()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("datastore: {e}")),
+                Err(_) => Some(format!("datastore did not answer within {READY_TIMEOUT:?}")),
+            };
+            *last = Some((std::time::Instant::now(), r.clone()));
+            r
+        }
+    };
+    drop(last);
+    match failure {
+        None => ([(header::CACHE_CONTROL, "no-store")], "ready\n").into_response(),
+        Some(why) => not_ready(why),
+    }
 }
 
 /// `GET /v1/status`: the load tier, the signals it was computed from, and the thresholds.

@@ -198,6 +198,7 @@ impl Node {
                 on_scrape,
                 load: load.clone(),
                 reloader: reloader.clone(),
+                probe: Default::default(),
             },
             cancel.clone(),
         )?;

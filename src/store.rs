@@ -200,6 +200,11 @@ impl Store {
             .gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
     }
 
+    /// Whether the datastore answers a trivial statement (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        call!(self, DbOp::Ping, |s| s.ping())
+    }
+
     /// Estimated (provider records, peers with addresses), from catalogue statistics.
     pub async fn estimate_counts(&self) -> Result<(f64, f64), StoreError> {
         call!(self, DbOp::Estimate, |s| s.estimate_counts())

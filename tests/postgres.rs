@@ -442,3 +442,39 @@ async fn the_fleet_statement_budget_is_split_among_live_processes() {
     until("a to be alone again", || budget(&a) == Some((100, 1))).await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_datastore() {
+    // A cluster of its own: this test stops and restarts it.
+    let cluster = hydra_testkit::PgCluster::start(false).unwrap();
+    let url = hydra_testkit::create_database(&cluster.url("postgres"), "ready").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), 2);
+    cfg.store = StoreKind::Postgres(url);
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let http = node.http_addr().to_string();
+    let ready = || async { common::http_get(&http, "/readyz").await };
+    assert_eq!(ready().await, (200, "ready\n".to_string()));
+
+    cluster.halt().unwrap();
+    let start = std::time::Instant::now();
+    let (status, body) = loop {
+        let (status, body) = ready().await;
+        if status != 200 || start.elapsed() > common::WAIT {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "a stopped datastore makes the node not ready: {body}");
+    assert!(body.contains("datastore"), "{body}");
+    // Liveness is not readiness: the process is alive and says so.
+    assert_eq!(common::http_get(&http, "/healthz").await.0, 200);
+
+    cluster.resume().unwrap();
+    let start = std::time::Instant::now();
+    while ready().await.0 != 200 {
+        assert!(start.elapsed() < common::WAIT, "never ready again after the datastore returned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.shutdown().await;
+}

@@ -93,10 +93,12 @@ pub enum DbOp {
     Migrate,
     Estimate,
     Leases,
+    /// `SELECT 1` for readiness (`GET /readyz`).
+    Ping,
 }
 
 impl DbOp {
-    pub const ALL: [DbOp; 8] = [
+    pub const ALL: [DbOp; 9] = [
         DbOp::PutProviders,
         DbOp::GetProviders,
         DbOp::PutValue,
@@ -105,6 +107,7 @@ impl DbOp {
         DbOp::Migrate,
         DbOp::Estimate,
         DbOp::Leases,
+        DbOp::Ping,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -116,6 +119,7 @@ impl DbOp {
             DbOp::Migrate => "migrate",
             DbOp::Estimate => "estimate",
             DbOp::Leases => "leases",
+            DbOp::Ping => "ping",
         }
     }
 }

@@ -138,6 +138,14 @@ impl PgStore {
                 }
             }
         }
+        // Warm the pool (4 connections: the default lookup statements in flight): the first
+        // lookups must not each pay a connection set-up (under a busy
+        // CPU that is hundreds of ms, enough to miss the read deadline and raise the tier).
+        // Best effort: a connection that fails now is made on demand later.
+        let warm = futures::future::join_all((0..cfg.pool_size.min(4)).map(|_| pool.get())).await;
+        let warmed = warm.iter().filter(|c| c.is_ok()).count();
+        drop(warm);
+        tracing::debug!(connections = warmed, "datastore pool warmed");
         Ok(Self { pool, pool_wait, pg_config, lease: Mutex::new(None) })
     }
 
@@ -339,6 +347,12 @@ impl PgStore {
             .query_one("SELECT hydra_estimate_rows('providers'), hydra_estimate_rows('peer_addrs')", &[])
             .await?;
         Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    /// One trivial statement on a pooled connection: the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.conn().await?.simple_query("SELECT 1").await?;
+        Ok(())
     }
 
     /// Release the GC lease and close the pool.

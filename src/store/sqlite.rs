@@ -277,6 +277,13 @@ impl SqliteStore {
         Ok((providers, peers))
     }
 
+    /// One trivial statement on a reader: the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.readers.acquire().await?;
+        sqlx::query("SELECT 1").execute(&mut *conn).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.writer.close().await;
         self.readers.close().await;
