@@ -160,6 +160,9 @@ pub struct PerSignal {
     pub datastore_p99_ms: f64,
     /// p99 of the wait for a pooled datastore connection over the window, ms.
     pub pool_wait_p99_ms: f64,
+    /// Failed / all datastore lookups and writes over the window (0..1): a datastore that fails
+    /// fast leaves latency low, so failures are a signal of their own.
+    pub datastore_error_ratio: f64,
     /// Write-behind buffer entries / `providers.write_buffer_entries` (0..1).
     pub write_buffer_fill_ratio: f64,
     /// Keys queued for or in a lookup / `providers.max_reads_in_flight` (0..1).
@@ -181,6 +184,7 @@ impl PerSignal {
         Self {
             datastore_p99_ms: 0.0,
             pool_wait_p99_ms: 0.0,
+            datastore_error_ratio: 0.0,
             write_buffer_fill_ratio: 0.0,
             reads_in_flight_ratio: 0.0,
             inbound_queue_fill_ratio: 0.0,
@@ -189,10 +193,11 @@ impl PerSignal {
     }
 
     /// (signal name, value), in a fixed order (metric label values and status keys).
-    pub fn values(&self) -> [(&'static str, f64); 6] {
+    pub fn values(&self) -> [(&'static str, f64); 7] {
         [
             ("datastore_p99_ms", self.datastore_p99_ms),
             ("pool_wait_p99_ms", self.pool_wait_p99_ms),
+            ("datastore_error_ratio", self.datastore_error_ratio),
             ("write_buffer_fill_ratio", self.write_buffer_fill_ratio),
             ("reads_in_flight_ratio", self.reads_in_flight_ratio),
             ("inbound_queue_fill_ratio", self.inbound_queue_fill_ratio),

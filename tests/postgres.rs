@@ -451,6 +451,8 @@ async fn readiness_follows_the_datastore() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = common::config(dir.path(), 2);
     cfg.store = StoreKind::Postgres(url);
+    // The tier computed, as shipped: a failing datastore must raise it.
+    cfg.load.force_tier = None;
     let node = hydra::Node::start(cfg).await.unwrap();
     let http = node.http_addr().to_string();
     let ready = || async { common::http_get(&http, "/readyz").await };
@@ -469,6 +471,21 @@ async fn readiness_follows_the_datastore() {
     assert!(body.contains("datastore"), "{body}");
     // Liveness is not readiness: the process is alive and says so.
     assert_eq!(common::http_get(&http, "/healthz").await.0, 200);
+    // A datastore that fails fast leaves latency low; its error ratio raises the tier.
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    for i in 0..150u32 {
+        let reply = client.get_providers(heads[0].0, key(1000 + i).as_bytes()).await;
+        assert!(reply.provider_peers.is_empty());
+    }
+    let start = std::time::Instant::now();
+    while node.load().tier() == hydra::load::Tier::Normal {
+        assert!(start.elapsed() < common::WAIT, "failing lookups never raised the tier");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = node.load().status().unwrap();
+    assert_eq!(status.tier, hydra::load::Tier::Degrade, "errors degrade, they do not refuse");
+    assert!(status.signals.datastore_error_ratio > 0.5, "{:?}", status.signals);
 
     cluster.resume().unwrap();
     let start = std::time::Instant::now();

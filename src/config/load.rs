@@ -24,7 +24,7 @@ pub struct LoadSection {
     pub min_dwell: Duration,
     /// A tier is left only when every signal is below `exit_ratio` × its threshold for that tier.
     pub exit_ratio: f64,
-    /// Latency signals (datastore and pool-wait p99) count only over windows holding at least
+    /// Latency signals (datastore and pool-wait p99) and the datastore error ratio count only over windows holding at least
     /// this many operations: a p99 of a few is their maximum (one cold connection), and so few
     /// requests cannot overload the datastore. 0: every window counts.
     pub min_latency_samples: u64,
@@ -151,6 +151,9 @@ pub fn default_thresholds() -> [Thresholds; 3] {
             write_buffer_fill_ratio: 0.5,
             reads_in_flight_ratio: 0.5,
             inbound_queue_fill_ratio: 0.5,
+            // 5 % of lookups and writes failing: read less (cache first). Not a reason to
+            // refuse: failed writes stay buffered and are retried, refused ones would be lost.
+            datastore_error_ratio: 0.05,
             rss_mib: 0.0,
         },
         // refuse: the datastore itself is in distress (latency, pool wait). Not on the bounded

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
-use super::signals::{rss_bytes, SignalSource, Window};
+use super::signals::{rss_bytes, RatioWindow, SignalSource, Window};
 use super::tier::decide;
 use crate::config::LoadSection;
 use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
@@ -240,6 +240,7 @@ impl LoadControl {
             |c: &LoadSection| (c.window.as_secs_f64() / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
         let mut windows: Vec<Window> = LATENCY_OPS.iter().map(|_| Window::new(slots(&cfg))).collect();
         let mut pool_wait = Window::new(slots(&cfg));
+        let mut errors = RatioWindow::new(slots(&cfg));
         let mut since = Instant::now();
         let mut last = self.tier();
         let mut last_prune = Instant::now();
@@ -248,6 +249,12 @@ impl LoadControl {
                 w.push(&datastore.duration.with_label_values(&[op.as_str()]));
             }
             pool_wait.push(&datastore.pool_wait);
+            // Failed / all hot-path operations (every call is timed, failed ones too).
+            let hot = [DbOp::GetProviders, DbOp::PutProviders].map(|op| op.as_str());
+            errors.push(
+                hot.iter().map(|op| datastore.errors.with_label_values(&[op]).get()).sum(),
+                hot.iter().map(|op| datastore.duration.with_label_values(&[op]).get_sample_count()).sum(),
+            );
             let latency: HashMap<&'static str, LatencyPair> = windows
                 .iter()
                 .zip(LATENCY_OPS)
@@ -264,6 +271,7 @@ impl LoadControl {
                     .map(|w| w.signal(0.99, cfg.min_latency_samples) * 1e3)
                     .fold(0.0, f64::max),
                 pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples) * 1e3,
+                datastore_error_ratio: errors.ratio(cfg.min_latency_samples),
                 write_buffer_fill_ratio: ratio(source.write_buffer()),
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),
                 inbound_queue_fill_ratio: ratio(source.inbound_queue()),
@@ -279,6 +287,7 @@ impl LoadControl {
                     for w in windows.iter_mut().chain(std::iter::once(&mut pool_wait)) {
                         w.len = slots(&new_cfg).max(2);
                     }
+                    errors.len = slots(&new_cfg).max(2);
                 }
                 cfg = new_cfg;
             }

@@ -75,6 +75,36 @@ impl Window {
     }
 }
 
+/// The recent ratio of two counters (failed / all operations) over a sliding window of samples.
+pub(crate) struct RatioWindow {
+    samples: VecDeque<(u64, u64)>,
+    pub(crate) len: usize,
+}
+
+impl RatioWindow {
+    pub(crate) fn new(len: usize) -> Self {
+        Self { samples: VecDeque::new(), len: len.max(2) }
+    }
+
+    /// Record the counters' current totals.
+    pub(crate) fn push(&mut self, part: u64, total: u64) {
+        self.samples.push_back((part, total));
+        while self.samples.len() > self.len {
+            self.samples.pop_front();
+        }
+    }
+
+    /// part / total over the window; 0 with fewer than `min` operations in it.
+    pub(crate) fn ratio(&self, min: u64) -> f64 {
+        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+        let total = new.1.saturating_sub(old.1);
+        if total == 0 || total < min {
+            return 0.0;
+        }
+        new.0.saturating_sub(old.0) as f64 / total as f64
+    }
+}
+
 /// What the controller reads to compute [`Signals`]; the node implements it over its parts.
 pub trait SignalSource: Send + Sync + 'static {
     /// (entries buffered, limit).
@@ -97,6 +127,19 @@ pub fn rss_bytes(pid: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_ratios_follow_recent_operations_and_need_enough_of_them() {
+        let mut w = RatioWindow::new(3);
+        w.push(0, 0);
+        w.push(50, 100); // a bad spell
+        assert_eq!(w.ratio(100), 0.5);
+        assert_eq!(w.ratio(101), 0.0, "too few operations to be a signal");
+        w.push(50, 300);
+        w.push(50, 500); // recovered; the bad spell has left the 3-sample window
+        assert_eq!(w.ratio(100), 0.0);
+        assert_eq!(RatioWindow::new(3).ratio(0), 0.0);
+    }
 
     #[test]
     fn window_quantiles_follow_recent_observations_only() {

@@ -103,6 +103,12 @@ mod tests {
         assert_eq!(decide(Tier::Normal, now, now, &big, &with_peak), Tier::Peak);
         let buffer = Signals { write_buffer_fill_ratio: 0.85, ..Signals::default() };
         assert_eq!(decide(Tier::Normal, now, now, &buffer, &c), Tier::Degrade);
+        let failing = Signals { datastore_error_ratio: 0.2, ..Signals::default() };
+        assert_eq!(
+            decide(Tier::Normal, now, now, &failing, &c),
+            Tier::Degrade,
+            "errors degrade, never refuse"
+        );
         let slow = Signals { pool_wait_p99_ms: 150.0, ..Signals::default() };
         assert_eq!(decide(Tier::Normal, now, now, &slow, &c), Tier::Refuse);
         // rss_mib is disabled (0) by default (and peak has no default trigger at all).
