@@ -2,8 +2,10 @@
 //! HTTP server together, and shuts them down in a fixed order.
 //!
 //! Start order: store (with migrations) → provider manager → heads (bound and listening; each
-//! learns its siblings) → dispatcher → head tasks → HTTP. Shutdown order: stop intake (heads,
-//! dispatcher, stream tasks, HTTP) → wait for those tasks (bounded) → flush every buffered write
+//! learns its siblings) → dispatcher → head tasks → HTTP. Shutdown order: stop intake (new
+//! streams reset, the dispatcher stops) and let stream tasks finish the request they are serving
+//! (idle streams close at once) → wait for them (bounded) → stop heads, HTTP and the rest → wait
+//! for those (bounded) → flush every buffered write
 //! → close the store.
 //!
 //! The node is the only module that knows every subsystem; none of them depends on it. Leasing
@@ -50,6 +52,10 @@ pub struct Node {
     reloader: Reloader,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Stops intake and lets stream tasks finish their current request (first in shutdown).
+    drain: CancellationToken,
+    /// The dispatcher and every stream task, waited for before the heads stop.
+    stream_tasks: TaskTracker,
 }
 
 impl Node {
@@ -81,6 +87,8 @@ impl Node {
         let intake = Intake::new(tx, caps, metrics.kad.clone());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let drain = CancellationToken::new();
+        let stream_tasks = TaskTracker::new();
 
         // Identities: lease them in the datastore, then derive their keys off the async workers.
         let seed = Arc::new(
@@ -158,7 +166,7 @@ impl Node {
             Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),
             cancel.clone(),
         ));
-        tasks.spawn(streams::dispatch(svc, rx, cancel.clone(), tasks.clone()));
+        stream_tasks.spawn(streams::dispatch(svc, rx, drain.clone(), stream_tasks.clone()));
         let bootstrap = !cfg.bootstrap.is_empty();
         if !bootstrap {
             tracing::info!(
@@ -217,6 +225,8 @@ impl Node {
             reloader,
             cancel,
             tasks,
+            drain,
+            stream_tasks,
         })
     }
 
@@ -253,6 +263,13 @@ impl Node {
 
     /// Graceful shutdown: stop intake, wait (bounded) for tasks, flush writes, close the store.
     pub async fn shutdown(self) {
+        // Drain first: the heads keep driving their connections, so replies still get out.
+        self.intake.set_accepting(false);
+        self.drain.cancel();
+        self.stream_tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.stream_tasks.wait()).await.is_err() {
+            tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
+        }
         self.cancel.cancel();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {

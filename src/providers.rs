@@ -16,7 +16,7 @@
 //! `write_buffer_entries`, in steady state about `flush_interval` worth of announcements. A
 //! graceful shutdown flushes everything ([`ProviderManager::shutdown`]). A failed flush is logged
 //! and counted (`hydra_providers_flush_failures_total`); its rows go back to the buffer and are
-//! written again after a backoff (100 ms doubling to 5 s), so a datastore outage loses nothing the
+//! written again after a backoff (100 ms doubling to 2 s), so a datastore outage loses nothing the
 //! buffer can hold; while the buffer is full, new announcements are shed and counted. Records
 //! still buffered when a shutdown finds the datastore down are logged (ERROR) with their count.
 //!
@@ -57,13 +57,13 @@ fn merge<'a>(out: &mut Vec<PeerRecord>, recs: impl Iterator<Item = &'a PeerRecor
     }
 }
 
-/// Exponential backoff between failed flushes: 100 ms, doubling to 5 s; reset by a success.
+/// Exponential backoff between failed flushes: 100 ms, doubling to 2 s; reset by a success.
 #[derive(Default)]
 struct Backoff(std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>);
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(2);
 
     /// A flush failed: the delay before the next attempt.
     fn failed(&self) -> Duration {

@@ -272,3 +272,24 @@ async fn idle_streams_are_reset(backend: Backend) {
     assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "idle_timeout")]), 1.0);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config_on(dir.path(), 1, Backend::Sqlite).await;
+    // One datastore statement per second, so the second lookup waits in the node for ~1 s.
+    cfg.load.datastore_statements_per_second = 1;
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    client.get_providers(heads[0].0, &random_key()).await; // takes the budget's one token
+    let mut s = client.open(heads[0].0).await;
+    let get = wire::encode_request(MessageType::GetProviders, &random_key(), &[]);
+    let in_flight = tokio::spawn(async move { RawClient::request(&mut s, &get).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(node.shutdown());
+    let reply = tokio::time::timeout(WAIT, in_flight).await.expect("answered in time").unwrap();
+    let reply = reply.expect("a request in flight at shutdown is answered, not reset");
+    assert_eq!(reply.r#type, MessageType::GetProviders as i32);
+    tokio::time::timeout(WAIT, stopping).await.expect("shutdown finishes").unwrap();
+}

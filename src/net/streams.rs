@@ -65,30 +65,28 @@ impl Service {
     }
 }
 
-/// Run until cancelled: take queued streams and serve each in a task (bounded by the open-stream
-/// caps the intake applied).
+/// Run until `drain`: take queued streams and serve each in a task (bounded by the open-stream
+/// caps the intake applied). On `drain` every stream task finishes the request it is serving,
+/// if any, and closes its stream; streams still queued are reset.
 pub async fn dispatch(
     svc: Arc<Service>,
     mut queue: mpsc::Receiver<InboundStream>,
-    cancel: CancellationToken,
+    drain: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
         let s = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = drain.cancelled() => return,
             s = queue.recv() => match s { Some(s) => s, None => return },
         };
         if too_late(&svc, &s, &queue) {
             continue;
         }
         let svc = svc.clone();
-        let cancel = cancel.clone();
+        let drain = drain.clone();
         tasks.spawn(async move {
             svc.metrics.active_streams.inc();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = serve_stream(&svc, s) => {}
-            }
+            serve_stream(&svc, s, &drain).await;
             svc.metrics.active_streams.dec();
         });
     }
@@ -107,9 +105,9 @@ fn too_late(svc: &Service, s: &InboundStream, queue: &mpsc::Receiver<InboundStre
     true
 }
 
-/// Serve requests on one stream until EOF, idle timeout, or an error. Dropping a stream that was
-/// not closed resets it.
-async fn serve_stream(svc: &Service, s: InboundStream) {
+/// Serve requests on one stream until EOF, idle timeout, an error, or `drain` (which a request
+/// being served finishes first). Dropping a stream that was not closed resets it.
+async fn serve_stream(svc: &Service, s: InboundStream, drain: &CancellationToken) {
     let InboundStream { head, peer, mut stream, open, queued_at: _ } = s;
     svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
@@ -119,6 +117,10 @@ async fn serve_stream(svc: &Service, s: InboundStream) {
             _ = open.evicted() => {
                 let _ = tokio::time::timeout(l.io_timeout, stream.close()).await;
                 return; // counted as `evicted` by the intake that closed it
+            }
+            _ = drain.cancelled() => {
+                let _ = tokio::time::timeout(l.io_timeout, stream.close()).await;
+                return; // shutting down: idle streams close, busy ones finished their request
             }
             r = tokio::time::timeout(l.stream_idle_timeout, wire::read_length(&mut stream)) => r,
         };
