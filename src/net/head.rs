@@ -18,7 +18,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{connection_limits, identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
 use tokio_util::sync::CancellationToken;
 
-use super::addrs::admit;
+use super::addrs::admitted;
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::routing::{RoutingSnapshot, Siblings};
 use crate::config::{AddressFilter, Config};
@@ -243,7 +243,7 @@ impl StartingHead {
             })) => {
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     let kad = &mut self.swarm.behaviour_mut().kad;
-                    for a in info.listen_addrs.into_iter().filter(|a| admit(self.filter, a)) {
+                    for a in admitted(self.filter, info.listen_addrs) {
                         kad.add_address(&peer_id, a);
                     }
                 }
