@@ -147,6 +147,9 @@ pub struct LimitsSection {
     pub max_streams_per_peer_per_head: usize,
     /// Open inbound kad streams per remote IP address, over all heads and peers.
     pub max_streams_per_ip: usize,
+    /// Inbound connections per remote IP address, over all heads. Past it a new connection is
+    /// refused before its handshake (cheap), counted in `hydra_kad_connections_denied_total`.
+    pub max_connections_per_ip: u32,
     /// Established connections per head.
     pub max_connections_per_head: u32,
     /// An inbound stream with no new request for this long is reset.
@@ -263,6 +266,7 @@ impl Default for LimitsSection {
             max_open_streams: 32_768,
             max_streams_per_peer_per_head: 64,
             max_streams_per_ip: 1024,
+            max_connections_per_ip: 256,
             max_connections_per_head: 2048,
             stream_idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(10),

@@ -88,6 +88,8 @@ pub struct KadMetrics {
     pub active_streams: IntGauge,
     /// Requests holding a request slot now (`limits.max_concurrent_requests`).
     pub requests_in_flight: IntGauge,
+    /// Inbound connections refused at `limits.max_connections_per_ip`.
+    pub connections_denied: IntCounter,
     /// Distinct peers that opened a kad stream (estimate), and its gauge.
     pub unique: Arc<UniquePeers>,
     pub unique_peers: Gauge,
@@ -169,6 +171,14 @@ impl Metrics {
             IntGauge::new(
                 "hydra_kad_active_streams",
                 "Inbound kad streams open now, idle or serving a request",
+            )
+            .unwrap(),
+        );
+        let connections_denied = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_connections_denied_total",
+                "Inbound connections refused because their IP address had limits.max_connections_per_ip",
             )
             .unwrap(),
         );
@@ -391,6 +401,7 @@ impl Metrics {
                 streams,
                 active_streams,
                 requests_in_flight,
+                connections_denied,
                 unique: Arc::new(UniquePeers::default()),
                 unique_peers,
             },

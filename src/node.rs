@@ -84,7 +84,7 @@ impl Node {
             per_ip: cfg.limits.max_streams_per_ip,
             per_process: cfg.limits.max_open_streams,
         };
-        let intake = Intake::new(tx, caps, metrics.kad.clone());
+        let intake = Intake::new(tx, caps, cfg.limits.max_connections_per_ip, metrics.kad.clone());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let drain = CancellationToken::new();

@@ -1,6 +1,7 @@
 //! Open streams cost memory, not worker slots: idle streams never block new ones, a full stream
 //! cap closes its longest-idle stream, a cap full of busy streams refuses, and the per-IP cap
-//! holds for clients on distinct loopback source addresses — over real libp2p connections.
+//! holds for clients on distinct loopback source addresses, and so does the per-IP connection
+//! cap — over real libp2p connections.
 
 mod common;
 
@@ -8,9 +9,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::{head_addrs, metric, Backend, RawClient, WAIT};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use hydra::net::wire::{self, MessageType};
-use libp2p::Stream;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Stream, Swarm};
 
 fn ping() -> Vec<u8> {
     wire::encode_request(MessageType::Ping, &[], &[])
@@ -138,5 +141,53 @@ async fn the_per_ip_cap_holds_across_identities_on_one_address() {
         RawClient::request(s, &ping()).await.expect("another address is not affected");
     }
     RawClient::request(&mut b1, &ping()).await.unwrap();
+    node.shutdown().await;
+}
+
+/// A new identity on `src` dials every head; the swarm once each dial has ended, and how many
+/// connections were established (a refused one fails its handshake).
+async fn dial_from(src: Ipv4Addr, heads: &[(PeerId, Multiaddr)]) -> (Swarm<libp2p_stream::Behaviour>, usize) {
+    let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
+    for (p, a) in heads {
+        swarm.dial(a.clone().with(Protocol::P2p(*p))).unwrap();
+    }
+    let (mut ok, mut ended) = (0, 0);
+    tokio::time::timeout(WAIT, async {
+        while ended < heads.len() {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => (ok, ended) = (ok + 1, ended + 1),
+                SwarmEvent::OutgoingConnectionError { .. } => ended += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("every dial ends");
+    (swarm, ok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_ip_connection_cap_refuses_before_the_handshake_and_frees_on_close() {
+    let (_dir, node) = node_with(|l| l.max_connections_per_ip = 2).await;
+    let heads = head_addrs(&node);
+    let a = Ipv4Addr::new(127, 0, 0, 7);
+    let (held, n) = dial_from(a, &heads).await;
+    assert_eq!(n, 2, "two connections from 127.0.0.7, one per head");
+    let (_refused, n) = dial_from(a, &heads[..1]).await;
+    assert_eq!(n, 0, "a third from the same address is refused, whatever the identity");
+    assert!(metric(&node, "hydra_kad_connections_denied_total", &[]) >= 1.0);
+    let (_other, n) = dial_from(Ipv4Addr::new(127, 0, 0, 8), &heads).await;
+    assert_eq!(n, 2, "another address is not affected");
+    // Closing connections frees the address's places.
+    drop(held);
+    let start = std::time::Instant::now();
+    loop {
+        let (_s, n) = dial_from(a, &heads[..1]).await;
+        if n == 1 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the closed connections never freed their places");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     node.shutdown().await;
 }

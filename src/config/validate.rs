@@ -111,6 +111,7 @@ impl ConfigFile {
         positive("limits.max_open_streams", l.max_open_streams)?;
         positive("limits.max_streams_per_peer_per_head", l.max_streams_per_peer_per_head)?;
         positive("limits.max_streams_per_ip", l.max_streams_per_ip)?;
+        positive("limits.max_connections_per_ip", l.max_connections_per_ip as usize)?;
         positive("limits.max_connections_per_head", l.max_connections_per_head as usize)?;
         positive("limits.max_providers_per_reply", l.max_providers_per_reply)?;
         nonzero_duration("limits.stream_idle_timeout", l.stream_idle_timeout)?;

@@ -11,6 +11,7 @@
 //! go and js peers recognise a DHT server. Accepted streams leave the connection's stream budget
 //! at once, so a burst of requests on one connection is limited only by the queue.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ use tokio::sync::mpsc;
 
 use super::open_streams::{OpenStream, OpenStreams, Refusal, StreamCaps};
 use crate::metrics::{KadMetrics, StreamEvent};
+use crate::sharded::Sharded;
 
 /// The Amino DHT protocol.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/kad/1.0.0");
@@ -47,6 +49,56 @@ pub struct InboundStream {
     pub queued_at: std::time::Instant,
 }
 
+/// Inbound connections per remote IP address over all heads. An entry exists only while its
+/// count is positive, so the map is bounded by the connections themselves.
+pub struct IpConnections {
+    counts: Sharded<HashMap<IpAddr, u32>>,
+    cap: u32,
+}
+
+impl IpConnections {
+    pub fn new(cap: u32) -> Arc<Self> {
+        Arc::new(Self { counts: Sharded::new(16, HashMap::new), cap })
+    }
+
+    fn full(&self, ip: &IpAddr) -> bool {
+        self.counts.lock_for(ip).get(ip).is_some_and(|n| *n >= self.cap)
+    }
+
+    fn try_add(&self, ip: IpAddr) -> bool {
+        let mut shard = self.counts.lock_for(&ip);
+        let n = shard.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn remove(&self, ip: &IpAddr) {
+        let mut shard = self.counts.lock_for(ip);
+        if let Some(n) = shard.get_mut(ip) {
+            *n -= 1;
+            if *n == 0 {
+                shard.remove(ip);
+            }
+        }
+    }
+}
+
+/// Why an inbound connection was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} already has limits.max_connections_per_ip inbound connections")]
+struct IpLimit(IpAddr);
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 /// Shared intake state for all heads: the queue and whether new streams are accepted.
 #[derive(Clone)]
 pub struct Intake {
@@ -54,12 +106,25 @@ pub struct Intake {
     open: Arc<OpenStreams>,
     /// False at the peak load level: new streams are reset at once.
     accepting: Arc<AtomicBool>,
+    /// Inbound connections per remote IP, all heads.
+    ips: Arc<IpConnections>,
     metrics: KadMetrics,
 }
 
 impl Intake {
-    pub fn new(queue: mpsc::Sender<InboundStream>, caps: StreamCaps, metrics: KadMetrics) -> Self {
-        Self { queue, open: OpenStreams::new(caps), accepting: Arc::new(AtomicBool::new(true)), metrics }
+    pub fn new(
+        queue: mpsc::Sender<InboundStream>,
+        caps: StreamCaps,
+        max_connections_per_ip: u32,
+        metrics: KadMetrics,
+    ) -> Self {
+        Self {
+            queue,
+            open: OpenStreams::new(caps),
+            accepting: Arc::new(AtomicBool::new(true)),
+            ips: IpConnections::new(max_connections_per_ip),
+            metrics,
+        }
     }
 
     /// Stop (or resume) accepting new inbound kad streams.
@@ -107,20 +172,22 @@ impl Intake {
 pub struct KadServer {
     head: usize,
     intake: Intake,
+    /// This head's inbound connections counted under the per-IP cap, by connection.
+    inbound: HashMap<ConnectionId, IpAddr>,
 }
 
 impl KadServer {
     pub fn new(head: usize, intake: Intake) -> Self {
-        Self { head, intake }
+        Self { head, intake, inbound: HashMap::new() }
     }
 
     fn handler(&self, peer: PeerId, remote: &Multiaddr) -> Handler {
-        let ip = remote.iter().find_map(|p| match p {
-            Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-            Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-            _ => None,
-        });
-        Handler { head: self.head, peer, ip, intake: self.intake.clone() }
+        Handler { head: self.head, peer, ip: ip_of(remote), intake: self.intake.clone() }
+    }
+
+    fn deny(&self, ip: IpAddr) -> ConnectionDenied {
+        self.intake.metrics.connections_denied.inc();
+        ConnectionDenied::new(IpLimit(ip))
     }
 }
 
@@ -128,13 +195,34 @@ impl NetworkBehaviour for KadServer {
     type ConnectionHandler = Handler;
     type ToSwarm = Infallible;
 
-    fn handle_established_inbound_connection(
+    fn handle_pending_inbound_connection(
         &mut self,
         _: ConnectionId,
+        _local: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        // Refused before the Noise handshake: the cheapest place to turn a connection away.
+        match ip_of(remote) {
+            Some(ip) if self.intake.ips.full(&ip) => Err(self.deny(ip)),
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        id: ConnectionId,
         peer: PeerId,
         _local: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        // This behaviour is the head's last: once it accepts, the connection is established
+        // and its ConnectionClosed will come.
+        if let Some(ip) = ip_of(remote) {
+            if !self.intake.ips.try_add(ip) {
+                return Err(self.deny(ip));
+            }
+            self.inbound.insert(id, ip);
+        }
         Ok(self.handler(peer, remote))
     }
 
@@ -149,7 +237,13 @@ impl NetworkBehaviour for KadServer {
         Ok(self.handler(peer, addr))
     }
 
-    fn on_swarm_event(&mut self, _: FromSwarm) {}
+    fn on_swarm_event(&mut self, ev: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(c) = ev {
+            if let Some(ip) = self.inbound.remove(&c.connection_id) {
+                self.intake.ips.remove(&ip);
+            }
+        }
+    }
 
     fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, ev: THandlerOutEvent<Self>) {
         match ev {}

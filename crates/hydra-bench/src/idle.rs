@@ -2,7 +2,7 @@
 //! client.
 //!
 //! Starts this checkout's `hydra run` (embedded store, loopback), then `--clients` client
-//! identities, each from its own loopback source address (127.0.x.y, as separate hosts), each
+//! identities, each from its own loopback source address (127.x.0.y, as separate hosts), each
 //! opening `--streams-per-head` streams on every head, sending one PING on each and keeping them
 //! open and idle — as go-libp2p-kad-dht clients keep their streams. It prints the node's RSS
 //! before and after, the memory per idle stream, the streams the node holds and closed, and then
@@ -13,13 +13,12 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::{AsyncWriteExt as _, StreamExt as _};
+use futures::AsyncWriteExt as _;
 use hydra::net::wire::{self, MessageType};
 use hydra::net::KAD_PROTOCOL;
-use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Stream};
 
+use crate::load::client::{connect, source};
 use crate::node::{http_get, loopback_run_args, metric_sum, NodeProcess};
 
 pub(crate) struct IdleOpts {
@@ -29,45 +28,12 @@ pub(crate) struct IdleOpts {
     pub probes: usize,
 }
 
-/// A client on `src` connected to every head; its stream control and its swarm's task.
-async fn client(
-    src: Ipv4Addr,
-    heads: &[(PeerId, Multiaddr)],
-) -> anyhow::Result<(libp2p_stream::Control, tokio::task::JoinHandle<()>)> {
-    let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
-    let mut want: std::collections::HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
-    for (p, a) in heads {
-        swarm.dial(a.clone().with(Protocol::P2p(*p)))?;
-    }
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while !want.is_empty() {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
-                want.remove(&peer_id);
-            }
-        }
-    })
-    .await
-    .with_context(|| format!("client {src} did not connect to every head"))?;
-    let control = swarm.behaviour().new_control();
-    let task = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
-    Ok((control, task))
-}
-
 /// Send `body` and read one reply frame.
 async fn request(s: &mut Stream, body: &[u8]) -> anyhow::Result<()> {
     wire::write_frame(s, body).await?;
     let len = wire::read_length(s).await?.context("stream ended")?;
     wire::read_body(s, len).await?;
     Ok(())
-}
-
-/// The `i`-th distinct source address: 127.0.1.1, 127.0.1.2, …
-fn source(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, (1 + i / 250) as u8, 0, (1 + i % 250) as u8)
 }
 
 pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
@@ -95,7 +61,7 @@ pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let mut failed = 0usize;
     for i in 0..o.clients {
-        let (control, task) = client(source(i), &heads).await?;
+        let (_, control, task) = connect(source(i), &heads).await?;
         tasks.push(task);
         let opened = futures::future::join_all(heads.iter().flat_map(|(h, _)| {
             let (control, ping) = (control.clone(), ping.clone());
@@ -138,7 +104,7 @@ pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
     );
 
     // A fresh client from yet another address: FIND_NODE on new streams.
-    let (control, task) = client(Ipv4Addr::new(127, 200, 0, 1), &heads).await?;
+    let (_, control, task) = connect(Ipv4Addr::new(127, 200, 0, 1), &heads).await?;
     tasks.push(task);
     let mut ok = 0usize;
     for p in 0..o.probes {

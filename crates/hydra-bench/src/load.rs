@@ -20,7 +20,7 @@
 //! answered GET_PROVIDERS p99 stays under `--p99-target-ms`, nothing is shed or fails, and the
 //! generator keeps up); then the `--multiples` of C run for `--step-seconds` each.
 
-mod client;
+pub(crate) mod client;
 mod step;
 
 use std::path::PathBuf;
@@ -160,7 +160,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         .collect();
     let mut clients = Vec::with_capacity(o.clients);
     for _ in 0..o.clients {
-        clients.push(client(&heads).await?);
+        clients.push(client(clients.len(), &heads).await?);
     }
     println!("{} clients connected to {} heads", clients.len(), heads.len());
 

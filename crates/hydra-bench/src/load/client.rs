@@ -2,6 +2,7 @@
 //! that sends requests on fresh streams at a fixed arrival rate.
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,44 +25,47 @@ pub(crate) struct Client {
     _task: tokio::task::JoinHandle<()>,
 }
 
-pub(crate) async fn client(heads: &[(PeerId, Multiaddr)]) -> anyhow::Result<Client> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default().nodelay(true),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )?
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
-        .build();
-    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+/// The `i`-th client's source address (127.1.0.1, 127.1.0.2, …): each client its own host, as
+/// the node's per-IP caps expect of separate machines.
+pub(crate) fn source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, (1 + i / 250) as u8, 0, (1 + i % 250) as u8)
+}
+
+/// A new identity on `src` connected to every head; its peer ID, stream control and the task
+/// that drives its swarm.
+pub(crate) async fn connect(
+    src: Ipv4Addr,
+    heads: &[(PeerId, Multiaddr)],
+) -> anyhow::Result<(PeerId, libp2p_stream::Control, tokio::task::JoinHandle<()>)> {
+    let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
     let peer = *swarm.local_peer_id();
-    let mut addr = None;
     let mut want: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
     for (p, a) in heads {
         swarm.dial(a.clone().with(Protocol::P2p(*p)))?;
     }
     tokio::time::timeout(Duration::from_secs(60), async {
-        while !want.is_empty() || addr.is_none() {
-            match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                    want.remove(&peer_id);
-                }
-                SwarmEvent::NewListenAddr { address, .. } => addr = Some(address),
-                _ => {}
+        while !want.is_empty() {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
+                want.remove(&peer_id);
             }
         }
     })
     .await
-    .context("a client did not connect to every head in time")?;
+    .with_context(|| format!("client {src} did not connect to every head in time"))?;
     let control = swarm.behaviour().new_control();
     let task = tokio::spawn(async move {
         loop {
             swarm.select_next_some().await;
         }
     });
-    let record = PeerRecord { peer, addrs: addr.into_iter().collect() };
+    Ok((peer, control, task))
+}
+
+/// Client `i`: its own source address and identity; it announces that address.
+pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::Result<Client> {
+    let src = source(i);
+    let (peer, control, task) = connect(src, heads).await?;
+    let record = PeerRecord { peer, addrs: vec![format!("/ip4/{src}/tcp/4001").parse()?] };
     Ok(Client { control, record, _task: task })
 }
 
