@@ -239,20 +239,23 @@ impl ProviderManager {
     /// Providers of `key` known without asking the datastore: a cached answer merged with this
     /// process's buffered writes. `None` when the cache has no answer and nothing is buffered.
     pub fn get_providers_cached(&self, key: &ProviderKey) -> Option<Vec<PeerRecord>> {
-        let inner = &self.inner;
-        let mut out = inner.buffer.local(key, inner.per_key);
-        let Some(stored) = inner.reads.peek(key) else {
-            return (!out.is_empty()).then_some(out);
-        };
-        merge(&mut out, stored.iter(), inner.per_key);
-        Some(out)
+        self.cached(key, true).or_else(|| {
+            let buffered = self.inner.buffer.local(key, self.inner.per_key);
+            (!buffered.is_empty()).then_some(buffered)
+        })
     }
 
     /// A cached datastore answer for `key` merged with this process's buffered writes: what
-    /// [`Self::get_providers`] would answer without a lookup. `None` on a cache miss.
+    /// [`Self::get_providers`] would answer without a lookup. `None` on a cache miss, which is
+    /// not counted here (the lookup that follows counts it).
     pub fn cached_answer(&self, key: &ProviderKey) -> Option<Vec<PeerRecord>> {
+        self.cached(key, false)
+    }
+
+    /// The cached answer merged with buffered writes; `None` on a cache miss.
+    fn cached(&self, key: &ProviderKey, count_miss: bool) -> Option<Vec<PeerRecord>> {
         let inner = &self.inner;
-        let stored = inner.reads.peek_hit(key)?;
+        let stored = inner.reads.peek(key, count_miss)?;
         let mut out = inner.buffer.local(key, inner.per_key);
         merge(&mut out, stored.iter(), inner.per_key);
         Some(out)

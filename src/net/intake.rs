@@ -138,11 +138,6 @@ impl Intake {
         (max - self.queue.capacity(), max)
     }
 
-    /// Open inbound streams (idle or serving a request), all heads.
-    pub fn open_streams(&self) -> usize {
-        self.open.len()
-    }
-
     fn offer(&self, head: usize, peer: PeerId, ip: Option<IpAddr>, stream: Stream) {
         if !self.accepting.load(Ordering::Relaxed) {
             self.metrics.stream(StreamEvent::Refused);

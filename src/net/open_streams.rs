@@ -74,7 +74,6 @@ pub struct OpenStreams {
     by_ip: Lists<IpAddr>,
     /// Idle streams by (idle since, id), sharded by id.
     idle: Sharded<BTreeMap<(u64, u64), Arc<Entry>>>,
-    evictions: AtomicU64,
 }
 
 /// A registered stream; dropping it unregisters it.
@@ -93,7 +92,6 @@ impl OpenStreams {
             by_peer: Sharded::new(SHARDS, HashMap::new),
             by_ip: Sharded::new(SHARDS, HashMap::new),
             idle: Sharded::new(SHARDS, BTreeMap::new),
-            evictions: AtomicU64::new(0),
         })
     }
 
@@ -104,11 +102,6 @@ impl OpenStreams {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Idle streams closed to make room so far.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
     }
 
     fn now(&self) -> u64 {
@@ -197,7 +190,6 @@ impl OpenStreams {
         }
         self.idle.lock_for(&e.id).remove(&(t, e.id));
         self.uncount(e);
-        self.evictions.fetch_add(1, Ordering::Relaxed);
         e.evicted.cancel();
         true
     }
@@ -319,17 +311,21 @@ mod tests {
     fn ip_and_process_caps_hold_across_peers() {
         let reg = OpenStreams::new(caps(10, 3, 5));
         let ip2 = Some(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)));
-        let mut held = Vec::new();
+        let (mut held, mut evictions) = (Vec::new(), 0);
         for _ in 0..6 {
-            held.push(reg.open(PeerId::random(), 0, IP).unwrap().0);
+            let (s, evicted) = reg.open(PeerId::random(), 0, IP).unwrap();
+            held.push(s);
+            evictions += evicted;
         }
         let by_ip = |ip: IpAddr| reg.by_ip.lock_for(&ip).get(&ip).map_or(0, Vec::len);
         assert_eq!(by_ip(IP.unwrap()), 3, "per-IP cap over distinct peers");
         for _ in 0..4 {
-            held.push(reg.open(PeerId::random(), 1, ip2).unwrap().0);
+            let (s, evicted) = reg.open(PeerId::random(), 1, ip2).unwrap();
+            held.push(s);
+            evictions += evicted;
         }
         assert_eq!(reg.len(), 5, "per-process cap");
-        assert_eq!(reg.evictions(), 3 + 2);
+        assert_eq!(evictions, 3 + 2);
         drop(held);
         assert_eq!(reg.len(), 0);
         assert!(reg.idle.lock(0).is_empty() && reg.by_peer.lock(0).is_empty());

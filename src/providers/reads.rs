@@ -94,7 +94,7 @@ impl Reads {
 
     /// Stored providers of `key`: from the cache, or from one shared, batched lookup.
     pub async fn get(&self, key: &ProviderKey, deadline: Duration) -> Result<Answer, ShedReason> {
-        if let Some(providers) = self.peek(key) {
+        if let Some(providers) = self.peek(key, true) {
             return Ok(Answer { providers, raced: false });
         }
         let (tx, rx) = oneshot::channel();
@@ -124,22 +124,15 @@ impl Reads {
         }
     }
 
-    /// The cached answer for `key`, without a lookup on a miss (counted like any cache lookup).
-    /// A cached answer for `key`, counted only when there is one (the lookup a miss leads to
-    /// counts the miss).
-    pub fn peek_hit(&self, key: &ProviderKey) -> Option<Providers> {
-        let c = self.cache.get(key).filter(|c| c.until > Instant::now())?;
-        let r = if c.providers.is_empty() { CacheResult::NegativeHit } else { CacheResult::Hit };
-        self.metrics.cache.with_label_values(&[r.as_str()]).inc();
-        Some(c.providers)
-    }
-
-    pub fn peek(&self, key: &ProviderKey) -> Option<Providers> {
+    /// The cached answer for `key`, without a lookup on a miss. Counted like any cache lookup,
+    /// except a miss when `!count_miss` (the caller's own lookup will count it).
+    pub fn peek(&self, key: &ProviderKey, count_miss: bool) -> Option<Providers> {
         let c = self.cache.get(key).filter(|c| c.until > Instant::now());
         let r = match &c {
             Some(c) if c.providers.is_empty() => CacheResult::NegativeHit,
             Some(_) => CacheResult::Hit,
-            None => CacheResult::Miss,
+            None if count_miss => CacheResult::Miss,
+            None => return None,
         };
         self.metrics.cache.with_label_values(&[r.as_str()]).inc();
         c.map(|c| c.providers)
