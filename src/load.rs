@@ -3,7 +3,7 @@
 //! Owns the load tier ([`Tier`], computed by [`tier::decide`] in the [`LoadControl`] controller
 //! task from [`Signals`] sampled every `load.sample_interval`), what each tier does
 //! ([`Policy`] — the one table the request path asks), the datastore statement budget
-//! ([`StatementBudget`]), per-peer rate limits ([`peers`]) and reloading `[load]` without a
+//! ([`StatementBudget`]), admission of new streams by rate ([`Admission`]), per-peer rate limits ([`peers`]) and reloading `[load]` without a
 //! restart ([`Reloader`]).
 //!
 //! It reads signals through [`SignalSource`] and the metrics registry; it never calls the
@@ -25,12 +25,17 @@
 //! every signal is below `exit_ratio` × its threshold for that tier *and* the tier has been held
 //! for `min_dwell`, one tier at a time. Hysteresis plus dwell keep it from flapping.
 //!
+//! Under CPU distress (the runtime lag at or above `degrade.runtime_lag_ms`) new inbound streams
+//! are admitted by rate ([`admission`]) and the rest reset in the muxer before negotiation; open
+//! streams keep being served.
+//!
 //! Two rate limits (governor) apply in every tier: a per-process budget of datastore statements
 //! per second (the hard ceiling), which makes flushes and lookups wait — so batches grow and the
 //! buffer and lookup queue fill, which raises the tier — and a per-peer rate of
 //! datastore-touching requests, kept in a map of at most `max_tracked_peers` peers (peers beyond
 //! it share one bucket).
 
+pub mod admission;
 pub mod budget;
 pub mod controller;
 pub mod peers;
@@ -40,8 +45,9 @@ pub mod signals;
 pub mod tier;
 
 pub use crate::types::{PerSignal, Signals, Thresholds, Tier};
+pub use admission::Admission;
 pub use budget::StatementBudget;
 pub use controller::{LatencyPair, LoadControl, Status};
 pub use policy::Policy;
 pub use reload::Reloader;
-pub use signals::{rss_bytes, SignalSource};
+pub use signals::{lag_probe, rss_bytes, SignalSource};

@@ -49,6 +49,11 @@ pub struct LoadMetrics {
     pub budget_wait: Histogram,
     /// `[load]` reloads by result.
     pub reloads: IntCounterVec,
+    /// The lag probe: how much later than due a 5 ms timer's task ran.
+    pub runtime_lag: Histogram,
+    /// New inbound streams admitted per second while admission limits them; -1 while every
+    /// stream is admitted.
+    pub admission_rate: IntGauge,
 }
 
 impl LoadMetrics {
@@ -513,7 +518,27 @@ impl LoadMetrics {
                 .unwrap(),
             ),
             reloads,
+            runtime_lag: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "hydra_runtime_lag_seconds",
+                        "Scheduling delay of the runtime: how much later than due a 5 ms timer's task ran",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
+                )
+                .unwrap(),
+            ),
+            admission_rate: reg(
+                registry,
+                IntGauge::new(
+                    "hydra_load_admission_streams_per_second",
+                    "New inbound kad streams admitted per second while the CPU is short (-1: all admitted)",
+                )
+                .unwrap(),
+            ),
         };
+        m.admission_rate.set(-1);
         m.set_thresholds(&LoadSection::default());
         m
     }

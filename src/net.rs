@@ -1,7 +1,8 @@
 //! The network side: heads (one libp2p swarm each), the inbound `/ipfs/kad/1.0.0` intake, the
 //! stream tasks that serve requests, the wire format and the routing snapshots.
 //!
-//! Request path, in module order: [`head`] (a swarm task: listeners, identify → kad, snapshot
+//! Request path, in module order: [`admit`] (the muxer resets new inbound streams the admission
+//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → kad, snapshot
 //! publishing) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
 //! queue) → [`streams`] (dispatcher and per-stream loop with deadlines) → [`requests`] (one
 //! request, by the load tier's policy) → [`routing`] (closer peers from a snapshot) or the
@@ -13,6 +14,7 @@
 //! [`crate::providers::ProviderManager`] only; admission asks [`crate::load`].
 
 pub mod addrs;
+pub mod admit;
 pub mod head;
 pub mod intake;
 pub mod open_streams;

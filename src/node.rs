@@ -84,7 +84,8 @@ impl Node {
             per_ip: cfg.limits.max_streams_per_ip,
             per_process: cfg.limits.max_open_streams,
         };
-        let intake = Intake::new(tx, caps, cfg.limits.max_connections_per_ip, metrics.kad.clone());
+        let intake =
+            Intake::new(tx, caps, cfg.limits.max_connections_per_ip, load.admission(), metrics.kad.clone());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let drain = CancellationToken::new();
@@ -161,6 +162,7 @@ impl Node {
             let intake = intake.clone();
             move |tier| intake.set_accepting(Policy::of(tier).new_streams)
         });
+        tasks.spawn(crate::load::lag_probe(metrics.load.runtime_lag.clone(), cancel.clone()));
         tasks.spawn(load.clone().run(
             metrics.datastore.clone(),
             Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),

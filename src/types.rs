@@ -171,6 +171,10 @@ pub struct PerSignal {
     pub inbound_queue_fill_ratio: f64,
     /// Resident memory of the process, MiB.
     pub rss_mib: f64,
+    /// Mean scheduling delay of the runtime over the last second, ms: how much later than due a
+    /// 5 ms timer's task ran (the lag probe). Every task — stream, timer, flush — waits this long
+    /// for a CPU; it grows when the node's CPU (or its quota) is saturated.
+    pub runtime_lag_ms: f64,
 }
 
 /// Thresholds at which a tier is entered.
@@ -189,11 +193,12 @@ impl PerSignal {
             reads_in_flight_ratio: 0.0,
             inbound_queue_fill_ratio: 0.0,
             rss_mib: 0.0,
+            runtime_lag_ms: 0.0,
         }
     }
 
     /// (signal name, value), in a fixed order (metric label values and status keys).
-    pub fn values(&self) -> [(&'static str, f64); 7] {
+    pub fn values(&self) -> [(&'static str, f64); 8] {
         [
             ("datastore_p99_ms", self.datastore_p99_ms),
             ("pool_wait_p99_ms", self.pool_wait_p99_ms),
@@ -202,6 +207,7 @@ impl PerSignal {
             ("reads_in_flight_ratio", self.reads_in_flight_ratio),
             ("inbound_queue_fill_ratio", self.inbound_queue_fill_ratio),
             ("rss_mib", self.rss_mib),
+            ("runtime_lag_ms", self.runtime_lag_ms),
         ]
     }
 

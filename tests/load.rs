@@ -274,3 +274,112 @@ async fn per_peer_limits_apply_only_under_contention_and_cached_answers_are_free
     assert_eq!(shed(&node, "degrade", "peer_rate"), before, "one peer's excess does not limit another");
     node.shutdown().await;
 }
+
+/// Wait until the node's admission gate shows `want` (None: every stream admitted).
+async fn admission_becomes(node: &hydra::Node, want: Option<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = node.load().status().and_then(|s| s.admission_streams_per_second);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "admission is {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// CPU distress, pinned (`load.force_admission_per_second`): new streams are reset at once,
+/// streams opened before keep serving FIND_NODE, and a small rate admits a few of a burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_resets_new_streams_while_open_streams_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 1, Backend::Sqlite, Tier::Normal).await;
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads).await;
+    let ping = wire::encode_request(MessageType::Ping, &[], &[]);
+    let mut open = client.open(heads[0].0).await;
+    RawClient::request(&mut open, &ping).await.unwrap();
+
+    let file = dir.path().join("hydra.toml");
+    let pinned = |rate| LoadSection {
+        force_admission_per_second: Some(rate),
+        ..node.load().config().as_ref().clone()
+    };
+    write_load(&file, &pinned(0));
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, Some(0)).await;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        assert!(client.try_request(heads[0].0, &ping).await.is_none(), "a new stream is refused");
+        // A reset, not a silent drop: the client learns long before its own 10 s timeout.
+        assert!(asked.elapsed() < Duration::from_secs(2), "refused after {:?}", asked.elapsed());
+    }
+    assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "admission")]), 5.0);
+    let reply =
+        RawClient::request(&mut open, &wire::encode_request(MessageType::FindNode, b"k", &[])).await.unwrap();
+    assert_eq!(reply.r#type, MessageType::FindNode as i32, "the open stream is still served");
+
+    // 5 streams/s (a burst of one): of 20 new streams at once, few are admitted, not none.
+    write_load(&file, &pinned(5));
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, Some(5)).await;
+    let before = metric(&node, "hydra_kad_streams_total", &[("event", "admission")]);
+    let tries = futures::future::join_all(
+        (0..20).map(|_| async { client.try_request(heads[0].0, &ping).await.is_some() }),
+    )
+    .await;
+    let served = tries.iter().filter(|ok| **ok).count();
+    assert!((1..=5).contains(&served), "{served} of 20 admitted at 5/s");
+    let refused = metric(&node, "hydra_kad_streams_total", &[("event", "admission")]) - before;
+    assert_eq!(refused as usize, 20 - served);
+
+    // Unpinned and not short of CPU: every stream admitted again.
+    write_load(&file, &LoadSection { force_admission_per_second: None, ..pinned(0) });
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, None).await;
+    let mut fresh = client.open(heads[0].0).await;
+    RawClient::request(&mut fresh, &ping).await.unwrap();
+    node.shutdown().await;
+}
+
+/// The real signal: the node runs in this test's runtime, so tasks that hold both workers
+/// (blocking sleeps) delay every other task as a saturated CPU would. The lag probe sees it,
+/// admission starts limiting new streams, and opens again once the workers are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_lag_starts_admission_by_rate_and_its_end_opens_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config_on(dir.path(), 1, Backend::Sqlite).await;
+    // Computed, not forced: the tier and admission follow the signals in this test.
+    cfg.load.force_tier = None;
+    cfg.load.degrade.runtime_lag_ms = hydra::config::LoadSection::default().degrade.runtime_lag_ms;
+    let node = hydra::Node::start(cfg).await.expect("node starts");
+    let hog = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let hog = hog.clone();
+            tokio::spawn(async move {
+                while hog.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(40)); // holds a worker
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let limited = loop {
+        if let Some(r) = node.load().status().and_then(|s| s.admission_streams_per_second) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "admission never limited under a 40 ms lag");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(limited >= node.load().config().admission_min_streams_per_second, "never below the floor");
+    let lag = metric(&node, "hydra_load_signal", &[("signal", "runtime_lag_ms")]);
+    assert!(lag >= 20.0, "lag signal {lag} ms");
+    hog.store(false, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.await.unwrap();
+    }
+    admission_becomes(&node, None).await;
+    node.shutdown().await;
+}

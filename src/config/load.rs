@@ -58,6 +58,14 @@ pub struct LoadSection {
     /// served late; this bounds queueing delay whatever the offered load.
     #[serde(with = "humantime_serde")]
     pub stream_queue_max_wait: Duration,
+    /// While the runtime lag is at or above `degrade.runtime_lag_ms` (the CPU is short), new
+    /// inbound streams are admitted by rate — the rate found by additive increase, multiplicative
+    /// decrease on the lag — and the rest reset at once; never fewer than this many per second.
+    pub admission_min_streams_per_second: u32,
+    /// Pin the admitted rate of new inbound streams (streams/s; 0 resets every new stream)
+    /// instead of computing it: for drills and measurements. Absent: computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_admission_per_second: Option<u32>,
     /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
     pub degrade: Thresholds,
     pub refuse: Thresholds,
@@ -82,6 +90,8 @@ impl Default for LoadSection {
             max_tracked_peers: 100_000,
             degrade_skip_refresh_if_remaining: Duration::from_secs(24 * 3600),
             stream_queue_max_wait: Duration::from_millis(25),
+            admission_min_streams_per_second: 100,
+            force_admission_per_second: None,
             degrade,
             refuse,
             peak,
@@ -155,6 +165,10 @@ pub fn default_thresholds() -> [Thresholds; 3] {
             // refuse: failed writes stay buffered and are retried, refused ones would be lost.
             datastore_error_ratio: 0.05,
             rss_mib: 0.0,
+            // The CPU is short: every task waits this long (mean) for a worker. Also where
+            // admission by rate starts (`admission_min_streams_per_second`). Not a reason to
+            // refuse: answering with less costs the CPU about as much as a real answer.
+            runtime_lag_ms: 20.0,
         },
         // refuse: the datastore itself is in distress (latency, pool wait). Not on the bounded
         // queues (write buffer, lookups, intake): each sheds its own excess and keeps serving up

@@ -13,10 +13,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{Admission, RateControl, RateInput};
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
-use super::signals::{rss_bytes, RatioWindow, SignalSource, Window};
+use super::signals::{rss_bytes, LagWindow, RatioWindow, SignalSource, Window};
 use super::tier::decide;
 use crate::config::LoadSection;
 use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
@@ -38,6 +39,9 @@ pub struct Status {
     pub statement_budget_per_second: u32,
     /// Processes with live head leases on this datastore, as last counted (1 until counted).
     pub fleet_processes: u32,
+    /// New inbound streams admitted per second while the CPU is short (absent: all admitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission_streams_per_second: Option<u32>,
     pub load: LoadSection,
 }
 
@@ -63,6 +67,8 @@ pub struct LoadControl {
     cfg: ArcSwap<LoadSection>,
     peers: ArcSwapOption<PeerLimiter>,
     budget: Arc<StatementBudget>,
+    /// The gate of new inbound streams, set by the controller from the runtime lag.
+    admission: Arc<Admission>,
     /// Processes sharing the datastore's fleet budget (live lease holders; 1 until counted).
     fleet_processes: AtomicU32,
     /// The controller's last sample; [`Self::status`] adds the live tier and settings.
@@ -79,6 +85,7 @@ impl LoadControl {
             cfg: ArcSwap::from_pointee(cfg.clone()),
             peers: ArcSwapOption::empty(),
             budget,
+            admission: Arc::new(Admission::default()),
             fleet_processes: AtomicU32::new(1),
             sample: ArcSwap::from_pointee(None),
             metrics,
@@ -91,6 +98,11 @@ impl LoadControl {
     /// The current tier.
     pub fn tier(&self) -> Tier {
         Tier::from_u8(self.tier.load(Ordering::Relaxed))
+    }
+
+    /// The gate of new inbound streams (the intake asks it once per stream).
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
     }
 
     pub fn config(&self) -> Arc<LoadSection> {
@@ -222,8 +234,49 @@ impl LoadControl {
             datastore_latency_ms: latency.clone(),
             statement_budget_per_second: self.budget_for(&load),
             fleet_processes: self.fleet_processes.load(Ordering::Relaxed),
+            admission_streams_per_second: self.admission.limit(),
             load,
         })
+    }
+
+    /// Set the admitted rate of new streams from this sample (or the forced rate).
+    fn admit(
+        &self,
+        rate: &mut RateControl,
+        last: &mut (Instant, (u64, u64)),
+        s: &Signals,
+        cfg: &LoadSection,
+    ) {
+        let now = Instant::now();
+        let (offered, admitted) = self.admission.counts();
+        let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let per_s = |n: u64, before: u64| n.saturating_sub(before) as f64 / secs;
+        let input = RateInput {
+            lag_ms: s.runtime_lag_ms,
+            target_ms: cfg.degrade.runtime_lag_ms,
+            exit_ratio: cfg.exit_ratio,
+            offered_per_s: per_s(offered, last.1 .0),
+            admitted_per_s: per_s(admitted, last.1 .1),
+            floor: f64::from(cfg.admission_min_streams_per_second),
+        };
+        *last = (now, (offered, admitted));
+        let limit = match cfg.force_admission_per_second {
+            Some(r) => {
+                *rate = RateControl::default(); // computed afresh once unpinned
+                Some(r)
+            }
+            None => rate.step(&input),
+        };
+        match (self.admission.limit(), limit) {
+            (None, Some(r)) => tracing::warn!(
+                lag_ms = s.runtime_lag_ms,
+                "CPU short: new inbound streams admitted at {r}/s, the rest reset"
+            ),
+            (Some(_), None) => tracing::info!("admission open: every new inbound stream admitted"),
+            _ => {}
+        }
+        self.admission.set(limit);
+        self.metrics.admission_rate.set(limit.map(i64::from).unwrap_or(-1));
     }
 
     /// The controller: sample, decide, publish, until cancelled.
@@ -241,6 +294,11 @@ impl LoadControl {
         let mut windows: Vec<Window> = LATENCY_OPS.iter().map(|_| Window::new(slots(&cfg))).collect();
         let mut pool_wait = Window::new(slots(&cfg));
         let mut errors = RatioWindow::new(slots(&cfg));
+        // The lag signal reacts within a second: CPU overload builds up in seconds, not windows.
+        let lag_slots = |c: &LoadSection| (1.0 / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
+        let mut lag = LagWindow::new(lag_slots(&cfg));
+        let mut rate = RateControl::default();
+        let mut streams = (Instant::now(), self.admission.counts());
         let mut since = Instant::now();
         let mut last = self.tier();
         let mut last_prune = Instant::now();
@@ -255,6 +313,7 @@ impl LoadControl {
                 hot.iter().map(|op| datastore.errors.with_label_values(&[op]).get()).sum(),
                 hot.iter().map(|op| datastore.duration.with_label_values(&[op]).get_sample_count()).sum(),
             );
+            lag.push(self.metrics.runtime_lag.get_sample_count());
             let latency: HashMap<&'static str, LatencyPair> = windows
                 .iter()
                 .zip(LATENCY_OPS)
@@ -276,6 +335,7 @@ impl LoadControl {
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),
                 inbound_queue_fill_ratio: ratio(source.inbound_queue()),
                 rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
+                runtime_lag_ms: lag.mean_lag_ms(),
             };
             let now = Instant::now();
             // The tier first, then the settings: a reload stores its settings before its tier,
@@ -288,6 +348,7 @@ impl LoadControl {
                         w.len = slots(&new_cfg).max(2);
                     }
                     errors.len = slots(&new_cfg).max(2);
+                    lag.len = lag_slots(&new_cfg).max(2);
                 }
                 cfg = new_cfg;
             }
@@ -300,6 +361,7 @@ impl LoadControl {
                 since = now;
             }
             last = next;
+            self.admit(&mut rate, &mut streams, &s, &cfg);
             self.metrics.set_signals(&s);
             if let Some(p) = &*self.peers.load() {
                 if now.duration_since(last_prune) >= Duration::from_secs(10) || p.store.is_full() {

@@ -115,6 +115,65 @@ pub trait SignalSource: Send + Sync + 'static {
     fn inbound_queue(&self) -> (usize, usize);
 }
 
+/// How often the lag probe's timer is set, and for how long.
+pub const LAG_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The lag probe: a timer due every [`LAG_PROBE_PERIOD`], observing how much later than due its
+/// task ran — the time any task of the runtime waits for a worker (and for the timer wheel) right
+/// now. Runs until `cancel`.
+pub async fn lag_probe(lag: prometheus::Histogram, cancel: tokio_util::sync::CancellationToken) {
+    loop {
+        let due = tokio::time::Instant::now() + LAG_PROBE_PERIOD;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        lag.observe(tokio::time::Instant::now().saturating_duration_since(due).as_secs_f64());
+    }
+}
+
+/// The lag probe's recent mean delay, from how many probes completed over a sliding window of
+/// samples: the probe is sequential, so over a span of `t` with `n` probes each took `t / n`, of
+/// which [`LAG_PROBE_PERIOD`] was the timer and the rest lag. Unlike a mean of the observed
+/// delays this also counts the probe still waiting, so a runtime too starved to run the probe
+/// at all shows as the whole span, not as no signal.
+pub(crate) struct LagWindow {
+    samples: VecDeque<(std::time::Instant, u64)>,
+    pub(crate) len: usize,
+}
+
+impl LagWindow {
+    pub(crate) fn new(len: usize) -> Self {
+        Self { samples: VecDeque::new(), len: len.max(2) }
+    }
+
+    /// Record the probe count now.
+    pub(crate) fn push(&mut self, probes: u64) {
+        self.push_at(std::time::Instant::now(), probes);
+    }
+
+    pub(crate) fn push_at(&mut self, at: std::time::Instant, probes: u64) {
+        self.samples.push_back((at, probes));
+        while self.samples.len() > self.len {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Mean lag per probe over the window, ms (0 until the window spans two samples).
+    pub(crate) fn mean_lag_ms(&self) -> f64 {
+        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+        let span = new.0.saturating_duration_since(old.0).as_secs_f64();
+        if span <= 0.0 {
+            return 0.0;
+        }
+        let n = new.1.saturating_sub(old.1);
+        if n == 0 {
+            return span * 1e3;
+        }
+        ((span / n as f64 - LAG_PROBE_PERIOD.as_secs_f64()) * 1e3).max(0.0)
+    }
+}
+
 /// Resident set size of process `pid` ("self" for this one), from /proc (Linux only).
 pub fn rss_bytes(pid: &str) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
@@ -127,6 +186,23 @@ pub fn rss_bytes(pid: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_is_the_time_per_probe_beyond_its_period() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut w = LagWindow::new(3);
+        assert_eq!(w.mean_lag_ms(), 0.0);
+        w.push_at(at(0), 0);
+        w.push_at(at(1000), 200); // 5 ms per probe: no lag
+        assert!(w.mean_lag_ms() < 1e-9);
+        w.push_at(at(2000), 240); // 2 s, 240 probes: 8.33 ms each, 3.33 ms of lag
+        assert!((w.mean_lag_ms() - 3.333).abs() < 0.01, "{}", w.mean_lag_ms());
+        w.push_at(at(3000), 240); // no probe ran in the last 2 s of the window
+        assert!((w.mean_lag_ms() - 45.0).abs() < 0.01, "{}", w.mean_lag_ms()); // 2000/40 - 5
+        w.push_at(at(4000), 240);
+        assert_eq!(w.mean_lag_ms(), 2000.0, "a starved probe is the whole span");
+    }
 
     #[test]
     fn error_ratios_follow_recent_operations_and_need_enough_of_them() {

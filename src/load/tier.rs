@@ -17,11 +17,19 @@ pub fn decide(cur: Tier, since: Instant, now: Instant, s: &Signals, cfg: &LoadSe
         Tier::Refuse => Some(&cfg.refuse),
         Tier::Peak => Some(&cfg.peak),
     };
+    // While the CPU is short, datastore latency as the node times it includes the wait for a
+    // worker: it is the node's latency, not the datastore's, and refusing datastore work would
+    // not free the CPU (answering with less costs about as much; admission by rate is what
+    // helps, and the statement budget still caps the datastore). Latency then only degrades.
+    let lag = cfg.degrade.runtime_lag_ms;
+    let cpu_short = lag > 0.0 && s.runtime_lag_ms >= lag * cfg.exit_ratio;
+    let cpu_bound = Signals { datastore_p99_ms: 0.0, pool_wait_p99_ms: 0.0, ..*s };
+    let signals = |t: Tier| if cpu_short && t >= Tier::Refuse { &cpu_bound } else { s };
     let highest = |factor: f64| {
         Tier::ALL
             .into_iter()
             .rev()
-            .find(|t| thresholds(*t).is_none_or(|th| th.reached(s, factor)))
+            .find(|t| thresholds(*t).is_none_or(|th| th.reached(signals(*t), factor)))
             .unwrap_or(Tier::Normal)
     };
     let up = highest(1.0);
@@ -114,6 +122,16 @@ mod tests {
         // rss_mib is disabled (0) by default (and peak has no default trigger at all).
         let rss = Signals { rss_mib: 1e9, ..Signals::default() };
         assert_eq!(decide(Tier::Normal, now, now, &rss, &c), Tier::Normal);
+        // A slow-looking datastore while the runtime lags is the node's own latency: degrade,
+        // not refuse.
+        let starved = Signals { datastore_p99_ms: 400.0, runtime_lag_ms: 30.0, ..Signals::default() };
+        assert_eq!(decide(Tier::Normal, now, now, &starved, &c), Tier::Degrade);
+        let lagging = Signals { runtime_lag_ms: 25.0, ..Signals::default() };
+        assert_eq!(
+            decide(Tier::Normal, now, now, &lagging, &c),
+            Tier::Degrade,
+            "lag degrades, never refuses"
+        );
         let forced = LoadSection { force_tier: Some(Tier::Refuse), ..c };
         assert_eq!(decide(Tier::Normal, now, now, &Signals::default(), &forced), Tier::Refuse);
     }

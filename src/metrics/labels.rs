@@ -41,6 +41,9 @@ pub enum StreamEvent {
     Closed,
     /// Refused at the handler because the load tier is `peak`.
     Refused,
+    /// Reset at the handler by admission: the CPU is short and new streams are admitted at the
+    /// rate the node can serve (`hydra_load_admission_streams_per_second`).
+    Admission,
     /// Waited in the queue longer than `load.stream_queue_max_wait`: reset, not served late.
     QueueWait,
     /// Reset after the idle timeout.
@@ -52,13 +55,14 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 11] = [
+    pub const ALL: [StreamEvent; 12] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
         StreamEvent::PeerLimit,
         StreamEvent::Evicted,
         StreamEvent::SlotWait,
         StreamEvent::Refused,
+        StreamEvent::Admission,
         StreamEvent::QueueWait,
         StreamEvent::Closed,
         StreamEvent::IdleTimeout,
@@ -73,6 +77,7 @@ impl StreamEvent {
             StreamEvent::Evicted => "evicted",
             StreamEvent::SlotWait => "slot_wait",
             StreamEvent::Refused => "refused",
+            StreamEvent::Admission => "admission",
             StreamEvent::QueueWait => "queue_wait",
             StreamEvent::Closed => "closed",
             StreamEvent::IdleTimeout => "idle_timeout",

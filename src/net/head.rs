@@ -19,6 +19,7 @@ use libp2p::{connection_limits, identify, kad, noise, ping, tcp, yamux, Multiadd
 use tokio_util::sync::CancellationToken;
 
 use super::addrs::admitted;
+use super::admit::Admitting;
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::routing::{RoutingSnapshot, Siblings};
 use crate::config::{AddressFilter, Config};
@@ -71,9 +72,14 @@ pub async fn bind(
 ) -> anyhow::Result<StartingHead> {
     let peer_id = keypair.public().to_peer_id();
     let max_conns = cfg.limits.max_connections_per_head;
+    // New inbound streams pass the admission gate in the muxer, before any negotiation.
+    let mux = {
+        let gate = intake.gatekeeper();
+        move || Admitting::new(yamux::Config::default(), gate)
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, mux)
         .context("set up TCP transport")?
         .with_quic()
         // Resolves /dns* and /dnsaddr addresses (bootstrap presets) only when dialing them.

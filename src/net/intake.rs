@@ -29,7 +29,9 @@ use libp2p::swarm::{
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
+use super::admit::Gatekeeper;
 use super::open_streams::{OpenStream, OpenStreams, Refusal, StreamCaps};
+use crate::load::Admission;
 use crate::metrics::{KadMetrics, StreamEvent};
 use crate::sharded::Sharded;
 
@@ -108,6 +110,8 @@ pub struct Intake {
     accepting: Arc<AtomicBool>,
     /// Inbound connections per remote IP, all heads.
     ips: Arc<IpConnections>,
+    /// New streams admitted by rate while the CPU is short (asked by the muxers, [`super::admit`]).
+    admission: Arc<Admission>,
     metrics: KadMetrics,
 }
 
@@ -116,6 +120,7 @@ impl Intake {
         queue: mpsc::Sender<InboundStream>,
         caps: StreamCaps,
         max_connections_per_ip: u32,
+        admission: Arc<Admission>,
         metrics: KadMetrics,
     ) -> Self {
         Self {
@@ -123,6 +128,7 @@ impl Intake {
             open: OpenStreams::new(caps),
             accepting: Arc::new(AtomicBool::new(true)),
             ips: IpConnections::new(max_connections_per_ip),
+            admission,
             metrics,
         }
     }
@@ -130,6 +136,11 @@ impl Intake {
     /// Stop (or resume) accepting new inbound kad streams.
     pub fn set_accepting(&self, yes: bool) {
         self.accepting.store(yes, Ordering::Relaxed);
+    }
+
+    /// What the heads' stream muxers admit new inbound streams with.
+    pub fn gatekeeper(&self) -> Gatekeeper {
+        Gatekeeper { admission: self.admission.clone(), metrics: self.metrics.clone() }
     }
 
     /// (streams queued, queue capacity).

@@ -51,8 +51,11 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     // Functional tests must not depend on how busy the machine is: deadline sheds are a load
     // behaviour, tested where load is the subject.
     f.providers.read_deadline = Duration::from_secs(10);
-    // Likewise tiers and per-peer limits: pinned to normal and off, except in tests/load.rs.
+    // Likewise tiers, admission by rate (the runtime lag of a test binary running many nodes
+    // at once on a shared machine) and per-peer limits: pinned to normal and off, except in
+    // tests/load.rs.
     f.load.force_tier = Some(hydra::load::Tier::Normal);
+    f.load.degrade.runtime_lag_ms = 0.0;
     f.load.per_peer_requests_per_second = 0;
     f.load.stream_queue_max_wait = Duration::from_secs(10);
     f.validate().expect("test config is valid")
@@ -357,11 +360,20 @@ impl RawClient {
     }
 
     pub async fn open(&self, peer: PeerId) -> Stream {
+        self.try_open(peer).await.expect("open kad stream")
+    }
+
+    /// Open a kad stream; Err if the node refused it (a reset before negotiation completed).
+    pub async fn try_open(&self, peer: PeerId) -> Result<Stream, libp2p_stream::OpenStreamError> {
         let mut c = self.control.clone();
-        tokio::time::timeout(WAIT, c.open_stream(peer, KAD_PROTOCOL))
-            .await
-            .expect("open stream in time")
-            .expect("open kad stream")
+        tokio::time::timeout(WAIT, c.open_stream(peer, KAD_PROTOCOL)).await.expect("open stream in time")
+    }
+
+    /// Open a stream and send one request on it: the reply, or None if the node refused the
+    /// stream (at opening or before replying).
+    pub async fn try_request(&self, peer: PeerId, body: &[u8]) -> Option<PbMessage> {
+        let mut s = self.try_open(peer).await.ok()?;
+        Self::request(&mut s, body).await.ok()
     }
 
     /// Send one request on a stream and read the reply.

@@ -9,16 +9,21 @@
 //! so queueing in the generator counts too. Every request opens a new stream, as rust-libp2p and
 //! js-libp2p clients do.
 //!
-//! Per step it prints offered and sent rate, goodput (requests the node counted `ok`, from its
-//! `/metrics`), sheds (the node's `hydra_load_shed_total` plus refused and dropped streams),
-//! client-side failures, latency p50/p99 of answered requests and p99 of answered GET_PROVIDERS,
+//! Per step it prints offered and sent rate, **goodput counted at the client** — full answers
+//! (GET_PROVIDERS of a preloaded key with providers, FIND_NODE with closer peers) received within
+//! 1 s of their due time, plus ADD_PROVIDERs sent within 1 s × the share of a sample of them found
+//! by another client after the step — beside what the node counted `ok`; FIND_NODE answered in
+//! full / sent; sheds (the node's `hydra_load_shed_total` plus refused, admission-reset and
+//! dropped streams); requests the node refused (reset, or closed without a reply) and how long
+//! they took to learn it (p99 from the due time); client-side timeouts;
+//! latency p50/p99 of answered requests and p99 of answered GET_PROVIDERS,
 //! the highest and final tier, node RSS (max of 1 s samples), node CPU per 1,000 requests, and
 //! PostgreSQL transactions per second for the node's database (`pg_stat_database`; every
 //! statement the node issues is its own transaction).
 //!
 //! Capacity C is searched first (rates × 1.5 from `--start-rate` in short steps, while the
-//! answered GET_PROVIDERS p99 stays under `--p99-target-ms`, nothing is shed or fails, and the
-//! generator keeps up); then the `--multiples` of C run for `--step-seconds` each.
+//! answered GET_PROVIDERS p99 stays under `--p99-target-ms`, client goodput is ≥ 95 % of the
+//! rate, nothing is shed, refused or fails, and the generator keeps up); then the `--multiples` of C run for `--step-seconds` each.
 
 pub(crate) mod client;
 mod step;
@@ -176,10 +181,11 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         max_in_flight: o.max_in_flight,
     });
     futures::stream::iter(preloaded.iter().cloned())
-        .for_each_concurrent(128, |k| {
+        // Gently (32 at once): a shed announcement here would read as a false "no providers" later.
+        .for_each_concurrent(32, |k| {
             let ctx = ctx.clone();
             async move {
-                let _ = tokio::time::timeout(ctx.timeout, request(&ctx, Op::Add, k)).await;
+                let _ = tokio::time::timeout(ctx.timeout, request(&ctx, Op::Add, &k)).await;
             }
         })
         .await;
@@ -213,7 +219,11 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         rates = o.multiples.iter().map(|m| (format!("{m}C"), m * c)).collect();
     }
     if rates.is_empty() {
-        println!("searching capacity: steps of {:?}, rate × 1.5 from {}/s while get p99 ≤ {:?}, nothing shed or failed", o.search_step, o.start_rate, o.p99_target);
+        println!(
+            "searching capacity: steps of {:?}, rate × 1.5 from {}/s while get p99 ≤ {:?}, goodput ≥ 95 % \
+             of the rate, nothing shed, refused or failed",
+            o.search_step, o.start_rate, o.p99_target
+        );
         println!("{}", Step::header());
         let mut rate = o.start_rate;
         let mut capacity = None;
@@ -225,6 +235,8 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
                 && st.failed == 0
                 && st.dropped == 0
                 && st.shed < 0.005 * rate
+                && st.rejected < 0.005 * rate
+                && st.goodput >= 0.95 * rate
                 && st.sent >= 0.95 * rate;
             if !pass {
                 break;

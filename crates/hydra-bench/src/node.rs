@@ -107,15 +107,16 @@ impl NodeProcess {
         let log = tier_log.clone();
         let drain = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if !line.contains("load tier") {
+                if !["load tier", "CPU short", "admission open"].iter().any(|m| line.contains(m)) {
                     continue;
                 }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     let f = &v["fields"];
                     let entry = format!(
-                        "{} {}",
+                        "{} {}{}",
                         f["message"].as_str().unwrap_or(""),
-                        f["signals"].as_str().unwrap_or("")
+                        f["signals"].as_str().unwrap_or(""),
+                        f["lag_ms"].as_f64().map(|l| format!("lag {l:.1} ms")).unwrap_or_default()
                     );
                     log.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
                 }

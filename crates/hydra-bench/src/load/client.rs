@@ -81,12 +81,31 @@ pub(crate) struct Tally {
     pub(crate) sent: AtomicU64,
     /// Not sent: the generator's own in-flight bound was reached.
     pub(crate) dropped: AtomicU64,
+    /// No answer and no error within the request timeout.
     pub(crate) failed: AtomicU64,
+    /// Refused by the node: the stream was reset or closed without a reply.
+    pub(crate) rejected: AtomicU64,
     pub(crate) answered: AtomicU64,
+    /// Full answers within [`GOOD_WITHIN`] of the due time (GET_PROVIDERS of a known key with
+    /// providers, FIND_NODE with closer peers; ADD_PROVIDER written and closed — whether it was
+    /// kept is checked after the step on a sample, [`Tally::add_sample`]).
+    pub(crate) good: AtomicU64,
+    pub(crate) good_adds: AtomicU64,
+    pub(crate) good_finds: AtomicU64,
+    pub(crate) finds_sent: AtomicU64,
     /// Answered request latencies (µs from the due time): all, and GET_PROVIDERS only.
     pub(crate) latency: Mutex<Vec<u32>>,
     pub(crate) get_latency: Mutex<Vec<u32>>,
+    /// How long a refused request took to learn it (µs from the due time).
+    pub(crate) reject_latency: Mutex<Vec<u32>>,
+    /// Keys of new records announced in time, a sample checked for after the step.
+    pub(crate) add_sample: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Goodput counts answers that arrive within this long of their due time.
+pub(crate) const GOOD_WITHIN: Duration = Duration::from_secs(1);
+/// New-record announcements kept per step to check they were stored.
+const ADD_SAMPLE: usize = 300;
 
 pub(crate) struct Ctx {
     pub(crate) heads: Vec<(PeerId, Multiaddr)>,
@@ -99,7 +118,7 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    fn pick(&self) -> (Op, Vec<u8>) {
+    fn pick(&self) -> (Op, Vec<u8>, bool) {
         let total: u32 = self.mix.iter().sum();
         let r = rand::random::<u32>() % total.max(1);
         let op = if r < self.mix[0] {
@@ -109,35 +128,63 @@ impl Ctx {
         } else {
             Op::Find
         };
-        // Half the keys are known (preloaded), half new: new keys reach the datastore.
-        let key = if rand::random::<bool>() && !self.preloaded.is_empty() {
+        // GET_PROVIDERS asks for known (preloaded) keys, so that a full answer has providers;
+        // half of the ADD_PROVIDERs refresh known keys, half announce new ones.
+        let known = op == Op::Get || (op == Op::Add && rand::random::<bool>());
+        let key = if known && !self.preloaded.is_empty() {
             self.preloaded[rand::random::<usize>() % self.preloaded.len()].clone()
         } else {
             random_key()
         };
-        (op, key)
+        (op, key, known && !self.preloaded.is_empty())
     }
 }
 
-/// One request on a fresh stream. Ok(()) when answered (ADD_PROVIDER: written and closed).
-pub(crate) async fn request(ctx: &Ctx, op: Op, key: Vec<u8>) -> anyhow::Result<()> {
-    let c = &ctx.clients[rand::random::<usize>() % ctx.clients.len()];
-    let head = ctx.heads[rand::random::<usize>() % ctx.heads.len()].0;
-    let mut s = c.control.clone().open_stream(head, KAD_PROTOCOL).await?;
+/// How one request ended.
+pub(crate) enum Answer {
+    /// A reply with what a full answer holds (providers, closer peers); ADD_PROVIDER: sent.
+    Full,
+    /// A reply without it (a GET_PROVIDERS shed to closer peers only, an empty FIND_NODE).
+    Partial,
+    /// The node reset the stream or closed it without a reply.
+    Refused,
+}
+
+/// One request on a fresh stream, as `client` (index into `ctx.clients`) to `head`.
+pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, key: &[u8]) -> Answer {
+    let c = &ctx.clients[client];
+    let Ok(mut s) = c.control.clone().open_stream(head, KAD_PROTOCOL).await else { return Answer::Refused };
     let body = match op {
-        Op::Add => wire::encode_request(MessageType::AddProvider, &key, std::slice::from_ref(&c.record)),
-        Op::Get => wire::encode_request(MessageType::GetProviders, &key, &[]),
-        Op::Find => wire::encode_request(MessageType::FindNode, &key, &[]),
+        Op::Add => wire::encode_request(MessageType::AddProvider, key, std::slice::from_ref(&c.record)),
+        Op::Get => wire::encode_request(MessageType::GetProviders, key, &[]),
+        Op::Find => wire::encode_request(MessageType::FindNode, key, &[]),
     };
-    wire::write_frame(&mut s, &body).await?;
-    if op == Op::Add {
-        s.close().await?;
-        return Ok(());
+    if wire::write_frame(&mut s, &body).await.is_err() {
+        return Answer::Refused;
     }
-    let len = wire::read_length(&mut s).await?.context("stream closed without a reply")?;
-    wire::read_body(&mut s, len).await?;
+    if op == Op::Add {
+        return if s.close().await.is_ok() { Answer::Full } else { Answer::Refused };
+    }
+    let Ok(Some(len)) = wire::read_length(&mut s).await else { return Answer::Refused };
+    let Ok(reply) = wire::read_body(&mut s, len).await else { return Answer::Refused };
     let _ = s.close().await;
-    Ok(())
+    let Ok(msg) = wire::decode_message(&reply) else { return Answer::Refused };
+    let full = match op {
+        Op::Get => !msg.provider_peers.is_empty(),
+        _ => !msg.closer_peers.is_empty(),
+    };
+    if full {
+        Answer::Full
+    } else {
+        Answer::Partial
+    }
+}
+
+/// One request on a fresh stream from a random client to a random head.
+pub(crate) async fn request(ctx: &Ctx, op: Op, key: &[u8]) -> Answer {
+    let client = rand::random::<usize>() % ctx.clients.len();
+    let head = ctx.heads[rand::random::<usize>() % ctx.heads.len()].0;
+    request_as(ctx, client, head, op, key).await
 }
 
 /// Issue requests at `rate`/s for `dur` (open loop), then wait for stragglers (bounded).
@@ -166,20 +213,49 @@ pub(crate) async fn drive(ctx: &Arc<Ctx>, rate: f64, dur: Duration, tally: &Arc<
             let (ctx, tally) = (ctx.clone(), tally.clone());
             let due = due.into_std();
             tasks.spawn(async move {
-                let (op, key) = ctx.pick();
-                let res = tokio::time::timeout(ctx.timeout, request(&ctx, op, key)).await;
+                let (op, key, known) = ctx.pick();
+                if op == Op::Find {
+                    tally.finds_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                let res = tokio::time::timeout(ctx.timeout, request(&ctx, op, &key)).await;
+                let took = due.elapsed();
+                let us = took.as_micros().min(u128::from(u32::MAX)) as u32;
                 match res {
-                    Ok(Ok(())) => {
+                    Ok(Answer::Refused) => {
+                        tally.rejected.fetch_add(1, Ordering::Relaxed);
+                        tally.reject_latency.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                    }
+                    Ok(answer) => {
                         tally.answered.fetch_add(1, Ordering::Relaxed);
-                        let us = due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                         if op != Op::Add {
                             tally.latency.lock().unwrap_or_else(|e| e.into_inner()).push(us);
                         }
                         if op == Op::Get {
                             tally.get_latency.lock().unwrap_or_else(|e| e.into_inner()).push(us);
                         }
+                        if matches!(answer, Answer::Full) && took <= GOOD_WITHIN {
+                            match op {
+                                Op::Add => {
+                                    tally.good_adds.fetch_add(1, Ordering::Relaxed);
+                                    if !known {
+                                        let mut sample =
+                                            tally.add_sample.lock().unwrap_or_else(|e| e.into_inner());
+                                        if sample.len() < ADD_SAMPLE {
+                                            sample.push(key);
+                                        }
+                                    }
+                                }
+                                Op::Find => {
+                                    tally.good_finds.fetch_add(1, Ordering::Relaxed);
+                                    tally.good.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Op::Get => {
+                                    tally.good.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
                     }
-                    _ => {
+                    Err(_) => {
                         tally.failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -5,7 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::client::{drive, percentile_ms, Ctx, Tally};
+use futures::StreamExt as _;
+
+use super::client::{drive, percentile_ms, request, Answer, Ctx, Tally};
+use super::Op;
 use crate::node::{cpu_seconds, histogram_quantile_ms, http_get, machine_jiffies, metric_sum, NodeProcess};
 
 /// Results of one step.
@@ -13,10 +16,21 @@ pub(crate) struct Step {
     pub(crate) label: String,
     pub(crate) offered: f64,
     pub(crate) sent: f64,
+    /// Full answers within 1 s of their due time per second, counted at the client; for
+    /// ADD_PROVIDER those sent in time × the share of a sample found afterwards.
     pub(crate) goodput: f64,
-    /// Of `goodput`: GET_PROVIDERS and ADD_PROVIDER (the datastore-bound requests).
-    pub(crate) ds_goodput: f64,
+    /// Requests the node counted `ok` per second (its `/metrics`).
+    pub(crate) node_ok: f64,
+    /// FIND_NODE sent and answered in full within 1 s, per second.
+    pub(crate) finds_sent: f64,
+    pub(crate) finds_good: f64,
+    /// ADD_PROVIDERs of new records sent in time: (found afterwards, checked).
+    pub(crate) adds_found: (usize, usize),
     pub(crate) shed: f64,
+    /// Refused (reset, or closed without a reply) per second, and the p99 of how long a refused
+    /// request took to learn it (from its due time).
+    pub(crate) rejected: f64,
+    pub(crate) reject_p99: f64,
     pub(crate) failed: u64,
     pub(crate) dropped: u64,
     pub(crate) p50: f64,
@@ -39,38 +53,46 @@ pub(crate) struct Step {
 impl Step {
     pub(crate) fn header() -> String {
         format!(
-            "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}",
+            "{:>7} {:>7} {:>7} {:>7} {:>7} {:>11} {:>9} {:>7} {:>7} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>6} {:>8} {:>8} {:>6} {:>7} {:>6}",
             "step",
             "offered",
             "sent",
             "goodput",
-            "ds-good",
+            "node-ok",
+            "find ok/snt",
+            "adds kept",
             "shed/s",
+            "rej/s",
+            "rej p99",
             "failed",
-            "gen-drop",
+            "gendrop",
             "p50 ms",
             "p99 ms",
             "get p99",
             "node",
             "tier max/end",
-            "RSS MiB",
-            "cpu ms/1k",
-            "gen ms/1k",
-            "busy %",
+            "RSS",
+            "cpu/1k",
+            "gen/1k",
+            "busy%",
             "pg tx/s",
-            "max 5s"
+            "max5s"
         )
     }
 
     pub(crate) fn row(&self) -> String {
         format!(
-            "{:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>7.0} {:>8.1} {:>8.1} {:>6.0} {:>8.0} {:>8.0}",
+            "{:>7} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>11} {:>9} {:>7.0} {:>7.0} {:>7.1} {:>6} {:>6} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>6.0} {:>8.1} {:>8.1} {:>6.0} {:>7.0} {:>6.0}",
             self.label,
             self.offered,
             self.sent,
             self.goodput,
-            self.ds_goodput,
+            self.node_ok,
+            format!("{:.0}/{:.0}", self.finds_good, self.finds_sent),
+            format!("{}/{}", self.adds_found.0, self.adds_found.1),
             self.shed,
+            self.rejected,
+            self.reject_p99,
             self.failed,
             self.dropped,
             self.p50,
@@ -86,6 +108,29 @@ impl Step {
             self.pg_tps_max5
         )
     }
+}
+
+/// After a step: how many of the sampled new records announced in time are found (asked by
+/// random clients of random heads, once the load is off and the buffer had time to flush).
+async fn check_adds(ctx: &Arc<Ctx>, keys: Vec<Vec<u8>>) -> (usize, usize) {
+    if keys.is_empty() {
+        return (0, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = keys.len();
+    let found = futures::stream::iter(keys)
+        .map(|k| {
+            let ctx = ctx.clone();
+            async move {
+                let ask = request(&ctx, Op::Get, &k);
+                matches!(tokio::time::timeout(Duration::from_secs(5), ask).await, Ok(Answer::Full))
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|f| futures::future::ready(*f))
+        .count()
+        .await;
+    (found, n)
 }
 
 /// PostgreSQL transactions committed + rolled back in `db` so far.
@@ -168,15 +213,10 @@ pub(crate) async fn run_step(
     dur: Duration,
 ) -> anyhow::Result<Step> {
     let ok = |m: &str| metric_sum(m, "hydra_kad_requests_total", &[("outcome", "ok")]);
-    let ds_ok = |m: &str| {
-        ["get_providers", "add_provider"]
-            .iter()
-            .map(|t| metric_sum(m, "hydra_kad_requests_total", &[("outcome", "ok"), ("type", t)]))
-            .sum::<f64>()
-    };
     let shed = |m: &str| {
         metric_sum(m, "hydra_load_shed_total", &[])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "refused")])
+            + metric_sum(m, "hydra_kad_streams_total", &[("event", "admission")])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_full")])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "peer_limit")])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_wait")])
@@ -205,13 +245,22 @@ pub(crate) async fn run_step(
     let s = *samples.lock().unwrap_or_else(|e| e.into_inner());
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
+    let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
+    let adds_found = check_adds(ctx, sample).await;
+    let kept = if adds_found.1 == 0 { 1.0 } else { adds_found.0 as f64 / adds_found.1 as f64 };
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     Ok(Step {
         label,
         offered: rate,
         sent: per_s(sent as f64),
-        goodput: per_s(ok(&after) - ok(&before)),
-        ds_goodput: per_s(ds_ok(&after) - ds_ok(&before)),
+        goodput: per_s(n(&tally.good) + n(&tally.good_adds) * kept),
+        node_ok: per_s(ok(&after) - ok(&before)),
+        finds_sent: per_s(n(&tally.finds_sent)),
+        finds_good: per_s(n(&tally.good_finds)),
+        adds_found,
         shed: per_s(shed(&after) - shed(&before)),
+        rejected: per_s(n(&tally.rejected)),
+        reject_p99: percentile_ms(&tally.reject_latency, 0.99),
         failed: tally.failed.load(Ordering::Relaxed),
         dropped: tally.dropped.load(Ordering::Relaxed),
         p50: percentile_ms(&tally.latency, 0.5),

@@ -1,0 +1,127 @@
+//! Admission below negotiation: a stream muxer wrapper that resets new inbound streams the
+//! admission gate ([`crate::load::Admission`]) does not admit, as the muxer hands them over.
+//!
+//! Why here and not in our kad handler: by the time a stream reaches a connection handler the
+//! swarm has created an upgrade future (with its own timeout timer) for it and run multistream-
+//! select on it — measured (`docs/benchmarks.md`), a stream refused after negotiation costs the
+//! node about half the CPU of a served request, so refusing at that point cannot free the CPU.
+//! A stream refused here costs the muxer's frames (its opening frame in, a reset out) and no
+//! task, timer, negotiation or decode. The request's type is unknown this early, so the gate
+//! applies to every protocol's new streams alike; open streams are untouched.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
+use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo};
+
+use crate::load::Admission;
+use crate::metrics::{KadMetrics, StreamEvent};
+
+/// What the muxers ask and count with.
+#[derive(Clone)]
+pub struct Gatekeeper {
+    pub admission: Arc<Admission>,
+    pub metrics: KadMetrics,
+}
+
+/// A multiplexer upgrade (yamux) whose muxers admit new inbound streams through the gate.
+#[derive(Clone)]
+pub struct Admitting<U> {
+    inner: U,
+    gate: Gatekeeper,
+}
+
+impl<U> Admitting<U> {
+    pub fn new(inner: U, gate: Gatekeeper) -> Self {
+        Self { inner, gate }
+    }
+}
+
+impl<U: UpgradeInfo> UpgradeInfo for Admitting<U> {
+    type Info = U::Info;
+    type InfoIter = U::InfoIter;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.inner.protocol_info()
+    }
+}
+
+impl<C, U> InboundConnectionUpgrade<C> for Admitting<U>
+where
+    U: InboundConnectionUpgrade<C>,
+    U::Future: Send + 'static,
+    U::Output: 'static,
+    U::Error: 'static,
+{
+    type Output = AdmittingMuxer<U::Output>;
+    type Error = U::Error;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, io: C, info: Self::Info) -> Self::Future {
+        let gate = self.gate;
+        self.inner.upgrade_inbound(io, info).map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
+    }
+}
+
+impl<C, U> OutboundConnectionUpgrade<C> for Admitting<U>
+where
+    U: OutboundConnectionUpgrade<C>,
+    U::Future: Send + 'static,
+    U::Output: 'static,
+    U::Error: 'static,
+{
+    type Output = AdmittingMuxer<U::Output>;
+    type Error = U::Error;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, io: C, info: Self::Info) -> Self::Future {
+        let gate = self.gate;
+        self.inner.upgrade_outbound(io, info).map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
+    }
+}
+
+/// A muxer whose new inbound streams pass the admission gate; the rest are dropped (the muxer
+/// resets a stream dropped unread) and counted as `admission`.
+pub struct AdmittingMuxer<M> {
+    inner: M,
+    gate: Gatekeeper,
+}
+
+impl<M: StreamMuxer + Unpin> StreamMuxer for AdmittingMuxer<M> {
+    type Substream = M::Substream;
+    type Error = M::Error;
+
+    fn poll_inbound(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Self::Substream, Self::Error>> {
+        let this = self.get_mut();
+        loop {
+            let stream = ready!(Pin::new(&mut this.inner).poll_inbound(cx))?;
+            if this.gate.admission.admit() {
+                return Poll::Ready(Ok(stream));
+            }
+            this.gate.metrics.stream(StreamEvent::Admission);
+            drop(stream); // reset at once; the next one may be admitted
+        }
+    }
+
+    fn poll_outbound(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Self::Substream, Self::Error>> {
+        Pin::new(&mut self.get_mut().inner).poll_outbound(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
+        Pin::new(&mut self.get_mut().inner).poll(cx)
+    }
+}
