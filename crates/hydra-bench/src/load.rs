@@ -146,15 +146,6 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         Duration::from_secs(120),
     )
     .await?;
-    if let Some(q) = &quota {
-        q.add(node.pid)?;
-        println!(
-            "node confined to {:.2} of one core ({} µs of CPU per {PERIOD_US} µs period); generator and \
-             PostgreSQL outside",
-            q.cores(),
-            q.quota_us
-        );
-    }
     let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&node.http, "/v1/heads").await?)?;
     let heads: Vec<(PeerId, Multiaddr)> = heads
         .into_iter()
@@ -206,6 +197,17 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Confined only now: the preload is set-up, not measurement, and under the quota the node's
+    // admission would reset some of its announcements (lost, unseen by a client that only writes).
+    if let Some(q) = &quota {
+        q.add(node.pid)?;
+        println!(
+            "node confined to {:.2} of one core ({} µs of CPU per {PERIOD_US} µs period); generator and \
+             PostgreSQL outside",
+            q.cores(),
+            q.quota_us
+        );
     }
     let pg = Pg { client: connect_pg(&url).await?, url: url.clone(), db: db.clone() };
     let slow = o.slow_postgres.map(|(hold, period)| tokio::spawn(slow_postgres(url.clone(), hold, period)));
