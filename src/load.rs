@@ -14,7 +14,7 @@
 //! |---|---|---|---|---|
 //! | `normal` | cache, then datastore | buffered | served | accepted |
 //! | `degrade` | datastore only for keys this head is among the k closest to, else cache only (miss → closer peers only) | buffered, but a refresh of a record with more than `degrade_skip_refresh_if_remaining` left is not rewritten | served | accepted |
-//! | `refuse` | cached answer, else closer peers only | dropped | served | accepted |
+//! | `refuse` | cached answer, else closer peers only | buffered (the buffer's bound sheds), fresh refreshes not rewritten | served | accepted |
 //! | `peak` | cached answer, else closer peers only | dropped | served | reset at the handler |
 //!
 //! Per-peer rates apply from `degrade` up (cost × `degrade_per_peer_cost`, cached answers free),

@@ -11,10 +11,15 @@ use crate::types::Tier;
 pub struct Policy {
     /// The tier this policy belongs to (sheds are counted by it).
     pub tier: Tier,
-    /// Requests that touch the datastore (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) are
-    /// served. When false they are shed: GET_PROVIDERS and GET_VALUE answer with closer peers
-    /// only, ADD_PROVIDER is dropped, PUT_VALUE is reset.
+    /// Requests that wait for the datastore (GET_PROVIDERS, GET_VALUE, PUT_VALUE) are served.
+    /// When false they are shed: GET_PROVIDERS and GET_VALUE answer with a cached answer or
+    /// closer peers only, PUT_VALUE is reset.
     pub datastore: bool,
+    /// ADD_PROVIDER is taken into the write buffer. The buffer is bounded (beyond its bound it
+    /// sheds, counted) and its flushes wait for the statement budget, so buffering never adds
+    /// load on the datastore beyond the budget — and an announcement refused at the door would
+    /// be lost, while one buffered survives a slow datastore. Off only in `peak` (memory).
+    pub buffer_writes: bool,
     /// GET_PROVIDERS for a key this head is not among the k closest to is answered from the
     /// cache only (a miss: closer peers only). Keys it is responsible for still reach the
     /// datastore (go-libp2p-kad-dht #730).
@@ -42,6 +47,7 @@ impl Policy {
         let normal = Policy {
             tier,
             datastore: true,
+            buffer_writes: true,
             far_keys_from_cache_only: false,
             skip_fresh_refreshes: false,
             per_peer_limits: false,
@@ -57,12 +63,18 @@ impl Policy {
                 raised_peer_cost: true,
                 ..normal
             },
-            // Nothing reaches the datastore, so the degrade refinements have nothing to refine.
-            Tier::Refuse => {
-                Policy { datastore: false, per_peer_limits: true, raised_peer_cost: true, ..normal }
-            }
+            // No lookups; announcements are still buffered (fresh refreshes not rewritten).
+            Tier::Refuse => Policy {
+                datastore: false,
+                skip_fresh_refreshes: true,
+                per_peer_limits: true,
+                raised_peer_cost: true,
+                ..normal
+            },
             Tier::Peak => Policy {
                 datastore: false,
+                buffer_writes: false,
+                skip_fresh_refreshes: true,
                 per_peer_limits: true,
                 raised_peer_cost: true,
                 new_streams: false,
@@ -81,18 +93,23 @@ mod tests {
         for pair in Tier::ALL.windows(2) {
             let (lo, hi) = (Policy::of(pair[0]), Policy::of(pair[1]));
             assert!(hi.datastore <= lo.datastore, "{pair:?}");
+            assert!(hi.buffer_writes <= lo.buffer_writes, "{pair:?}");
+            assert!(hi.skip_fresh_refreshes >= lo.skip_fresh_refreshes, "{pair:?}");
             assert!(hi.new_streams <= lo.new_streams, "{pair:?}");
             assert!(hi.raised_peer_cost >= lo.raised_peer_cost, "{pair:?}");
             assert!(hi.per_peer_limits >= lo.per_peer_limits, "{pair:?}");
-            // Cache-only reads and skipped refreshes only make sense while the datastore serves.
+            // Cache-only reads only make sense while the datastore serves lookups.
             if hi.datastore {
                 assert!(hi.far_keys_from_cache_only >= lo.far_keys_from_cache_only, "{pair:?}");
-                assert!(hi.skip_fresh_refreshes >= lo.skip_fresh_refreshes, "{pair:?}");
             }
         }
         let normal = Policy::of(Tier::Normal);
         assert!(normal.datastore && normal.new_streams && !normal.far_keys_from_cache_only);
         assert!(!normal.per_peer_limits, "a node with spare capacity limits no peer");
         assert!(!Policy::of(Tier::Peak).new_streams && !Policy::of(Tier::Refuse).datastore);
+        assert!(
+            Policy::of(Tier::Refuse).buffer_writes,
+            "a slow datastore is no reason to lose announcements"
+        );
     }
 }

@@ -62,8 +62,7 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_inbound(self, io: C, info: Self::Info) -> Self::Future {
-        let gate = self.gate;
-        self.inner.upgrade_inbound(io, info).map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
+        wrap(self.inner.upgrade_inbound(io, info), self.gate)
     }
 }
 
@@ -79,9 +78,16 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_outbound(self, io: C, info: Self::Info) -> Self::Future {
-        let gate = self.gate;
-        self.inner.upgrade_outbound(io, info).map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
+        wrap(self.inner.upgrade_outbound(io, info), self.gate)
     }
+}
+
+/// The muxer `upgrade` yields, wrapped.
+fn wrap<M: 'static, E: 'static>(
+    upgrade: impl std::future::Future<Output = Result<M, E>> + Send + 'static,
+    gate: Gatekeeper,
+) -> BoxFuture<'static, Result<AdmittingMuxer<M>, E>> {
+    upgrade.map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
 }
 
 /// A muxer whose new inbound streams pass the admission gate; the rest are dropped (the muxer

@@ -75,7 +75,16 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
                 // Counted, but not worth a reset: go ignores such entries too.
                 return (Reply::Nothing, Outcome::Invalid);
             }
-            if let Some(reason) = refused() {
+            // Buffered in every tier but peak (the buffer's bound sheds the excess, its flushes
+            // wait for the statement budget): a slow datastore is no reason to lose them.
+            let refused = if !policy.buffer_writes {
+                Some(ShedReason::Tier)
+            } else if !svc.load.allow_peer(&peer, tier) {
+                Some(ShedReason::PeerRate)
+            } else {
+                None
+            };
+            if let Some(reason) = refused {
                 return (Reply::Nothing, svc.shed(tier, reason));
             }
             let skip =
