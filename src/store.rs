@@ -241,6 +241,13 @@ impl Store {
         call!(self, DbOp::Leases, |s| s.renew_leases(node, token, expires, heads))
     }
 
+    /// Processes (node names) holding at least one live head lease: one row back, however
+    /// many heads the fleet has.
+    pub async fn count_live_processes(&self) -> Result<u64, StoreError> {
+        let now = now_ms();
+        call!(self, DbOp::Leases, |s| s.count_live_processes(now))
+    }
+
     /// Every identity of the fleet with its lease.
     pub async fn list_heads(&self) -> Result<Vec<FleetHead>, StoreError> {
         let rows = call!(self, DbOp::Leases, |s| s.list_heads())?;

@@ -78,12 +78,8 @@ impl Heartbeat {
 
     /// Count the processes (node names) holding live leases, for the fleet's statement budget.
     async fn count_fleet(&self) {
-        match self.store.list_heads().await {
-            Ok(heads) => {
-                let live: std::collections::HashSet<&str> =
-                    heads.iter().filter(|h| h.lease_active).filter_map(|h| h.node.as_deref()).collect();
-                self.load.set_fleet_processes(live.len().max(1) as u32);
-            }
+        match self.store.count_live_processes().await {
+            Ok(n) => self.load.set_fleet_processes(u32::try_from(n).unwrap_or(u32::MAX).max(1)),
             Err(e) => {
                 tracing::warn!(error = %e, "counting the fleet's processes failed; the budget split stays")
             }

@@ -514,6 +514,18 @@ impl PgStore {
     }
 
     /// Every identity of the fleet with its lease.
+    /// Distinct processes (node names) holding a lease that expires after `now` (ms).
+    pub async fn count_live_processes(&self, now: i64) -> Result<u64, StoreError> {
+        let client = self.conn().await?;
+        let row = client
+            .query_one(
+                "SELECT count(DISTINCT node_name) FROM head_leases WHERE expires_at > $1",
+                &[&to_time(now)],
+            )
+            .await?;
+        Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
+    }
+
     pub async fn list_heads(
         &self,
     ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {

@@ -450,6 +450,15 @@ impl SqliteStore {
         Ok(n)
     }
 
+    /// Distinct processes (node names) holding a lease that expires after `now` (ms).
+    pub async fn count_live_processes(&self, now: i64) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT count(DISTINCT node_name) FROM head_leases WHERE expires_at > ?")
+            .bind(now)
+            .fetch_one(&self.readers)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+    }
+
     pub async fn list_heads(
         &self,
     ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {
@@ -491,6 +500,39 @@ mod tests {
             expires_at,
             addrs_expire_at,
         }
+    }
+
+    #[tokio::test]
+    async fn live_processes_are_counted_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
+        s.migrate().await.unwrap();
+        assert_eq!(s.count_live_processes(1_000).await.unwrap(), 0);
+        // Two heads of "a", one of "b", one of "c" whose lease has expired.
+        let mut tx = s.writer.begin().await.unwrap();
+        for (idx, node, expires) in [(0, "a", 5_000), (1, "a", 5_000), (2, "b", 5_000), (3, "c", 500)] {
+            sqlx::query(
+                "INSERT INTO head_identities (idx, choice, kad_key, peer_id) VALUES (?, 0, x'00', ?)",
+            )
+            .bind(idx)
+            .bind(format!("peer{idx}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO head_leases (idx, node_name, token, slot, addrs, expires_at) VALUES (?, ?, 't', ?, '', ?)",
+            )
+            .bind(idx)
+            .bind(node)
+            .bind(idx)
+            .bind(expires)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(s.count_live_processes(1_000).await.unwrap(), 2, "a and b; c's lease has expired");
+        assert_eq!(s.count_live_processes(6_000).await.unwrap(), 0);
     }
 
     #[tokio::test]
