@@ -390,3 +390,60 @@ async fn runtime_lag_starts_admission_by_rate_and_its_end_opens_it() {
     admission_becomes(&node, None).await;
     node.shutdown().await;
 }
+
+/// QUIC connections are their own muxers: the same gate refuses their new streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_gates_quic_streams_too() {
+    use futures::StreamExt as _;
+    use libp2p::multiaddr::Protocol;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 1, Backend::Sqlite, Tier::Normal).await;
+    let head = &node.heads()[0];
+    let quic = head
+        .listen_addrs
+        .load()
+        .iter()
+        .find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
+        .cloned()
+        .expect("the head listens on QUIC");
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .build();
+    let control = swarm.behaviour().new_control();
+    swarm.dial(quic.with(Protocol::P2p(head.peer_id))).unwrap();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let ping = wire::encode_request(MessageType::Ping, &[], &[]);
+    let ask = || {
+        let mut control = control.clone();
+        let ping = ping.clone();
+        let peer = head.peer_id;
+        async move {
+            let mut s = tokio::time::timeout(
+                Duration::from_secs(10),
+                control.open_stream(peer, hydra::net::KAD_PROTOCOL),
+            )
+            .await
+            .expect("open in time")
+            .ok()?;
+            RawClient::request(&mut s, &ping).await.ok()
+        }
+    };
+    assert!(ask().await.is_some(), "served over QUIC while admission is open");
+    let file = dir.path().join("hydra.toml");
+    write_load(
+        &file,
+        &LoadSection { force_admission_per_second: Some(0), ..node.load().config().as_ref().clone() },
+    );
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, Some(0)).await;
+    assert!(ask().await.is_none(), "a new QUIC stream is refused");
+    assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "admission")]), 1.0);
+    node.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! Admission below negotiation: a stream muxer wrapper that resets new inbound streams the
-//! admission gate ([`crate::load::Admission`]) does not admit, as the muxer hands them over.
+//! admission gate ([`crate::load::Admission`]) does not admit, as the muxer hands them over —
+//! yamux over TCP (through the [`Admitting`] upgrade) and QUIC connections alike.
 //!
 //! Why here and not in our kad handler: by the time a stream reaches a connection handler the
 //! swarm has created an upgrade future (with its own timeout timer) for it and run multistream-
@@ -95,6 +96,13 @@ fn wrap<M: 'static, E: 'static>(
 pub struct AdmittingMuxer<M> {
     inner: M,
     gate: Gatekeeper,
+}
+
+impl<M> AdmittingMuxer<M> {
+    /// Wrap a muxer that is not built by an upgrade (a QUIC connection is its own muxer).
+    pub fn new(inner: M, gate: Gatekeeper) -> Self {
+        Self { inner, gate }
+    }
 }
 
 impl<M: StreamMuxer + Unpin> StreamMuxer for AdmittingMuxer<M> {

@@ -12,14 +12,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{connection_limits, identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{connection_limits, identify, kad, noise, ping, quic, tcp, yamux, Multiaddr, PeerId, Swarm};
 use tokio_util::sync::CancellationToken;
 
 use super::addrs::admitted;
-use super::admit::Admitting;
+use super::admit::{Admitting, AdmittingMuxer};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::routing::{RoutingSnapshot, Siblings};
 use crate::config::{AddressFilter, Config};
@@ -72,16 +74,22 @@ pub async fn bind(
 ) -> anyhow::Result<StartingHead> {
     let peer_id = keypair.public().to_peer_id();
     let max_conns = cfg.limits.max_connections_per_head;
-    // New inbound streams pass the admission gate in the muxer, before any negotiation.
+    // New inbound streams pass the admission gate in the muxer, before any negotiation: yamux
+    // over TCP, and QUIC connections (their own muxers) wrapped the same way.
     let mux = {
         let gate = intake.gatekeeper();
         move || Admitting::new(yamux::Config::default(), gate)
     };
+    let quic_gate = intake.gatekeeper();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, mux)
         .context("set up TCP transport")?
-        .with_quic()
+        .with_other_transport(|key| {
+            quic::tokio::Transport::new(quic::Config::new(key))
+                .map(move |(peer, conn), _| (peer, StreamMuxerBox::new(AdmittingMuxer::new(conn, quic_gate))))
+        })
+        .context("set up QUIC transport")?
         // Resolves /dns* and /dnsaddr addresses (bootstrap presets) only when dialing them.
         .with_dns()
         .context("set up DNS resolution")?
