@@ -1,9 +1,10 @@
 //! Admission of new inbound streams by rate while the CPU is short.
 //!
 //! When the node's CPU is saturated, answering every request with less (closer peers only)
-//! costs about as much as a real answer, so it does not free the CPU. Instead the intake admits
-//! new streams at the rate the node can serve and resets the rest at once — the cheapest point
-//! we control, before a stream task, a queue slot or a decode. Streams already open keep being
+//! costs about as much as a real answer, so it does not free the CPU. Instead new streams are
+//! admitted at the rate the node can serve and the rest reset at once, in the stream muxer
+//! ([`crate::net::admit`]) — the cheapest point we control, before negotiation, a stream task,
+//! a queue slot or a decode. Streams already open keep being
 //! served, and once a request is read the tier's [`super::Policy`] applies (FIND_NODE and PING
 //! always served). See `docs/decisions/2026-12-01-admission-by-rate.md`.
 //!
@@ -30,7 +31,7 @@ enum Gate {
     Closed,
 }
 
-/// The admission gate the intake asks once per new stream.
+/// The admission gate the muxers ask once per new inbound stream.
 pub struct Admission {
     gate: ArcSwap<Gate>,
     /// New streams offered and admitted so far (the controller's rate measurements).

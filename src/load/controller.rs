@@ -100,7 +100,7 @@ impl LoadControl {
         Tier::from_u8(self.tier.load(Ordering::Relaxed))
     }
 
-    /// The gate of new inbound streams (the intake asks it once per stream).
+    /// The gate of new inbound streams (the muxers ask it once per stream).
     pub fn admission(&self) -> Arc<Admission> {
         self.admission.clone()
     }
@@ -240,7 +240,7 @@ impl LoadControl {
     }
 
     /// Set the admitted rate of new streams from this sample (or the forced rate).
-    fn admit(
+    fn set_admission_rate(
         &self,
         rate: &mut RateControl,
         last: &mut (Instant, (u64, u64)),
@@ -361,7 +361,7 @@ impl LoadControl {
                 since = now;
             }
             last = next;
-            self.admit(&mut rate, &mut streams, &s, &cfg);
+            self.set_admission_rate(&mut rate, &mut streams, &s, &cfg);
             self.metrics.set_signals(&s);
             if let Some(p) = &*self.peers.load() {
                 if now.duration_since(last_prune) >= Duration::from_secs(10) || p.store.is_full() {

@@ -88,7 +88,7 @@ fn wrap<M: 'static, E: 'static>(
     upgrade: impl std::future::Future<Output = Result<M, E>> + Send + 'static,
     gate: Gatekeeper,
 ) -> BoxFuture<'static, Result<AdmittingMuxer<M>, E>> {
-    upgrade.map(|r| r.map(|inner| AdmittingMuxer { inner, gate })).boxed()
+    upgrade.map(|r| r.map(|inner| AdmittingMuxer::new(inner, gate))).boxed()
 }
 
 /// A muxer whose new inbound streams pass the admission gate; the rest are dropped (the muxer
@@ -99,7 +99,7 @@ pub struct AdmittingMuxer<M> {
 }
 
 impl<M> AdmittingMuxer<M> {
-    /// Wrap a muxer that is not built by an upgrade (a QUIC connection is its own muxer).
+    /// Wrap a muxer (yamux's from [`Admitting`]; a QUIC connection, which is its own muxer).
     pub fn new(inner: M, gate: Gatekeeper) -> Self {
         Self { inner, gate }
     }
