@@ -38,8 +38,14 @@ pub struct ConfigFile {
     pub port_base: u16,
     /// Directory for the embedded store and other local state.
     pub data_dir: PathBuf,
-    /// Address of the HTTP server (metrics, health, operator API). Loopback by default.
+    /// Address of the HTTP server (metrics, health, operator API). Loopback by default; bound
+    /// wider, its admin paths (config reload) still answer loopback clients only.
     pub http_listen: String,
+    /// A second listener with only `/metrics`, `/healthz` and `/readyz`, for a Prometheus on
+    /// another host while `http_listen` stays on loopback. Empty: off.
+    pub metrics_listen: String,
+    /// The IPFS Delegated Routing V1 API (`/routing/v1/…`), meant to be public. Empty: off.
+    pub routing_listen: String,
     /// Also listen on QUIC (UDP, same port number as TCP). Each QUIC endpoint costs memory for
     /// its receive buffers; see docs/benchmarks.md.
     pub quic: bool,
@@ -58,6 +64,7 @@ pub struct ConfigFile {
     pub identity_seed_file: String,
     pub identity: IdentitySection,
     pub routing: RoutingSection,
+    pub routing_api: RoutingApiSection,
     pub limits: LimitsSection,
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
@@ -127,6 +134,52 @@ pub enum AddressFilter {
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingSection {
     pub address_filter: AddressFilter,
+}
+
+/// Limits of the public Delegated Routing V1 listener (`routing_listen`). Every refusal is
+/// counted in `hydra_routing_api_refused_total{reason}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingApiSection {
+    /// Requests per second from one IP address (GCRA); beyond: 429 with `Retry-After`. 0: off.
+    pub per_ip_requests_per_second: u32,
+    /// Burst of requests one IP address may send at once.
+    pub per_ip_burst: u32,
+    /// IP addresses with their own rate bucket; beyond, new addresses share one bucket.
+    pub max_tracked_ips: usize,
+    /// Requests being served at once; beyond: 503 with `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// Open connections; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also an idle keep-alive connection's
+    /// limit before its next request).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: std::time::Duration,
+    /// Time for a whole request, body and answer included; beyond: 503.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: std::time::Duration,
+    /// `Cache-Control: max-age` of an answer with results.
+    #[serde(with = "humantime_serde")]
+    pub cache_max_age: std::time::Duration,
+    /// `Cache-Control: max-age` of an empty answer (a provider may appear any moment).
+    #[serde(with = "humantime_serde")]
+    pub cache_max_age_empty: std::time::Duration,
+}
+
+impl Default for RoutingApiSection {
+    fn default() -> Self {
+        Self {
+            per_ip_requests_per_second: 50,
+            per_ip_burst: 100,
+            max_tracked_ips: 65_536,
+            max_concurrent_requests: 256,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            cache_max_age: Duration::from_secs(300),
+            cache_max_age_empty: Duration::from_secs(15),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +279,8 @@ impl Default for ConfigFile {
             port_base: 0,
             data_dir: PathBuf::from("./hydra-data"),
             http_listen: "127.0.0.1:7779".into(),
+            metrics_listen: String::new(),
+            routing_listen: String::new(),
             quic: true,
             bootstrap: Vec::new(),
             database_url: String::new(),
@@ -234,6 +289,7 @@ impl Default for ConfigFile {
             identity_seed_file: String::new(),
             identity: IdentitySection::default(),
             routing: RoutingSection::default(),
+            routing_api: RoutingApiSection::default(),
             limits: LimitsSection::default(),
             providers: ProvidersSection::default(),
             postgres: PostgresSection::default(),
@@ -310,6 +366,8 @@ pub struct Overrides {
     pub port_base: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub http_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub routing_listen: Option<String>,
     pub bootstrap: Option<Vec<String>>,
     pub database_url: Option<String>,
     pub log_format: Option<LogFormat>,
@@ -347,6 +405,12 @@ impl ConfigFile {
         }
         if let Some(v) = o.http_listen {
             self.http_listen = v;
+        }
+        if let Some(v) = o.metrics_listen {
+            self.metrics_listen = v;
+        }
+        if let Some(v) = o.routing_listen {
+            self.routing_listen = v;
         }
         if let Some(v) = o.bootstrap {
             self.bootstrap = v;

@@ -1,14 +1,21 @@
-//! The HTTP server: health, Prometheus metrics, and the operator API.
+//! The HTTP servers: health, Prometheus metrics, the operator API, and (in [`routing`]) the
+//! public Delegated Routing V1 API.
 //!
-//! Bound to `http_listen` (loopback by default). Handlers read published state only (head
-//! addresses, the metrics registry); none of them touches a swarm, and only
-//! `/v1/heads?fleet=true` and `/readyz` read the datastore (`/readyz` at most once a second,
-//! one probe at a time, whatever the rate of readiness checks).
+//! The operator API is bound to `http_listen` (loopback by default). Bound wider, its admin
+//! paths (`POST /v1/config/reload`) still answer loopback clients only; for a Prometheus on
+//! another host, `metrics_listen` serves `/metrics`, `/healthz` and `/readyz` and nothing else.
+//! Handlers read published state only (head addresses, the metrics registry); none of them
+//! touches a swarm. Only `/v1/heads?fleet=true`, `/v1/providers/{cid}` (operator queries, rare)
+//! and `/readyz` read the datastore (`/readyz` at most once a second, one probe at a time,
+//! whatever the rate of readiness checks).
+
+mod guard;
+pub mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,9 +24,11 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::load::{LoadControl, Reloader};
+use crate::keys::{key_to_cid, parse_provider_key};
+use crate::load::{LoadControl, Reloader, Status};
 use crate::net::HeadShared;
-use crate::store::Store;
+use crate::providers::ProviderManager;
+use crate::store::{now_ms, Store, StoredProvider};
 
 /// Called before each scrape to refresh sampled gauges.
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
@@ -36,6 +45,7 @@ type Probe = tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>;
 pub struct AppState {
     pub heads: Arc<Vec<Arc<HeadShared>>>,
     pub store: Store,
+    pub providers: ProviderManager,
     pub registry: Registry,
     pub on_scrape: ScrapeHook,
     pub load: Arc<LoadControl>,
@@ -80,6 +90,7 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/v1/heads", get(heads_list))
         .route("/v1/status", get(status))
+        .route("/v1/providers/{cid}", get(providers))
         .route("/v1/config/reload", post(reload))
         .with_state(state)
         .into_make_service_with_connect_info::<SocketAddr>();
@@ -87,6 +98,27 @@ pub fn serve(
         let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         if let Err(e) = res {
             tracing::error!(error = %e, "HTTP server failed");
+        }
+    };
+    Ok((local, fut))
+}
+
+/// The metrics-only server (`metrics_listen`): `/metrics`, `/healthz`, `/readyz`.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    cancel: CancellationToken,
+) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let fut = async move {
+        let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "metrics server failed");
         }
     };
     Ok((local, fut))
@@ -127,11 +159,109 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/status`: the load tier, the signals it was computed from, and the thresholds.
+/// What `GET /v1/status` answers (and `hydra status` shows).
+#[derive(Serialize)]
+pub struct NodeStatus {
+    /// The tier, its signals and thresholds.
+    #[serde(flatten)]
+    pub load: Status,
+    pub heads: usize,
+    /// Provider records and peers with addresses in the datastore (catalogue estimates).
+    pub records_estimate: f64,
+    pub peers_estimate: f64,
+    /// Records accepted and not yet written, and the bound.
+    pub write_buffer_entries: usize,
+    pub write_buffer_capacity: usize,
+}
+
+/// `GET /v1/status`: the load tier, the signals it was computed from, the thresholds, fills and
+/// record estimates.
 async fn status(State(s): State<AppState>) -> Response {
     match s.load.status() {
-        Some(st) => Json(st).into_response(),
+        Some(load) => {
+            let (entries, capacity) = s.providers.write_buffer_fill();
+            let (records_estimate, peers_estimate) = s.providers.estimates();
+            Json(NodeStatus {
+                load,
+                heads: s.heads.len(),
+                records_estimate,
+                peers_estimate,
+                write_buffer_entries: entries,
+                write_buffer_capacity: capacity,
+            })
+            .into_response()
+        }
         None => (StatusCode::SERVICE_UNAVAILABLE, "no load sample yet\n").into_response(),
+    }
+}
+
+/// Records of one key as `GET /v1/providers/{cid}` and `hydra providers --json` show them.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ProvidersReport {
+    /// The key as a CIDv1 (raw codec, base32): the DHT keys records by multihash only.
+    pub cid: String,
+    /// The multihash, hex.
+    pub multihash: String,
+    pub providers: Vec<ProviderEntry>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ProviderEntry {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// RFC 3339; absent when no addresses are stored.
+    pub addrs_expire_at: Option<String>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl ProvidersReport {
+    pub fn new(key: &crate::types::ProviderKey, rows: Vec<StoredProvider>) -> Self {
+        Self {
+            cid: key_to_cid(key),
+            multihash: hex::encode(key.as_bytes()),
+            providers: rows
+                .into_iter()
+                .map(|r| ProviderEntry {
+                    peer_id: r.peer.to_base58(),
+                    addrs: r.addrs.iter().map(|a| a.to_string()).collect(),
+                    expires_at: rfc3339(r.expires_at),
+                    addrs_expire_at: r.addrs_expire_at.map(rfc3339),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Most records one operator query returns.
+pub const MAX_INSPECT: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+struct ProvidersQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/providers/{cid}[?limit=N]`: every stored, unexpired record of the key with its
+/// addresses and expiry, straight from the datastore (latest expiry first, at most `limit`,
+/// default 1000, at most 10000). 400 names what is wrong with a bad CID.
+async fn providers(
+    State(s): State<AppState>,
+    Path(cid): Path<String>,
+    Query(q): Query<ProvidersQuery>,
+) -> Response {
+    let key = match parse_provider_key(&cid) {
+        Ok(k) => k,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CID or multihash: {e}\n")).into_response(),
+    };
+    let limit = q.limit.unwrap_or(1000).min(MAX_INSPECT);
+    match s.store.inspect_providers(&key, now_ms(), limit).await {
+        Ok(rows) => Json(ProvidersReport::new(&key, rows)).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")).into_response(),
     }
 }
 

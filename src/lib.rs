@@ -6,7 +6,8 @@
 //! checks it):
 //! - [`types`], [`sharded`], [`identity`]: domain types, sharded maps, identity derivation and
 //!   the lease plan — pure, depending on nothing else here;
-//! - [`config`]: the file type, its defaults and validation;
+//! - [`config`]: the file type, its defaults and validation; [`keys`]: CIDs, multihashes and
+//!   peer IDs as people and HTTP clients write them;
 //! - [`metrics`]: every metric, registered by handle;
 //! - [`load`]: tiers, what each tier does, the statement budget, per-peer limits, reloads;
 //! - [`store`]: SQLite and PostgreSQL behind one timed handle, identity leases;
@@ -21,6 +22,7 @@
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod keys;
 pub mod load;
 pub mod metrics;
 pub mod net;

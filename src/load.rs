@@ -48,6 +48,7 @@ pub use crate::types::{PerSignal, Signals, Thresholds, Tier};
 pub use admission::Admission;
 pub use budget::StatementBudget;
 pub use controller::{LatencyPair, LoadControl, Status};
+pub use peers::BoundedKeys;
 pub use policy::Policy;
 pub use reload::Reloader;
 pub use signals::{lag_probe, rss_bytes, SignalSource};

@@ -22,7 +22,40 @@ enum Command {
     /// Apply pending datastore migrations and exit (the node also applies them at start).
     Migrate(NodeArgs),
     /// List every head identity of the fleet with its node, addresses and lease state.
-    Heads(NodeArgs),
+    Heads {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Show the stored provider records of a CID (or multihash): providers, addresses, expiry.
+    Providers {
+        /// A CID (v0 `Qm…` or v1 `bafy…`) or a multihash (base58btc, multibase or hex).
+        cid: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Most records shown (latest expiry first).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Show a running node's load tier, signals, fills and record estimates (from its HTTP API
+    /// at http_listen, or --url).
+    Status {
+        /// Print the node's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The node's operator API, e.g. http://127.0.0.1:7779 (default: from http_listen).
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -58,6 +91,12 @@ struct NodeArgs {
     /// Address of the HTTP server.
     #[arg(long, env = "HYDRA_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Address of a listener with only /metrics, /healthz and /readyz (empty: off).
+    #[arg(long, env = "HYDRA_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Address of the public Delegated Routing V1 API, /routing/v1/… (empty: off).
+    #[arg(long, env = "HYDRA_ROUTING_LISTEN")]
+    routing_listen: Option<String>,
     /// Bootstrap peers (multiaddrs with /p2p/…), comma-separated.
     #[arg(long, env = "HYDRA_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Option<Vec<String>>,
@@ -97,15 +136,9 @@ fn parse_filter(s: &str) -> Result<AddressFilter, String> {
     }
 }
 
-#[derive(PartialEq, Eq)]
-enum Mode {
-    Run,
-    Migrate,
-    Heads,
-    Check,
-}
-
-/// Exit code for configuration errors (as for command-line usage errors).
+/// Exit codes (README "Command line"): 0 success; 1 the operation failed (datastore or node
+/// unreachable, a query failed); 2 invalid command line, configuration or argument (e.g. a CID).
+const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
 fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
@@ -119,6 +152,8 @@ fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
         port_base: args.port_base,
         data_dir: args.data_dir.clone(),
         http_listen: args.http_listen.clone(),
+        metrics_listen: args.metrics_listen.clone(),
+        routing_listen: args.routing_listen.clone(),
         bootstrap: args.bootstrap.clone(),
         database_url: args.database_url.clone(),
         log_format: args.log_format,
@@ -149,15 +184,28 @@ fn init_tracing(format: LogFormat, no_bootstrap: bool) {
     }
 }
 
+/// A failed command: its message and exit code.
+struct Failure(u8, String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(EXIT_FAILED, format!("{e:#}"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, mode) = match &cli.command {
-        Command::Run(a) => (a.clone(), Mode::Run),
-        Command::Migrate(a) => (a.clone(), Mode::Migrate),
-        Command::Heads(a) => (a.clone(), Mode::Heads),
-        Command::Config { command: ConfigCommand::Check(a) } => (a.clone(), Mode::Check),
+    let args = match &cli.command {
+        Command::Run(a) | Command::Migrate(a) => a,
+        Command::Heads { node, .. } | Command::Providers { node, .. } | Command::Status { node, .. } => node,
+        Command::Config { command: ConfigCommand::Check(a) } => a,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "hydra", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
     };
-    let file = match load(&args) {
+    let file = match load(args) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("hydra: invalid config: {e}");
@@ -171,35 +219,188 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if mode == Mode::Check {
-        print!("{}", file.to_redacted_toml());
-        return ExitCode::SUCCESS;
-    }
-    init_tracing(cfg.log_format, cfg.bootstrap.is_empty());
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
             eprintln!("hydra: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
     };
-    let res = match mode {
-        Mode::Migrate => rt.block_on(async {
-            hydra::store::Store::migrate_only(&cfg.store, &cfg.postgres).await?;
-            tracing::info!("migrations applied");
+    let res: Result<(), Failure> = match cli.command {
+        Command::Config { .. } => {
+            print!("{}", file.to_redacted_toml());
             Ok(())
-        }),
-        Mode::Heads => rt.block_on(print_heads(cfg)),
-        _ => rt.block_on(run(cfg)),
+        }
+        Command::Status { json, url, .. } => status(&cfg, url.as_deref(), json),
+        Command::Providers { cid, json, limit, .. } => match hydra::keys::parse_provider_key(&cid) {
+            Err(e) => Err(Failure(EXIT_CONFIG, format!("{cid:?} is not a CID or multihash: {e}"))),
+            Ok(key) => match rt() {
+                Ok(rt) => rt.block_on(providers(query_config(cfg), key, limit, json)),
+                Err(code) => return code,
+            },
+        },
+        Command::Heads { json, .. } => match rt() {
+            Ok(rt) => rt.block_on(print_heads(query_config(cfg), json)),
+            Err(code) => return code,
+        },
+        Command::Migrate(_) => {
+            init_tracing(cfg.log_format, cfg.bootstrap.is_empty());
+            match rt() {
+                Ok(rt) => rt.block_on(async {
+                    hydra::store::Store::migrate_only(&cfg.store, &cfg.postgres).await?;
+                    tracing::info!("migrations applied");
+                    Ok(())
+                }),
+                Err(code) => return code,
+            }
+        }
+        Command::Run(_) => {
+            init_tracing(cfg.log_format, cfg.bootstrap.is_empty());
+            match rt() {
+                Ok(rt) => rt.block_on(run(cfg)).map_err(|e| {
+                    tracing::error!("{e:#}");
+                    Failure::from(e)
+                }),
+                Err(code) => return code,
+            }
+        }
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("hydra: {e:#}");
-            ExitCode::FAILURE
+        Err(Failure(code, msg)) => {
+            eprintln!("hydra: {msg}");
+            ExitCode::from(code)
         }
     }
+}
+
+/// A configuration for a one-shot query: an unreachable database fails within seconds, not
+/// after the node's start-up patience.
+fn query_config(mut cfg: hydra::Config) -> hydra::Config {
+    cfg.postgres.connect_timeout = cfg.postgres.connect_timeout.min(std::time::Duration::from_secs(3));
+    cfg
+}
+
+/// Open the configured store for a query. An embedded store must exist already: a query must
+/// not create an empty one in a mistyped `--data-dir` and report "nothing stored".
+async fn open_for_query(cfg: &hydra::Config) -> Result<hydra::store::Store, Failure> {
+    if let hydra::config::StoreKind::Sqlite(path) = &cfg.store {
+        if !path.exists() {
+            return Err(Failure(
+                EXIT_FAILED,
+                format!("no embedded store at {} (is --data-dir right?)", path.display()),
+            ));
+        }
+    }
+    let registry = prometheus::Registry::new();
+    let metrics = hydra::metrics::Metrics::new(&registry, 0);
+    Ok(hydra::store::Store::open(&cfg.store, &cfg.postgres, metrics.datastore).await?)
+}
+
+async fn providers(
+    cfg: hydra::Config,
+    key: hydra::types::ProviderKey,
+    limit: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    let store = open_for_query(&cfg).await?;
+    let rows =
+        store.inspect_providers(&key, hydra::store::now_ms(), limit.min(hydra::http::MAX_INSPECT)).await;
+    store.close().await;
+    let report = hydra::http::ProvidersReport::new(&key, rows?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} (multihash {}): {} provider record(s)",
+        report.cid,
+        report.multihash,
+        report.providers.len()
+    );
+    if !report.providers.is_empty() {
+        println!("{:<52}  {:<20}  addrs", "provider", "expires");
+    }
+    for p in &report.providers {
+        println!("{:<52}  {:<20}  {}", p.peer_id, p.expires_at, p.addrs.join(" "));
+    }
+    Ok(())
+}
+
+/// GET `path` from a node's operator API at `base` (http://host:port); the body of a 200.
+fn http_get(base: &str, path: &str) -> Result<String, Failure> {
+    use std::io::{Read, Write};
+    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
+    let unreachable = |e: std::io::Error| Failure(EXIT_FAILED, format!("node at {base} not reachable: {e}"));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .map_err(unreachable)?
+        .next()
+        .ok_or_else(|| Failure(EXIT_CONFIG, format!("{base:?} names no address")))?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    sock.set_read_timeout(Some(timeout))?;
+    write!(sock, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let code = head.split(' ').nth(1).unwrap_or("?");
+    if code != "200" {
+        return Err(Failure(EXIT_FAILED, format!("{base}{path} answered {code}: {}", body.trim())));
+    }
+    Ok(body.to_string())
+}
+
+fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Failure> {
+    let base = match url {
+        Some(u) => u.to_string(),
+        None => {
+            let mut a = cfg.http_listen;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{a}")
+        }
+    };
+    let body = http_get(&base, "/v1/status")?;
+    if json {
+        println!("{}", body.trim());
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let num = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    println!(
+        "tier {}{} for {:.0} s; {} heads; fleet processes {}",
+        v["tier"].as_str().unwrap_or("?"),
+        if v["forced"].as_bool() == Some(true) { " (forced)" } else { "" },
+        v["tier_age_seconds"].as_f64().unwrap_or(0.0),
+        v["heads"],
+        v["fleet_processes"],
+    );
+    println!(
+        "records ≈ {:.0}, peers ≈ {:.0}; write buffer {}/{}; statement budget {}/s; admission {}",
+        v["records_estimate"].as_f64().unwrap_or(0.0),
+        v["peers_estimate"].as_f64().unwrap_or(0.0),
+        v["write_buffer_entries"],
+        v["write_buffer_capacity"],
+        v["statement_budget_per_second"],
+        v.get("admission_streams_per_second")
+            .map(|r| format!("{r} streams/s"))
+            .unwrap_or_else(|| "open".into()),
+    );
+    println!("{:<26} {:>10} {:>10} {:>10} {:>10}", "signal", "value", "degrade", "refuse", "peak");
+    if let Some(signals) = v["signals"].as_object() {
+        for (name, value) in signals {
+            println!(
+                "{:<26} {:>10} {:>10} {:>10} {:>10}",
+                name,
+                num(value),
+                num(&v["load"]["degrade"][name]),
+                num(&v["load"]["refuse"][name]),
+                num(&v["load"]["peak"][name]),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Raise the soft open-file limit to the hard limit (each head holds several sockets per
@@ -259,11 +460,15 @@ async fn run(cfg: hydra::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn print_heads(cfg: hydra::Config) -> anyhow::Result<()> {
-    let registry = prometheus::Registry::new();
-    let metrics = hydra::metrics::Metrics::new(&registry, 0);
-    let store = hydra::store::Store::open(&cfg.store, &cfg.postgres, metrics.datastore).await?;
-    let heads = store.list_heads().await?;
+async fn print_heads(cfg: hydra::Config, json: bool) -> Result<(), Failure> {
+    let store = open_for_query(&cfg).await?;
+    let heads = store.list_heads().await;
+    store.close().await;
+    let heads = heads?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&heads)?);
+        return Ok(());
+    }
     println!("{:>8}  {:<20} {:>5}  {:<8} {:<52}  addrs", "identity", "node", "slot", "lease", "peer id");
     for h in &heads {
         println!(
@@ -282,7 +487,6 @@ async fn print_heads(cfg: hydra::Config) -> anyhow::Result<()> {
             h.addrs.join(" ")
         );
     }
-    store.close().await;
     Ok(())
 }
 

@@ -32,6 +32,87 @@ pub struct Metrics {
     pub providers: ProviderMetrics,
     pub heads: HeadMetrics,
     pub load: LoadMetrics,
+    pub routing_api: RoutingApiMetrics,
+}
+
+/// The Delegated Routing V1 listener (`routing_listen`).
+#[derive(Clone)]
+pub struct RoutingApiMetrics {
+    /// Answered requests by endpoint and status code.
+    pub requests: IntCounterVec,
+    /// Requests (or connections) refused by a limit, by reason: `rate`, `concurrency`,
+    /// `connections`, `timeout`, `body_too_large`, `tier` (the load tier shed the lookup).
+    pub refused: IntCounterVec,
+    /// Time to answer, by endpoint.
+    pub duration: HistogramVec,
+    /// Open connections.
+    pub connections: IntGauge,
+}
+
+impl RoutingApiMetrics {
+    /// The endpoints, as labels.
+    pub const ENDPOINTS: [&'static str; 6] =
+        ["providers", "peers", "closest_peers", "ipns_get", "ipns_put", "other"];
+    pub const REFUSALS: [&'static str; 6] =
+        ["rate", "concurrency", "connections", "timeout", "body_too_large", "tier"];
+
+    fn new(registry: &Registry) -> Self {
+        let m = Self {
+            requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hydra_routing_api_requests_total",
+                        "Delegated Routing V1 answers by endpoint and status code",
+                    ),
+                    &["endpoint", "code"],
+                )
+                .unwrap(),
+            ),
+            refused: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hydra_routing_api_refused_total",
+                        "Delegated Routing V1 requests or connections refused by a limit, by reason",
+                    ),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            duration: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "hydra_routing_api_request_duration_seconds",
+                        "Time to answer one Delegated Routing V1 request, by endpoint",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                    &["endpoint"],
+                )
+                .unwrap(),
+            ),
+            connections: reg(
+                registry,
+                IntGauge::new("hydra_routing_api_connections", "Open Delegated Routing V1 connections")
+                    .unwrap(),
+            ),
+        };
+        for e in Self::ENDPOINTS {
+            for code in ["200", "400", "503"] {
+                m.requests.with_label_values(&[e, code]);
+            }
+            m.duration.with_label_values(&[e]);
+        }
+        for r in Self::REFUSALS {
+            m.refused.with_label_values(&[r]);
+        }
+        m
+    }
+
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
 }
 
 #[derive(Clone)]
@@ -299,7 +380,7 @@ impl Metrics {
                 registry,
                 IntCounter::new(
                     "hydra_providers_flush_failures_total",
-                    "Batched provider writes that failed (their rows were lost)",
+                    "Batched provider writes that failed (their rows stay buffered for a retry)",
                 )
                 .unwrap(),
             ),
@@ -421,6 +502,7 @@ impl Metrics {
             providers,
             heads: HeadMetrics { routing_table_peers, connections, up },
             load,
+            routing_api: RoutingApiMetrics::new(registry),
         }
     }
 }

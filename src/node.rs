@@ -41,6 +41,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Node {
     heads: Arc<Vec<Arc<HeadShared>>>,
     http_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    routing_addr: Option<SocketAddr>,
     providers: ProviderManager,
     store: Store,
     node_name: String,
@@ -62,6 +64,16 @@ impl Node {
     /// Start everything described by `cfg`. Returns once every head listens and HTTP is bound.
     pub async fn start(cfg: Config) -> anyhow::Result<Node> {
         let http_listener = crate::http::listen(cfg.http_listen).await?;
+        let metrics_listener = match cfg.metrics_listen {
+            Some(a) => {
+                Some(crate::http::listen(a).await.map_err(|e| anyhow::anyhow!("metrics_listen: {e}"))?)
+            }
+            None => None,
+        };
+        let routing_listener = match cfg.routing_listen {
+            Some(a) => Some(crate::http::routing::listen(a).await?),
+            None => None,
+        };
         let registry = Registry::new();
         let metrics = Metrics::new(&registry, cfg.heads);
         // The statement budget is set by the load controller from `[load]` (and on reload).
@@ -199,24 +211,54 @@ impl Node {
             })
         };
         let reloader = Reloader::new(cfg.config_file.clone(), load.clone(), metrics.load.clone());
-        let (http_addr, http) = crate::http::serve(
-            http_listener,
-            crate::http::AppState {
-                heads: heads.clone(),
-                store: store.clone(),
-                registry: registry.clone(),
-                on_scrape,
-                load: load.clone(),
-                reloader: reloader.clone(),
-                probe: Default::default(),
-            },
-            cancel.clone(),
-        )?;
+        let app_state = crate::http::AppState {
+            heads: heads.clone(),
+            store: store.clone(),
+            providers: providers.clone(),
+            registry: registry.clone(),
+            on_scrape,
+            load: load.clone(),
+            reloader: reloader.clone(),
+            probe: Default::default(),
+        };
+        let metrics_addr = match metrics_listener {
+            Some(l) => {
+                let (addr, fut) = crate::http::serve_metrics(l, app_state.clone(), cancel.clone())?;
+                tasks.spawn(fut);
+                Some(addr)
+            }
+            None => None,
+        };
+        let routing_addr = match routing_listener {
+            Some(l) => {
+                let state = crate::http::routing::RoutingState {
+                    heads: heads.clone(),
+                    providers: providers.clone(),
+                    store: store.clone(),
+                    load: load.clone(),
+                    cfg: cfg.routing_api.clone(),
+                };
+                let (addr, fut) =
+                    crate::http::routing::serve(l, state, metrics.routing_api.clone(), cancel.clone())?;
+                tasks.spawn(fut);
+                Some(addr)
+            }
+            None => None,
+        };
+        let (http_addr, http) = crate::http::serve(http_listener, app_state, cancel.clone())?;
         tasks.spawn(http);
-        tracing::info!(heads = heads.len(), http = %http_addr, "node started");
+        tracing::info!(
+            heads = heads.len(),
+            http = %http_addr,
+            metrics = metrics_addr.map(|a| a.to_string()),
+            routing = routing_addr.map(|a| a.to_string()),
+            "node started"
+        );
         Ok(Node {
             heads,
             http_addr,
+            metrics_addr,
+            routing_addr,
             providers,
             store,
             node_name: cfg.node_name.clone(),
@@ -248,6 +290,16 @@ impl Node {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The metrics-only listener's address, if `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The Delegated Routing V1 listener's address, if `routing_listen` is set.
+    pub fn routing_addr(&self) -> Option<SocketAddr> {
+        self.routing_addr
     }
 
     pub fn providers(&self) -> &ProviderManager {

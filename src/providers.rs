@@ -266,6 +266,11 @@ impl ProviderManager {
         (self.inner.buffer.entries(), self.inner.cfg.write_buffer_entries)
     }
 
+    /// (provider records, peers with addresses) in the datastore, as last estimated.
+    pub fn estimates(&self) -> (f64, f64) {
+        (self.inner.metrics.records_estimate.get(), self.inner.metrics.peers_estimate.get())
+    }
+
     /// (keys queued for or in a lookup, `max_reads_in_flight`).
     pub fn reads_in_flight(&self) -> (usize, usize) {
         (self.inner.reads.pending(), self.inner.cfg.max_reads_in_flight)

@@ -53,6 +53,18 @@ pub struct ProviderWrite {
     pub addrs_expire_at: i64,
 }
 
+/// One stored provider record as an operator sees it (`hydra providers`, `GET /v1/providers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredProvider {
+    pub peer: PeerId,
+    /// Unexpired addresses (empty when they expired before the record).
+    pub addrs: Vec<Multiaddr>,
+    /// When the record expires (ms since epoch).
+    pub expires_at: i64,
+    /// When its addresses expire (ms since epoch); `None` when none are stored.
+    pub addrs_expire_at: Option<i64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -198,6 +210,27 @@ impl Store {
     ) -> Result<Option<u64>, StoreError> {
         call!(self, DbOp::Gc, |s| s
             .gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
+    }
+
+    /// Unexpired records of `key` with their expiry, latest expiry first, at most `limit`: the
+    /// operator's view, straight from the datastore (not the cache, not the budget: operator
+    /// queries are rare and must show what is stored).
+    pub async fn inspect_providers(
+        &self,
+        key: &ProviderKey,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredProvider>, StoreError> {
+        call!(self, DbOp::Inspect, |s| s.inspect_providers(key, now, limit))
+    }
+
+    /// A peer's unexpired stored addresses and their expiry (ms since epoch).
+    pub async fn peer_addrs(
+        &self,
+        peer: &PeerId,
+        now: i64,
+    ) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
+        call!(self, DbOp::Inspect, budget = 1, |s| s.peer_addrs(peer, now))
     }
 
     /// Whether the datastore answers a trivial statement (readiness).

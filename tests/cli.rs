@@ -220,3 +220,127 @@ fn sighup_reloads_the_load_section_and_a_bad_file_keeps_the_old_one() {
     assert_eq!(budget(&p), Some(300), "a rejected reload keeps the previous settings");
     assert!(p.stop(), "still running and stops cleanly after reloads");
 }
+
+/// `hydra providers`, `hydra status` and `hydra heads` against a running node and its store
+/// (JSON parsed and checked, tables read), `GET /v1/providers/{cid}` with the same data, and the
+/// documented exit codes: 2 for a bad CID or unknown flag, 1 for an unreachable database.
+#[test]
+fn read_commands_show_a_running_nodes_records_status_and_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap();
+    // address_filter any: the client announces a loopback address.
+    let p = common::Process::spawn(
+        &["run", "--heads", "2", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(["--data-dir", data_s, "--address-filter", "any"])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    let heads = p.heads();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b"read commands");
+        hydra::types::ProviderKey::new([&[0x12, 0x20][..], &d[..]].concat()).unwrap()
+    };
+    let cid = hydra::keys::key_to_cid(&key);
+    let client = rt.block_on(async {
+        let client = common::RawClient::connect(&heads).await;
+        let mut s = client.open(heads[0].0).await;
+        common::RawClient::send(&mut s, &client.add_provider_body(key.as_bytes())).await.unwrap();
+        client
+    });
+    let me = client.peer_id.to_base58();
+
+    // The record is written within a flush interval (1 s by default).
+    let start = Instant::now();
+    let report = loop {
+        let out = hydra().args(["providers", &cid, "--json", "--data-dir", data_s]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: hydra::http::ProvidersReport = serde_json::from_slice(&out.stdout).unwrap();
+        if !r.providers.is_empty() || start.elapsed() > common::WAIT {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(report.multihash, hex::encode(key.as_bytes()));
+    assert_eq!(report.providers.len(), 1, "{report:?}");
+    let rec = &report.providers[0];
+    assert_eq!(rec.peer_id, me);
+    assert_eq!(rec.addrs, vec![client.addr.to_string()]);
+    let expires = humantime::parse_rfc3339(&rec.expires_at).unwrap();
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(47 * 3600), "record_ttl 48h: {left:?}");
+    assert!(rec.addrs_expire_at.is_some());
+
+    // The same record by the multihash in hex and in the human table.
+    let out = hydra().args(["providers", &report.multihash, "--data-dir", data_s]).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains(&me) && table.contains("1 provider record"), "{table}");
+
+    // The operator API answers the same.
+    let v: serde_json::Value = serde_json::from_str(&p.get(&format!("/v1/providers/{cid}"))).unwrap();
+    assert_eq!(v["providers"][0]["peer_id"], me.as_str());
+    assert_eq!(v["cid"], cid.as_str());
+
+    // Status from the running node.
+    let url = format!("http://{}", p.http);
+    let out = hydra().args(["status", "--json", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["heads"], 2);
+    assert!(st["tier"].is_string() && st["signals"]["runtime_lag_ms"].is_number(), "{st}");
+    assert!(st["write_buffer_capacity"].as_u64().unwrap() > 0);
+    let out = hydra().args(["status", "--url", &url]).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("tier ") && table.contains("runtime_lag_ms"), "{table}");
+
+    // Heads of the fleet (this one process) from the store.
+    let out = hydra().args(["heads", "--json", "--data-dir", data_s]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let active: Vec<&str> =
+        listed.iter().filter(|h| h["lease_active"] == true).map(|h| h["peer_id"].as_str().unwrap()).collect();
+    for (h, _) in &heads {
+        assert!(active.contains(&h.to_base58().as_str()), "{listed:?}");
+    }
+
+    // Exit codes.
+    let out = hydra().args(["providers", "bafk!!!", "--data-dir", data_s]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a CID or multihash: not valid base32"));
+    let out = hydra().args(["providers", &cid, "--no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let start = Instant::now();
+    let out = hydra()
+        .args(["providers", &cid, "--database-url", "postgres://hydra@127.0.0.1:1/none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(20), "an unreachable database fails fast");
+    let out = hydra().args(["providers", &cid, "--data-dir", "/nonexistent/hydra"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is --data-dir right?"));
+    let out = hydra().args(["status", "--url", "http://127.0.0.1:1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not reachable"));
+    assert!(p.stop());
+}
+
+#[test]
+fn completions_are_printed_for_bash() {
+    let out = hydra().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("_hydra()") && script.contains("providers"),
+        "{}",
+        &script[..200.min(script.len())]
+    );
+}

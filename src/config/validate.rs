@@ -9,7 +9,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 
 use super::{
     host_name, redact_url, AddressFilter, ConfigFile, LimitsSection, LoadSection, LogFormat, PostgresSection,
-    ProvidersSection,
+    ProvidersSection, RoutingApiSection,
 };
 
 /// A configuration error that names the offending field.
@@ -46,6 +46,11 @@ pub struct Config {
     pub port_base: u16,
     pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz` only, for scrapes from other hosts.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The Delegated Routing V1 API.
+    pub routing_listen: Option<SocketAddr>,
+    pub routing_api: RoutingApiSection,
     pub quic: bool,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub store: StoreKind,
@@ -84,6 +89,22 @@ impl ConfigFile {
         let http_listen: SocketAddr = self.http_listen.parse().map_err(|_| {
             invalid("http_listen", format!("not an address like 127.0.0.1:7779: {:?}", self.http_listen))
         })?;
+        let optional_addr = |field: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            v.parse().map(Some).map_err(|_| {
+                invalid(field, format!("not an address like 0.0.0.0:8080 (or empty: off): {v:?}"))
+            })
+        };
+        let metrics_listen = optional_addr("metrics_listen", &self.metrics_listen)?;
+        let routing_listen = optional_addr("routing_listen", &self.routing_listen)?;
+        let r = &self.routing_api;
+        positive("routing_api.max_tracked_ips", r.max_tracked_ips)?;
+        positive("routing_api.max_concurrent_requests", r.max_concurrent_requests)?;
+        positive("routing_api.max_connections", r.max_connections)?;
+        nonzero_duration("routing_api.header_timeout", r.header_timeout)?;
+        nonzero_duration("routing_api.request_timeout", r.request_timeout)?;
         let mut bootstrap = Vec::with_capacity(self.bootstrap.len());
         for s in &self.bootstrap {
             let addr: Multiaddr =
@@ -181,6 +202,9 @@ impl ConfigFile {
             port_base: self.port_base,
             data_dir: self.data_dir.clone(),
             http_listen,
+            metrics_listen,
+            routing_listen,
+            routing_api: self.routing_api.clone(),
             quic: self.quic,
             bootstrap,
             store,

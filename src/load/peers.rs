@@ -40,29 +40,38 @@ impl PeerLimiter {
 
 const PEER_SHARDS: usize = 16;
 
-/// A governor state store with a hard bound: at most `max` peers get their own bucket; while it
-/// is full, peers without one share a single overflow bucket (so a flood of fresh peer IDs is
-/// still rate limited, as one). Entries whose bucket is full again are pruned by `retain_recent`.
-#[derive(Clone)]
-pub(crate) struct BoundedPeers(Arc<PeerTable>);
+/// A governor state store with a hard bound: at most `max` keys (peers, IP addresses) get their
+/// own bucket; while it is full, keys without one share a single overflow bucket (so a flood of
+/// fresh peer IDs is still rate limited, as one). Entries whose bucket is full again are pruned by
+/// `retain_recent`.
+pub struct BoundedKeys<K>(Arc<KeyTable<K>>);
 
-pub(crate) struct PeerTable {
-    shards: Sharded<HashMap<PeerId, u64>>,
+/// Peers' buckets.
+pub(crate) type BoundedPeers = BoundedKeys<PeerId>;
+
+impl<K> Clone for BoundedKeys<K> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+pub struct KeyTable<K> {
+    shards: Sharded<HashMap<K, u64>>,
     overflow: Mutex<u64>,
     len: AtomicUsize,
     per_shard: usize,
 }
 
-impl std::ops::Deref for BoundedPeers {
-    type Target = PeerTable;
-    fn deref(&self) -> &PeerTable {
+impl<K> std::ops::Deref for BoundedKeys<K> {
+    type Target = KeyTable<K>;
+    fn deref(&self) -> &KeyTable<K> {
         &self.0
     }
 }
 
-impl BoundedPeers {
-    fn new(max: usize) -> Self {
-        Self(Arc::new(PeerTable {
+impl<K: std::hash::Hash + Eq + Clone> BoundedKeys<K> {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(KeyTable {
             shards: Sharded::new(PEER_SHARDS, HashMap::new),
             overflow: Mutex::new(0),
             len: AtomicUsize::new(0),
@@ -70,11 +79,15 @@ impl BoundedPeers {
         }))
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn is_full(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_full(&self) -> bool {
         self.len() >= self.per_shard * PEER_SHARDS * 9 / 10
     }
 }
@@ -87,10 +100,10 @@ fn measure<T, E>(slot: &mut u64, f: impl Fn(Option<Nanos>) -> Result<(T, Nanos),
     Ok(t)
 }
 
-impl StateStore for BoundedPeers {
-    type Key = PeerId;
+impl<K: std::hash::Hash + Eq + Clone> StateStore for BoundedKeys<K> {
+    type Key = K;
 
-    fn measure_and_replace<T, F, E>(&self, key: &PeerId, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
@@ -105,14 +118,14 @@ impl StateStore for BoundedPeers {
         let mut slot = 0;
         let res = measure(&mut slot, f);
         if res.is_ok() {
-            shard.insert(*key, slot);
+            shard.insert(key.clone(), slot);
             self.len.fetch_add(1, Ordering::Relaxed);
         }
         res
     }
 }
 
-impl ShrinkableKeyedStateStore<PeerId> for BoundedPeers {
+impl<K: std::hash::Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for BoundedKeys<K> {
     fn retain_recent(&self, drop_below: Nanos) {
         let below = u64::from(drop_below);
         for i in 0..PEER_SHARDS {
@@ -124,10 +137,10 @@ impl ShrinkableKeyedStateStore<PeerId> for BoundedPeers {
     }
 
     fn len(&self) -> usize {
-        BoundedPeers::len(self)
+        BoundedKeys::len(self)
     }
 
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        BoundedKeys::is_empty(self)
     }
 }

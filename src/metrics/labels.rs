@@ -100,10 +100,13 @@ pub enum DbOp {
     Leases,
     /// `SELECT 1` for readiness (`GET /readyz`).
     Ping,
+    /// Operator and routing-API queries: one key's records with their expiry, one peer's
+    /// addresses (`hydra providers`, `GET /v1/providers`, `GET /routing/v1/peers`).
+    Inspect,
 }
 
 impl DbOp {
-    pub const ALL: [DbOp; 9] = [
+    pub const ALL: [DbOp; 10] = [
         DbOp::PutProviders,
         DbOp::GetProviders,
         DbOp::PutValue,
@@ -113,6 +116,7 @@ impl DbOp {
         DbOp::Estimate,
         DbOp::Leases,
         DbOp::Ping,
+        DbOp::Inspect,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -125,6 +129,7 @@ impl DbOp {
             DbOp::Estimate => "estimate",
             DbOp::Leases => "leases",
             DbOp::Ping => "ping",
+            DbOp::Inspect => "inspect",
         }
     }
 }

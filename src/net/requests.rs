@@ -8,7 +8,10 @@ use rand::seq::SliceRandom;
 use super::routing::K_VALUE;
 use super::streams::Service;
 use super::wire::{Request, Response};
+use crate::load::{LoadControl, Policy};
 use crate::metrics::{Outcome, ShedReason};
+use crate::providers::ProviderManager;
+use crate::types::{PeerRecord, ProviderKey};
 
 /// What to do on the stream after a request.
 pub(super) enum Reply {
@@ -17,6 +20,36 @@ pub(super) enum Reply {
     Nothing,
     /// Reset the stream: the request failed in a way the peer must notice.
     Reset,
+}
+
+/// The providers of `key` as far as the tier `policy` allows — the one rule for every door
+/// (DHT streams, the Delegated Routing API). `far`: the key is not among those the asking head
+/// (or, over HTTP, this process) is responsible for; `allow`: the requester's rate permits a
+/// datastore lookup. The caller counts the shed.
+pub async fn providers_in_tier(
+    providers: &ProviderManager,
+    load: &LoadControl,
+    policy: Policy,
+    key: &ProviderKey,
+    far: impl FnOnce() -> bool,
+    allow: impl FnOnce() -> bool,
+) -> Result<Vec<PeerRecord>, ShedReason> {
+    if !policy.datastore {
+        // Refused datastore work: a cached answer costs nothing and is still served.
+        providers.cached_answer(key).ok_or(ShedReason::Tier)
+    } else if policy.far_keys_from_cache_only && far() {
+        // Degrade: the datastore only for keys this head is responsible for.
+        providers.get_providers_cached(key).ok_or(ShedReason::CacheOnly)
+    } else if load.peer_limits_active(policy.tier) {
+        // Short of capacity: cached answers are free, lookups are charged to the requester.
+        match providers.cached_answer(key) {
+            Some(hit) => Ok(hit),
+            None if !allow() => Err(ShedReason::PeerRate),
+            None => providers.get_providers(key).await.map_err(|s| s.0),
+        }
+    } else {
+        providers.get_providers(key).await.map_err(|s| s.0)
+    }
 }
 
 /// Answer one request.
@@ -44,22 +77,8 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
         }
         Request::GetProviders { key } => {
             let far = || !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE);
-            let served = if !policy.datastore {
-                // Refused datastore work: a cached answer costs nothing and is still served.
-                svc.providers.cached_answer(&key).ok_or(ShedReason::Tier)
-            } else if policy.far_keys_from_cache_only && far() {
-                // Degrade: the datastore only for keys this head is responsible for.
-                svc.providers.get_providers_cached(&key).ok_or(ShedReason::CacheOnly)
-            } else if svc.load.peer_limits_active(tier) {
-                // Short of capacity: cached answers are free, lookups are charged to the peer.
-                match svc.providers.cached_answer(&key) {
-                    Some(hit) => Ok(hit),
-                    None if !svc.load.allow_peer(&peer, tier) => Err(ShedReason::PeerRate),
-                    None => svc.providers.get_providers(&key).await.map_err(|s| s.0),
-                }
-            } else {
-                svc.providers.get_providers(&key).await.map_err(|s| s.0)
-            };
+            let allow = || svc.load.allow_peer(&peer, tier);
+            let served = providers_in_tier(&svc.providers, &svc.load, policy, &key, far, allow).await;
             let (mut providers, outcome) = match served {
                 Ok(p) => (p, Outcome::Ok),
                 Err(reason) => (Vec::new(), svc.shed(tier, reason)),

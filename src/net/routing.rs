@@ -156,6 +156,52 @@ impl RoutingSnapshot {
     }
 }
 
+/// How many heads' tables an HTTP question asks: the heads closest to the key (their tables
+/// know its neighbourhood best; every table also lists all siblings). Bounded, so the cost of an
+/// answer does not grow with the number of heads.
+const HEADS_ASKED: usize = 4;
+
+/// The snapshots of the (up to [`HEADS_ASKED`]) heads whose IDs are closest to `target`.
+fn nearest_heads(
+    heads: &[Arc<super::HeadShared>],
+    target: &KBucketKey<Vec<u8>>,
+) -> Vec<Arc<RoutingSnapshot>> {
+    let mut by_distance: Vec<_> =
+        heads.iter().map(|h| (KBucketKey::from(h.peer_id).distance(target), h)).collect();
+    let n = HEADS_ASKED.min(by_distance.len());
+    if n > 0 && by_distance.len() > n {
+        by_distance.select_nth_unstable_by(n - 1, |a, b| a.0.cmp(&b.0));
+    }
+    by_distance.truncate(n);
+    by_distance.into_iter().map(|(_, h)| h.routing.load_full()).collect()
+}
+
+/// The up to `k` peers closest to `target` that this process knows (the tables of the heads
+/// nearest to it, and every head), closest first — `GET /routing/v1/dht/closest/peers`.
+pub fn closest_known(heads: &[Arc<super::HeadShared>], target: &[u8], k: usize) -> Vec<PeerRecord> {
+    let t = KBucketKey::new(target.to_vec());
+    let mut all: Vec<PeerRecord> = Vec::new();
+    for snap in nearest_heads(heads, &t) {
+        for rec in snap.closest(target, k, &[]) {
+            if !all.iter().any(|r| r.peer == rec.peer) {
+                all.push(rec);
+            }
+        }
+    }
+    all.sort_by_key(|r| KBucketKey::from(r.peer).distance(&t));
+    all.truncate(k);
+    all
+}
+
+/// The addresses of `peer` in the routing knowledge of the heads nearest to it (a head of this
+/// process included), if any — `GET /routing/v1/peers`, beside the stored addresses.
+pub fn known_addrs(heads: &[Arc<super::HeadShared>], peer: &PeerId) -> Option<Vec<Multiaddr>> {
+    let t = KBucketKey::new(peer.to_bytes());
+    nearest_heads(heads, &t).iter().find_map(|snap| {
+        snap.closest(&peer.to_bytes(), 1, &[]).into_iter().find(|r| r.peer == *peer).map(|r| r.addrs)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use sqlx::migrate::Migrator;
 use sqlx::Connection;
 use tokio::sync::Mutex;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
 use super::sqlite::Embedded;
-use super::{ProviderWrite, StoreError};
+use super::{ProviderWrite, StoreError, StoredProvider};
 use crate::config::{redact_url, PostgresSection};
 use crate::identity::{LeaseRow, Seed};
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
@@ -74,6 +74,14 @@ pub fn to_time(ms: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(ms as u64)
     } else {
         UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// Inverse of [`to_time`] (milliseconds since the epoch).
+fn from_time(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
     }
 }
 
@@ -249,6 +257,54 @@ impl PgStore {
             out.push((key, PeerRecord { peer, addrs: addrs.map(decode_addrs).unwrap_or_default() }));
         }
         Ok(out)
+    }
+
+    pub async fn inspect_providers(
+        &self,
+        key: &ProviderKey,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredProvider>, StoreError> {
+        let client = self.conn().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT p.provider, p.expires_at, a.addrs, a.expires_at \
+                 FROM providers p LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2 \
+                 WHERE p.key = $1 AND p.expires_at > $2 ORDER BY p.expires_at DESC LIMIT $3",
+            )
+            .await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client.query(&stmt, &[&key.as_bytes(), &to_time(now), &limit]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let provider: &[u8] = row.try_get(0)?;
+            let Ok(peer) = PeerId::from_bytes(provider) else { continue };
+            let addrs: Option<&[u8]> = row.try_get(2)?;
+            let addrs_expire_at: Option<SystemTime> = row.try_get(3)?;
+            out.push(StoredProvider {
+                peer,
+                addrs: addrs.map(decode_addrs).unwrap_or_default(),
+                expires_at: from_time(row.try_get(1)?),
+                addrs_expire_at: addrs_expire_at.map(from_time),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn peer_addrs(
+        &self,
+        peer: &PeerId,
+        now: i64,
+    ) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
+        let client = self.conn().await?;
+        let stmt = client
+            .prepare_cached("SELECT addrs, expires_at FROM peer_addrs WHERE peer = $1 AND expires_at > $2")
+            .await?;
+        let row = client.query_opt(&stmt, &[&peer.to_bytes(), &to_time(now)]).await?;
+        Ok(match row {
+            Some(row) => Some((decode_addrs(row.try_get(0)?), from_time(row.try_get(1)?))),
+            None => None,
+        })
     }
 
     pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {

@@ -11,14 +11,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
-use super::{ProviderWrite, StoreError};
+use super::{ProviderWrite, StoreError, StoredProvider};
 use crate::identity::LeaseRow;
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
 
@@ -194,6 +194,57 @@ impl SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    pub async fn inspect_providers(
+        &self,
+        key: &ProviderKey,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredProvider>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.provider, p.expires_at, a.addrs, a.expires_at AS addrs_expire_at \
+             FROM providers p LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > ? \
+             WHERE p.key = ? AND p.expires_at > ? ORDER BY p.expires_at DESC LIMIT ?",
+        )
+        .bind(now)
+        .bind(key.as_bytes())
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self.acquire(&self.readers).await?)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let provider: Vec<u8> = row.try_get("provider")?;
+            let Ok(peer) = PeerId::from_bytes(&provider) else { continue };
+            let addrs: Option<Vec<u8>> = row.try_get("addrs")?;
+            out.push(StoredProvider {
+                peer,
+                addrs: addrs.map(|a| decode_addrs(&a)).unwrap_or_default(),
+                expires_at: row.try_get("expires_at")?,
+                addrs_expire_at: row.try_get("addrs_expire_at")?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn peer_addrs(
+        &self,
+        peer: &PeerId,
+        now: i64,
+    ) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
+        let row = sqlx::query("SELECT addrs, expires_at FROM peer_addrs WHERE peer = ? AND expires_at > ?")
+            .bind(peer.to_bytes())
+            .bind(now)
+            .fetch_optional(&mut *self.acquire(&self.readers).await?)
+            .await?;
+        Ok(match row {
+            Some(row) => {
+                let addrs: Vec<u8> = row.try_get("addrs")?;
+                Some((decode_addrs(&addrs), row.try_get("expires_at")?))
+            }
+            None => None,
+        })
     }
 
     pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
