@@ -25,6 +25,7 @@
 //! pending, the read is shed and the caller answers with closer peers only.
 
 pub mod buffer;
+pub mod ipns;
 pub mod reads;
 pub mod records;
 #[cfg(test)]
@@ -281,10 +282,16 @@ impl ProviderManager {
         self.inner.hasher.hash_one((key, peer))
     }
 
-    /// Store a validated value record (written through; values are rare).
-    pub async fn put_value(&self, record: &ValueRecord) -> Result<(), Shed> {
-        let expires = ms_after(now_ms(), self.inner.cfg.value_ttl);
-        self.value_op(self.inner.store.put_value(record, expires)).await
+    /// Store a value record that passed [`records::validate`] (written through; values are
+    /// rare). `Ok(false)`: a better record of the name is stored (higher sequence, or the same
+    /// and a later validity), which stays. An IPNS record expires at its end of validity, if
+    /// that comes before `value_ttl`.
+    pub async fn put_value(&self, record: &ValueRecord, v: records::Validated) -> Result<bool, Shed> {
+        let mut expires = ms_after(now_ms(), self.inner.cfg.value_ttl);
+        if let Some(eol) = v.eol_ms {
+            expires = expires.min(eol);
+        }
+        self.value_op(self.inner.store.put_value(record, expires, v.order)).await
     }
 
     pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, Shed> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::config::{PostgresSection, StoreKind};
 use crate::load::StatementBudget;
 use crate::metrics::{DatastoreMetrics, DbOp};
-use crate::types::{PeerRecord, ProviderKey, ValueRecord};
+use crate::types::{PeerRecord, ProviderKey, ValueOrder, ValueRecord};
 
 mod leases;
 mod postgres;
@@ -191,8 +191,19 @@ impl Store {
         call!(self, DbOp::GetProviders, |s| s.get_providers(keys, now, per_key))
     }
 
-    pub async fn put_value(&self, record: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
-        call!(self, DbOp::PutValue, budget = 1, |s| s.put_value(record, expires_at))
+    /// Upsert a value record. With an IPNS `order`, a stored record of the name replaces only
+    /// if the new one wins (higher sequence, or the same and a later validity) or is the same
+    /// record again (a republish extends its life) — decided in the statement, so concurrent
+    /// writers of a fleet cannot regress a name. `Ok(false)`: the stored record stays.
+    pub async fn put_value(
+        &self,
+        record: &ValueRecord,
+        expires_at: i64,
+        order: Option<ValueOrder>,
+    ) -> Result<bool, StoreError> {
+        // The u64 sequence as an order-preserving i64 (0 → i64::MIN), for a signed column.
+        let order = order.map(|o| ((o.seq as i64).wrapping_add(i64::MIN), o.eol_ms));
+        call!(self, DbOp::PutValue, budget = 1, |s| s.put_value(record, expires_at, order))
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {

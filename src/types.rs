@@ -47,6 +47,15 @@ pub struct ValueRecord {
     pub time_received: String,
 }
 
+/// Which of two valid IPNS records of one name wins: the higher sequence, then the later end of
+/// validity (the field order gives the comparison).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ValueOrder {
+    pub seq: u64,
+    /// End of validity, ms since the Unix epoch.
+    pub eol_ms: i64,
+}
+
 /// Encode a list of multiaddrs into one blob: each address as (u16 big-endian length, bytes).
 pub fn encode_addrs(addrs: &[Multiaddr]) -> Vec<u8> {
     let mut out = Vec::new();

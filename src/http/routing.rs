@@ -11,11 +11,12 @@
 //! - `GET` / `PUT /routing/v1/ipns/{name}`: `application/vnd.ipfs.ipns-record`, validated by
 //!   [`crate::providers::records`] as PUT_VALUE is.
 //!
-//! An empty result is 200 with an empty list (IPIP-0513), cached briefly; a bad CID or peer ID
-//! is 400; a request the tier sheds is 503 with `Retry-After` and `Cache-Control: no-store`,
-//! never a cacheable empty answer (a gateway would keep that as a false "no providers"). A
-//! missing IPNS record is 404 (a record is one value, not a list). `Protocols` is always empty
-//! (the DHT does not carry them).
+//! An empty result is 200 with an empty list (IPIP-0513), cached briefly — for IPNS, 200 with a
+//! `text/plain` body, since only the IPNS content type means a record; a bad CID or peer ID is
+//! 400; a request the tier sheds is 503 with `Retry-After` and `Cache-Control: no-store`, never a
+//! cacheable empty answer (a gateway would keep that as a false "no providers"). An IPNS PUT that
+//! would replace a better record (higher sequence, or the same and a later validity) is 409.
+//! `Protocols` is always empty (the DHT does not carry them).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -314,9 +315,13 @@ async fn ipns_get(State(s): State<RoutingState>, Path(name): Path<String>) -> Re
             rec.value,
         )
             .into_response(),
+        // IPIP-0513: 200, and only the IPNS content type means a record.
         Ok(None) => (
-            StatusCode::NOT_FOUND,
-            [(header::CACHE_CONTROL, format!("public, max-age={}", s.cfg.cache_max_age_empty.as_secs()))],
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+                (header::CACHE_CONTROL, format!("public, max-age={}", s.cfg.cache_max_age_empty.as_secs())),
+                (header::VARY, "Accept".to_string()),
+            ],
             "no IPNS record for this name\n",
         )
             .into_response(),
@@ -341,16 +346,23 @@ async fn ipns_put(State(s): State<RoutingState>, Path(name): Path<String>, body:
         value,
         time_received: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
     };
-    if let Err(e) = crate::providers::records::validate(&record) {
-        return bad_request("invalid IPNS record", e);
-    }
+    let valid = match crate::providers::records::validate(&record, now_ms()) {
+        Ok(v) => v,
+        Err(e) => return bad_request("invalid IPNS record", e),
+    };
     let policy = s.load.policy();
     if !policy.datastore {
         s.load.shed(policy.tier, crate::metrics::ShedReason::Tier);
         return shed("tier");
     }
-    match s.providers.put_value(&record).await {
-        Ok(()) => (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], "").into_response(),
+    match s.providers.put_value(&record, valid).await {
+        Ok(true) => (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], "").into_response(),
+        Ok(false) => (
+            StatusCode::CONFLICT,
+            [(header::CACHE_CONTROL, "no-store")],
+            "a better record of this name is stored (a higher sequence, or the same and a later validity)\n",
+        )
+            .into_response(),
         Err(e) => shed(e.0.as_str()),
     }
 }

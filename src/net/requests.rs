@@ -129,16 +129,24 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
             (Reply::Send(Response::GetValue { key, record, closer }), outcome)
         }
         Request::PutValue { key, mut record } => {
-            if let Err(e) = crate::providers::records::validate(&record) {
-                tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
-                return (Reply::Reset, Outcome::Invalid);
-            }
+            let valid = match crate::providers::records::validate(&record, crate::store::now_ms()) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "PUT_VALUE rejected");
+                    return (Reply::Reset, Outcome::Invalid);
+                }
+            };
             if let Some(reason) = refused() {
                 return (Reply::Reset, svc.shed(tier, reason));
             }
             record.time_received = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
-            match svc.providers.put_value(&record).await {
-                Ok(()) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
+            match svc.providers.put_value(&record, valid).await {
+                Ok(true) => (Reply::Send(Response::PutValue { key, record }), Outcome::Ok),
+                // A better record of the name is stored: go-libp2p-kad-dht answers an error too.
+                Ok(false) => {
+                    tracing::debug!(%peer, "PUT_VALUE of an older IPNS record rejected");
+                    (Reply::Reset, Outcome::Invalid)
+                }
                 Err(s) => (Reply::Reset, svc.shed(tier, s.0)),
             }
         }

@@ -123,7 +123,7 @@ async fn a_burst_of_value_requests_waits_for_slots_instead_of_failing() {
     let records: Vec<ValueRecord> = (0..20u8)
         .map(|i| ValueRecord { key: vec![b'/', i], value: vec![i], time_received: String::new() })
         .collect();
-    let puts = futures::future::join_all(records.iter().map(|r| m.put_value(r))).await;
+    let puts = futures::future::join_all(records.iter().map(|r| m.put_value(r, Default::default()))).await;
     assert!(puts.iter().all(|r| r.is_ok()), "{puts:?}");
     let gets = futures::future::join_all(records.iter().map(|r| m.get_value(&r.key))).await;
     assert!(gets.iter().zip(&records).all(|(g, r)| g.as_ref().unwrap().as_ref() == Some(r)));

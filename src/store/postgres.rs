@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
     (2, "head identities", include_str!("../../migrations/postgres/0002_head_identities.sql")),
     (3, "lease tokens", include_str!("../../migrations/postgres/0003_lease_tokens.sql")),
+    (4, "value order", include_str!("../../migrations/postgres/0004_value_order.sql")),
 ];
 
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
@@ -60,6 +61,19 @@ pub const LOOKUP: &str = "\
         SELECT provider FROM providers \
         WHERE providers.key = k.key AND providers.expires_at > $2 LIMIT $3) p \
     LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2";
+
+/// Upsert of a value record; a stored IPNS record is replaced only by a better one or itself
+/// (see `Store::put_value`). The row lock of `ON CONFLICT` orders concurrent writers of a fleet:
+/// each compares against the committed winner, so a name never regresses.
+const PUT_VALUE: &str = "\
+    INSERT INTO value_records AS v (key, value, time_received, expires_at, seq, eol_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6) \
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, time_received = excluded.time_received, \
+        expires_at = excluded.expires_at, seq = excluded.seq, eol_ms = excluded.eol_ms \
+    WHERE excluded.seq IS NULL OR v.seq IS NULL OR v.expires_at <= now() \
+       OR excluded.seq > v.seq \
+       OR (excluded.seq = v.seq AND excluded.eol_ms > v.eol_ms) \
+       OR excluded.value = v.value";
 
 /// Deadlock or serialization failure: the statement may succeed if run again.
 fn is_transient(e: &tokio_postgres::Error) -> bool {
@@ -307,17 +321,19 @@ impl PgStore {
         })
     }
 
-    pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
+    pub async fn put_value(
+        &self,
+        r: &ValueRecord,
+        expires_at: i64,
+        order: Option<(i64, i64)>,
+    ) -> Result<bool, StoreError> {
         let client = self.conn().await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO value_records (key, value, time_received, expires_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-                 time_received = excluded.time_received, expires_at = excluded.expires_at",
-            )
+        let stmt = client.prepare_cached(PUT_VALUE).await?;
+        let (seq, eol) = order.unzip();
+        let n = client
+            .execute(&stmt, &[&r.key, &r.value, &r.time_received, &to_time(expires_at), &seq, &eol])
             .await?;
-        client.execute(&stmt, &[&r.key, &r.value, &r.time_received, &to_time(expires_at)]).await?;
-        Ok(())
+        Ok(n > 0)
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {

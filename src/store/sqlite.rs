@@ -22,11 +22,25 @@ use super::{ProviderWrite, StoreError, StoredProvider};
 use crate::identity::LeaseRow;
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
 
+/// Upsert of a value record; a stored IPNS record is replaced only by a better one or itself
+/// (see `Store::put_value`). Parameters: key, value, time_received, expires_at, seq, eol_ms.
+const PUT_VALUE: &str = "\
+    INSERT INTO value_records (key, value, time_received, expires_at, seq, eol_ms) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, time_received = excluded.time_received, \
+        expires_at = excluded.expires_at, seq = excluded.seq, eol_ms = excluded.eol_ms \
+    WHERE excluded.seq IS NULL OR value_records.seq IS NULL \
+       OR value_records.expires_at <= unixepoch('subsec') * 1000 \
+       OR excluded.seq > value_records.seq \
+       OR (excluded.seq = value_records.seq AND excluded.eol_ms > value_records.eol_ms) \
+       OR excluded.value = value_records.value";
+
 /// Migrations compiled into the binary: (version, description, SQL).
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "head identities", include_str!("../../migrations/sqlite/0002_head_identities.sql")),
     (3, "lease tokens", include_str!("../../migrations/sqlite/0003_lease_tokens.sql")),
+    (4, "value order", include_str!("../../migrations/sqlite/0004_value_order.sql")),
 ];
 
 /// Rows per INSERT statement: 3 bound parameters each stays far below SQLite's 32,766 limit.
@@ -247,19 +261,23 @@ impl SqliteStore {
         })
     }
 
-    pub async fn put_value(&self, r: &ValueRecord, expires_at: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO value_records (key, value, time_received, expires_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-             time_received = excluded.time_received, expires_at = excluded.expires_at",
-        )
-        .bind(&r.key)
-        .bind(&r.value)
-        .bind(&r.time_received)
-        .bind(expires_at)
-        .execute(&mut *self.acquire(&self.writer).await?)
-        .await?;
-        Ok(())
+    pub async fn put_value(
+        &self,
+        r: &ValueRecord,
+        expires_at: i64,
+        order: Option<(i64, i64)>,
+    ) -> Result<bool, StoreError> {
+        let (seq, eol) = order.unzip();
+        let done = sqlx::query(PUT_VALUE)
+            .bind(&r.key)
+            .bind(&r.value)
+            .bind(&r.time_received)
+            .bind(expires_at)
+            .bind(seq)
+            .bind(eol)
+            .execute(&mut *self.acquire(&self.writer).await?)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
