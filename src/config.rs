@@ -34,6 +34,15 @@ pub struct ConfigFile {
     pub heads: usize,
     /// IP address the heads listen on.
     pub listen_ip: String,
+    /// An IPv6 address the heads also listen on (same ports), e.g. `::`. Empty: IPv4 only (or
+    /// whatever family `listen_ip` is).
+    pub listen_ip6: String,
+    /// Addresses the heads advertise instead of their listen addresses (identify, sibling
+    /// answers, the routing API, the fleet's head list): multiaddr templates in which `{port}`
+    /// is the head's port, e.g. `/dns4/node-a.example.org/tcp/{port}` and
+    /// `/dns4/node-a.example.org/udp/{port}/quic-v1`. For NAT and containers, where the listen
+    /// address is a private one. Empty: the listen addresses.
+    pub announce: Vec<String>,
     /// Head i listens on TCP and UDP (QUIC) port `port_base + i`; 0 means ephemeral ports.
     pub port_base: u16,
     /// Directory for the embedded store and other local state.
@@ -276,6 +285,8 @@ impl Default for ConfigFile {
         Self {
             heads: 1,
             listen_ip: "0.0.0.0".into(),
+            listen_ip6: String::new(),
+            announce: Vec::new(),
             port_base: 0,
             data_dir: PathBuf::from("./hydra-data"),
             http_listen: "127.0.0.1:7779".into(),
@@ -363,6 +374,8 @@ impl Default for ProvidersSection {
 pub struct Overrides {
     pub heads: Option<usize>,
     pub listen_ip: Option<String>,
+    pub listen_ip6: Option<String>,
+    pub announce: Option<Vec<String>>,
     pub port_base: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub http_listen: Option<String>,
@@ -396,6 +409,12 @@ impl ConfigFile {
         }
         if let Some(v) = o.listen_ip {
             self.listen_ip = v;
+        }
+        if let Some(v) = o.listen_ip6 {
+            self.listen_ip6 = v;
+        }
+        if let Some(v) = o.announce {
+            self.announce = v;
         }
         if let Some(v) = o.port_base {
             self.port_base = v;

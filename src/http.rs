@@ -63,7 +63,11 @@ pub struct HeadInfo {
     #[serde(default)]
     pub identity: u32,
     pub peer_id: String,
+    /// Listen addresses.
     pub addrs: Vec<String>,
+    /// What the head advertises: `announce` addresses if configured, else `addrs`.
+    #[serde(default)]
+    pub advertised: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -307,6 +311,7 @@ async fn heads_list(State(s): State<AppState>, Query(q): Query<HeadsQuery>) -> R
                 identity: h.identity,
                 peer_id: h.peer_id.to_string(),
                 addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
+                advertised: h.advertised.load().iter().map(|a| a.to_string()).collect(),
             })
             .collect::<Vec<_>>(),
     )

@@ -82,6 +82,13 @@ struct NodeArgs {
     /// IP address the heads listen on.
     #[arg(long, env = "HYDRA_LISTEN_IP")]
     listen_ip: Option<String>,
+    /// An IPv6 address the heads also listen on, e.g. :: (empty: off).
+    #[arg(long, env = "HYDRA_LISTEN_IP6")]
+    listen_ip6: Option<String>,
+    /// Advertised address templates, comma-separated; {port} is the head's port, e.g.
+    /// /dns4/node-a.example.org/tcp/{port}.
+    #[arg(long, env = "HYDRA_ANNOUNCE", value_delimiter = ',')]
+    announce: Option<Vec<String>>,
     /// Head i listens on port_base+i (TCP and QUIC); 0 = ephemeral.
     #[arg(long, env = "HYDRA_PORT_BASE")]
     port_base: Option<u16>,
@@ -149,6 +156,8 @@ fn load(args: &NodeArgs) -> Result<ConfigFile, String> {
     file.apply(Overrides {
         heads: args.heads,
         listen_ip: args.listen_ip.clone(),
+        listen_ip6: args.listen_ip6.clone(),
+        announce: args.announce.clone(),
         port_base: args.port_base,
         data_dir: args.data_dir.clone(),
         http_listen: args.http_listen.clone(),

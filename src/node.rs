@@ -150,7 +150,7 @@ impl Node {
         // Every head answers with its siblings (DHT servers spread over the keyspace) from one
         // shared list; they stay out of kad's routing tables, so heads never dial each other.
         let siblings = crate::net::routing::Siblings::new(
-            starting.iter().map(|h| (h.shared.peer_id, h.shared.listen_addrs.clone())),
+            starting.iter().map(|h| (h.shared.peer_id, h.shared.advertised.clone())),
             cfg.address_filter,
         );
         for h in &mut starting {

@@ -120,6 +120,7 @@ fn heads_json(node: &hydra::Node) -> String {
             identity: h.identity,
             peer_id: h.peer_id.to_string(),
             addrs: h.listen_addrs.load().iter().map(|a| a.to_string()).collect(),
+            advertised: Vec::new(),
         })
         .collect();
     serde_json::to_string(&heads).unwrap()

@@ -16,7 +16,7 @@ both_backends!(
 use std::time::Duration;
 
 use common::{head_addrs, metric, start, Backend, KadClient, RawClient, WAIT};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt as _};
 use hydra::net::wire::{self, MessageType};
 use libp2p::kad::{self, PutRecordOk, QueryResult, Quorum, Record, RecordKey};
 use libp2p::PeerId;
@@ -292,4 +292,89 @@ async fn shutdown_lets_in_flight_requests_finish() {
     let reply = reply.expect("a request in flight at shutdown is answered, not reset");
     assert_eq!(reply.r#type, MessageType::GetProviders as i32);
     tokio::time::timeout(WAIT, stopping).await.expect("shutdown finishes").unwrap();
+}
+
+/// Behind NAT or in a container: with `announce` templates the heads advertise those addresses —
+/// in identify (and not their listen addresses), in sibling answers and in the fleet's head list
+/// — with each head's own port; with `listen_ip6` they also listen on IPv6 and serve there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_addresses_replace_listen_addresses_and_ipv6_serves_too() {
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::SwarmEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), 2);
+    // A documentation address (TEST-NET-2): only ever classified and compared, never dialled.
+    cfg.announce = vec!["/ip4/198.51.100.7/tcp/{port}".into()];
+    cfg.listen_ip6 = Some(std::net::Ipv6Addr::LOCALHOST);
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let tcp_port = |addrs: &[libp2p::Multiaddr], v6: bool| {
+        addrs
+            .iter()
+            .filter(|a| matches!(a.iter().next(), Some(Protocol::Ip6(_))) == v6)
+            .find_map(|a| a.iter().find_map(|p| if let Protocol::Tcp(port) = p { Some(port) } else { None }))
+    };
+    let mut announced = Vec::new();
+    for h in node.heads() {
+        let listen = h.listen_addrs.load();
+        let port = tcp_port(&listen, false).unwrap();
+        let want: libp2p::Multiaddr = format!("/ip4/198.51.100.7/tcp/{port}").parse().unwrap();
+        assert_eq!(**h.advertised.load(), vec![want.clone()], "head {}", h.index);
+        assert!(tcp_port(&listen, true).is_some(), "head {} listens on IPv6: {listen:?}", h.index);
+        announced.push((h.peer_id, want));
+    }
+
+    // Identify tells the announced address, not the 127.0.0.1 one.
+    let heads = head_addrs(&node);
+    let mut client = KadClient::new(&heads[..1]).await;
+    client.swarm.dial(heads[0].1.clone().with(Protocol::P2p(heads[0].0))).unwrap();
+    let info = tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::Behaviour(common::ClientBehaviourEvent::Identify(
+                libp2p::identify::Event::Received { peer_id, info, .. },
+            )) = client.swarm.select_next_some().await
+            {
+                if peer_id == heads[0].0 {
+                    return info;
+                }
+            }
+        }
+    })
+    .await
+    .expect("identify from head 0");
+    assert_eq!(info.listen_addrs, vec![announced[0].1.clone()]);
+
+    // Sibling answers carry the announced address.
+    let raw = RawClient::connect(&heads).await;
+    let reply = raw
+        .try_request(heads[0].0, &wire::encode_request(MessageType::FindNode, &random_key(), &[]))
+        .await
+        .unwrap();
+    let sibling = reply
+        .closer_peers
+        .iter()
+        .find(|p| p.id == heads[1].0.to_bytes())
+        .expect("head 1 answered as a sibling");
+    assert_eq!(sibling.addrs, vec![announced[1].1.to_vec()]);
+
+    // Over IPv6 loopback: FIND_NODE answered.
+    let v6: Vec<(PeerId, libp2p::Multiaddr)> = node
+        .heads()
+        .iter()
+        .map(|h| {
+            let a = h
+                .listen_addrs
+                .load()
+                .iter()
+                .find(|a| a.to_string().starts_with("/ip6/::1/tcp/"))
+                .unwrap()
+                .clone();
+            (h.peer_id, a)
+        })
+        .collect();
+    let raw6 = RawClient::connect(&v6[..1]).await;
+    assert!(raw6
+        .try_request(v6[0].0, &wire::encode_request(MessageType::FindNode, &random_key(), &[]))
+        .await
+        .is_some());
+    node.shutdown().await;
 }

@@ -43,6 +43,10 @@ pub enum StoreKind {
 pub struct Config {
     pub heads: usize,
     pub listen_ip: IpAddr,
+    /// A second (IPv6) listen address, if asked for.
+    pub listen_ip6: Option<std::net::Ipv6Addr>,
+    /// Advertised address templates (`{port}`: the head's port), validated.
+    pub announce: Vec<String>,
     pub port_base: u16,
     pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
@@ -77,6 +81,22 @@ impl ConfigFile {
             .listen_ip
             .parse()
             .map_err(|_| invalid("listen_ip", format!("not an IP address: {:?}", self.listen_ip)))?;
+        let listen_ip6 = match self.listen_ip6.as_str() {
+            "" => None,
+            v => Some(v.parse().map_err(|_| invalid("listen_ip6", format!("not an IPv6 address: {v:?}")))?),
+        };
+        for t in &self.announce {
+            let a: Multiaddr = t
+                .replace("{port}", "1")
+                .parse()
+                .map_err(|e| invalid("announce", format!("{t:?} is not a multiaddr template: {e}")))?;
+            if !a.iter().any(|p| matches!(p, Protocol::Tcp(_) | Protocol::Udp(_))) {
+                return Err(invalid("announce", format!("{t:?} names no tcp or udp port")));
+            }
+            if a.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                return Err(invalid("announce", format!("{t:?}: leave out /p2p (each head adds its own)")));
+            }
+        }
         if self.port_base != 0 && usize::from(self.port_base) + self.heads - 1 > usize::from(u16::MAX) {
             return Err(invalid(
                 "port_base",
@@ -199,6 +219,8 @@ impl ConfigFile {
             lease_ttl: self.identity.lease_ttl,
             heads: self.heads,
             listen_ip,
+            listen_ip6,
+            announce: self.announce.clone(),
             port_base: self.port_base,
             data_dir: self.data_dir.clone(),
             http_listen,
@@ -252,6 +274,18 @@ mod tests {
         assert!(f.validate().unwrap_err().to_string().starts_with("heads:"));
         let f = ConfigFile { listen_ip: "nope".into(), ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("listen_ip:"));
+        let f = ConfigFile { listen_ip6: "10.0.0.1".into(), ..Default::default() };
+        assert!(f.validate().unwrap_err().to_string().starts_with("listen_ip6:"));
+        for bad in [
+            "/dns4/x.example.org",
+            "/dns4/x/tcp/{port}/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            "nope",
+        ] {
+            let f = ConfigFile { announce: vec![bad.into()], ..Default::default() };
+            assert!(f.validate().unwrap_err().to_string().starts_with("announce:"), "{bad}");
+        }
+        let f = ConfigFile { announce: vec!["/dns4/x.example.org/tcp/{port}".into()], ..Default::default() };
+        assert!(f.validate().is_ok());
         let f = ConfigFile { bootstrap: vec!["/ip4/127.0.0.1/tcp/1".into()], ..Default::default() };
         assert!(f.validate().unwrap_err().to_string().starts_with("bootstrap:"));
         let f = ConfigFile { database_url: "mysql://u:secret@h/db".into(), ..Default::default() };

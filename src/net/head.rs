@@ -39,8 +39,11 @@ pub struct HeadShared {
     /// Index in the fleet's balanced identity sequence.
     pub identity: u32,
     pub peer_id: PeerId,
-    /// Current listen addresses (without `/p2p`); shared with the sibling list.
+    /// Current listen addresses (without `/p2p`).
     pub listen_addrs: Arc<ArcSwap<Vec<Multiaddr>>>,
+    /// What the head tells others to dial: the `announce` addresses if configured, else the
+    /// listen addresses (the same `ArcSwap`). Shared with the sibling list.
+    pub advertised: Arc<ArcSwap<Vec<Multiaddr>>>,
     /// Latest routing-table snapshot.
     pub routing: Arc<ArcSwap<RoutingSnapshot>>,
 }
@@ -113,7 +116,9 @@ pub async fn bind(
                 ),
                 identify: identify::Behaviour::new(
                     identify::Config::new("ipfs/0.1.0".into(), key.public())
-                        .with_agent_version(format!("hydra/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("hydra/{}", env!("CARGO_PKG_VERSION")))
+                        // With announce addresses, only they (external addresses) are told.
+                        .with_hide_listen_addrs(!cfg.announce.is_empty()),
                 ),
                 ping: ping::Behaviour::default(),
                 kad,
@@ -125,28 +130,35 @@ pub async fn bind(
         .build();
 
     let port = if cfg.port_base == 0 { 0 } else { cfg.port_base + index as u16 };
-    let ip = match cfg.listen_ip {
-        IpAddr::V4(ip) => Protocol::Ip4(ip),
-        IpAddr::V6(ip) => Protocol::Ip6(ip),
-    };
-    let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(port));
-    let quic = Multiaddr::empty().with(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1);
-    swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?;
-    if cfg.quic {
-        swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?;
+    let mut ips = vec![cfg.listen_ip];
+    ips.extend(cfg.listen_ip6.map(IpAddr::V6));
+    let mut pending = std::collections::HashSet::new();
+    for ip in ips {
+        let ip = match ip {
+            IpAddr::V4(ip) => Protocol::Ip4(ip),
+            IpAddr::V6(ip) => Protocol::Ip6(ip),
+        };
+        let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(port));
+        pending
+            .insert(swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?);
+        if cfg.quic {
+            let quic = Multiaddr::empty().with(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1);
+            pending.insert(
+                swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?,
+            );
+        }
     }
 
-    // Wait for the listeners to report an address (or fail).
+    // Wait for every listener to report an address (or fail).
     let mut addrs = Vec::new();
-    let (mut tcp_up, mut quic_up) = (false, !cfg.quic);
     let deadline = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(deadline);
-    while !(tcp_up && quic_up) {
+    while !pending.is_empty() {
         tokio::select! {
             _ = &mut deadline => anyhow::bail!("head {index}: listeners not up after 10 s"),
             ev = swarm.select_next_some() => match ev {
-                SwarmEvent::NewListenAddr { address, .. } => {
-                    if address.iter().any(|p| matches!(p, Protocol::QuicV1)) { quic_up = true } else { tcp_up = true }
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    pending.remove(&listener_id);
                     addrs.push(address);
                 }
                 SwarmEvent::ListenerClosed { reason: Err(e), .. } | SwarmEvent::ListenerError { error: e, .. } => {
@@ -156,6 +168,17 @@ pub async fn bind(
             },
         }
     }
+    let listen_addrs = Arc::new(ArcSwap::from_pointee(addrs.clone()));
+    let advertised = if cfg.announce.is_empty() {
+        listen_addrs.clone()
+    } else {
+        let announced = announced(&cfg.announce, &addrs);
+        for a in &announced {
+            swarm.add_external_address(a.clone());
+            tracing::info!(head = index, "head {index} announces {}", a.clone().with(Protocol::P2p(peer_id)));
+        }
+        Arc::new(ArcSwap::from_pointee(announced))
+    };
     for a in &addrs {
         tracing::info!(
             head = index,
@@ -168,10 +191,33 @@ pub async fn bind(
         index,
         identity,
         peer_id,
-        listen_addrs: Arc::new(ArcSwap::from_pointee(addrs)),
+        listen_addrs,
+        advertised,
         routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
     });
     Ok(StartingHead { shared, siblings: Arc::default(), swarm, filter: cfg.address_filter, metrics })
+}
+
+/// The announce templates with `{port}` filled in: a template naming `/udp/` gets the port of
+/// the head's first UDP (QUIC) listener, any other its first TCP listener's. Templates whose
+/// port cannot be known (no such listener) are left out.
+fn announced(templates: &[String], listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    let port_of = |udp: bool| {
+        listening.iter().find_map(|a| {
+            a.iter().find_map(|p| match p {
+                Protocol::Udp(port) if udp => Some(port),
+                Protocol::Tcp(port) if !udp => Some(port),
+                _ => None,
+            })
+        })
+    };
+    templates
+        .iter()
+        .filter_map(|t| {
+            let port = port_of(t.contains("/udp/"))?;
+            t.replace("{port}", &port.to_string()).parse().ok()
+        })
+        .collect()
 }
 
 impl StartingHead {
@@ -269,5 +315,34 @@ impl StartingHead {
             SwarmEvent::ConnectionClosed { .. } => true,
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announce_templates_take_the_port_of_their_transport() {
+        let listening: Vec<Multiaddr> = vec![
+            "/ip4/10.0.0.5/tcp/4001".parse().unwrap(),
+            "/ip4/10.0.0.5/udp/4101/quic-v1".parse().unwrap(),
+        ];
+        let got = announced(
+            &["/dns4/a.example.org/tcp/{port}".into(), "/ip4/203.0.113.9/udp/{port}/quic-v1".into()],
+            &listening,
+        );
+        assert_eq!(
+            got,
+            vec![
+                "/dns4/a.example.org/tcp/4001".parse::<Multiaddr>().unwrap(),
+                "/ip4/203.0.113.9/udp/4101/quic-v1".parse().unwrap()
+            ]
+        );
+        assert!(
+            announced(&["/ip4/1.2.3.4/udp/{port}/quic-v1".into()], &listening[..1]).is_empty(),
+            "no UDP listener"
+        );
+        assert_eq!(announced(&["/ip4/1.2.3.4/tcp/4001".into()], &listening).len(), 1, "a fixed address");
     }
 }

@@ -57,7 +57,7 @@ impl Heartbeat {
             .heads
             .iter()
             .map(|h| {
-                let addrs: Vec<String> = h.listen_addrs.load().iter().map(|a| a.to_string()).collect();
+                let addrs: Vec<String> = h.advertised.load().iter().map(|a| a.to_string()).collect();
                 (h.identity, addrs.join(" "))
             })
             .collect();
