@@ -54,6 +54,16 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Exit 0 if a running node is ready (`GET /readyz`: every head listens and the datastore
+    /// answers), else 1 with the reason: for container health checks.
+    Ready {
+        /// The node's operator or metrics listener, e.g. http://127.0.0.1:7779 (default: from
+        /// http_listen).
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Configuration helpers.
@@ -206,7 +216,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match &cli.command {
         Command::Run(a) | Command::Migrate(a) => a,
-        Command::Heads { node, .. } | Command::Providers { node, .. } | Command::Status { node, .. } => node,
+        Command::Heads { node, .. }
+        | Command::Providers { node, .. }
+        | Command::Status { node, .. }
+        | Command::Ready { node, .. } => node,
         Command::Config { command: ConfigCommand::Check(a) } => a,
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -240,6 +253,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Status { json, url, .. } => status(&cfg, url.as_deref(), json),
+        Command::Ready { url, .. } => {
+            http_get(&node_url(&cfg, url.as_deref()), "/readyz").map(|b| print!("{b}"))
+        }
         Command::Providers { cid, json, limit, .. } => match hydra::keys::parse_provider_key(&cid) {
             Err(e) => Err(Failure(EXIT_CONFIG, format!("{cid:?} is not a CID or multihash: {e}"))),
             Ok(key) => match rt() {
@@ -359,8 +375,9 @@ fn http_get(base: &str, path: &str) -> Result<String, Failure> {
     Ok(body.to_string())
 }
 
-fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Failure> {
-    let base = match url {
+/// `--url`, else the configured `http_listen` (an unspecified address asked on loopback).
+fn node_url(cfg: &hydra::Config, url: Option<&str>) -> String {
+    match url {
         Some(u) => u.to_string(),
         None => {
             let mut a = cfg.http_listen;
@@ -369,8 +386,11 @@ fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Fail
             }
             format!("http://{a}")
         }
-    };
-    let body = http_get(&base, "/v1/status")?;
+    }
+}
+
+fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Failure> {
+    let body = http_get(&node_url(cfg, url), "/v1/status")?;
     if json {
         println!("{}", body.trim());
         return Ok(());

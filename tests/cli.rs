@@ -296,6 +296,13 @@ fn read_commands_show_a_running_nodes_records_status_and_heads() {
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.starts_with("tier ") && table.contains("runtime_lag_ms"), "{table}");
 
+    // Readiness for container health checks.
+    let out = hydra().args(["ready", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n");
+    let out = hydra().args(["ready", "--url", "http://127.0.0.1:1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
     // Heads of the fleet (this one process) from the store.
     let out = hydra().args(["heads", "--json", "--data-dir", data_s]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -188,7 +188,10 @@ impl PgStore {
     /// Apply pending migrations (sqlx holds an advisory lock while it does).
     pub async fn migrate(url: &str) -> Result<(), StoreError> {
         let mut conn = sqlx::PgConnection::connect(url).await?;
-        let migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        let mut migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        // Rolling upgrades: a process may start on a schema a newer version already migrated
+        // (migrations are additive: docs/decisions/2026-12-01-routing-api-and-ipns.md).
+        migrator.set_ignore_missing(true);
         migrator.run(&mut conn).await?;
         conn.close().await?;
         Ok(())

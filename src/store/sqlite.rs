@@ -119,7 +119,10 @@ impl SqliteStore {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        let mut migrator = Migrator::new(Embedded(MIGRATIONS)).await?;
+        // Rolling upgrades: a process may start on a schema a newer version already migrated
+        // (migrations are additive: docs/decisions/2026-12-01-routing-api-and-ipns.md).
+        migrator.set_ignore_missing(true);
         migrator.run(&self.writer).await?;
         Ok(())
     }

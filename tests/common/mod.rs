@@ -190,7 +190,12 @@ impl Process {
 
     /// Start the binary without waiting for it (see [`Launched::started`]).
     pub fn launch(args: &[&str], envs: &[(&str, &str)]) -> Launched {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hydra"));
+        Self::launch_bin(std::path::Path::new(env!("CARGO_BIN_EXE_hydra")), args, envs)
+    }
+
+    /// Like [`Self::launch`], with another `hydra` binary (e.g. a previous release).
+    pub fn launch_bin(bin: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Launched {
+        let mut cmd = std::process::Command::new(bin);
         cmd.env_remove("RUST_LOG");
         for (k, _) in std::env::vars() {
             if k.starts_with("HYDRA_") {
