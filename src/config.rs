@@ -78,6 +78,41 @@ pub struct ConfigFile {
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
     pub load: LoadSection,
+    pub profiles: ProfilesSection,
+}
+
+/// Heap and CPU profiles (`GET /debug/pprof/…`, loopback clients only) and automatic heap
+/// profiles when memory runs high.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilesSection {
+    /// A heap profile is written when RSS reaches this fraction of the memory limit.
+    pub heap_dump_at_memory_fraction: f64,
+    /// The memory limit, MiB. 0: the cgroup's limit (none found: no automatic profiles).
+    pub memory_limit_mib: u64,
+    /// Where automatic heap profiles go. Empty: `data_dir/profiles`.
+    pub dir: String,
+    /// Profiles kept in `dir`; the oldest are removed beyond it.
+    pub max_files: usize,
+    /// At most one automatic profile per this long.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// How often RSS is compared with the threshold.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for ProfilesSection {
+    fn default() -> Self {
+        Self {
+            heap_dump_at_memory_fraction: 0.9,
+            memory_limit_mib: 0,
+            dir: String::new(),
+            max_files: 10,
+            cooldown: Duration::from_secs(600),
+            check_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Head-identity leases.
@@ -305,6 +340,7 @@ impl Default for ConfigFile {
             providers: ProvidersSection::default(),
             postgres: PostgresSection::default(),
             load: LoadSection::default(),
+            profiles: ProfilesSection::default(),
         }
     }
 }

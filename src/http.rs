@@ -2,7 +2,7 @@
 //! public Delegated Routing V1 API.
 //!
 //! The operator API is bound to `http_listen` (loopback by default). Bound wider, its admin
-//! paths (`POST /v1/config/reload`) still answer loopback clients only; for a Prometheus on
+//! paths (`POST /v1/config/reload`, `/debug/pprof/…`) still answer loopback clients only; for a Prometheus on
 //! another host, `metrics_listen` serves `/metrics`, `/healthz` and `/readyz` and nothing else.
 //! Handlers read published state only (head addresses, the metrics registry); none of them
 //! touches a swarm. Only `/v1/heads?fleet=true`, `/v1/providers/{cid}` (operator queries, rare)
@@ -96,6 +96,8 @@ pub fn serve(
         .route("/v1/status", get(status))
         .route("/v1/providers/{cid}", get(providers))
         .route("/v1/config/reload", post(reload))
+        .route("/debug/pprof/heap", get(heap_profile))
+        .route("/debug/pprof/profile", get(cpu_profile))
         .with_state(state)
         .into_make_service_with_connect_info::<SocketAddr>();
     let fut = async move {
@@ -269,11 +271,58 @@ async fn providers(
     }
 }
 
+fn loopback_only(peer: &SocketAddr, what: &str) -> Option<Response> {
+    (!peer.ip().is_loopback())
+        .then(|| (StatusCode::FORBIDDEN, format!("{what} is allowed from loopback only\n")).into_response())
+}
+
+fn profile_response(res: Result<Vec<u8>, crate::profiles::ProfileError>, name: &str) -> Response {
+    use crate::profiles::ProfileError;
+    match res {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e @ ProfileError::HeapInactive) => {
+            (StatusCode::NOT_IMPLEMENTED, format!("{e}\n")).into_response()
+        }
+        Err(e @ ProfileError::Busy) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `GET /debug/pprof/heap` (loopback clients only): live allocations, sampled, gzipped pprof.
+async fn heap_profile(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    if let Some(r) = loopback_only(&peer, "profiling") {
+        return r;
+    }
+    profile_response(crate::profiles::heap_pprof().await, "heap.pb.gz")
+}
+
+#[derive(serde::Deserialize)]
+struct ProfileQuery {
+    seconds: Option<u64>,
+}
+
+/// `GET /debug/pprof/profile?seconds=N` (loopback clients only; 1..=60, default 10): a CPU
+/// profile, pprof protobuf; 409 while another is being taken.
+async fn cpu_profile(ConnectInfo(peer): ConnectInfo<SocketAddr>, Query(q): Query<ProfileQuery>) -> Response {
+    if let Some(r) = loopback_only(&peer, "profiling") {
+        return r;
+    }
+    let seconds = q.seconds.unwrap_or(10).clamp(1, 60);
+    profile_response(crate::profiles::cpu_pprof(seconds).await, "cpu.pb")
+}
+
 /// `POST /v1/config/reload` (loopback clients only): re-read `[load]` from the config file.
 /// 200 with the applied section, or 400 with the reason the old settings stay.
 async fn reload(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
-    if !peer.ip().is_loopback() {
-        return (StatusCode::FORBIDDEN, "config reload is allowed from loopback only\n").into_response();
+    if let Some(r) = loopback_only(&peer, "config reload") {
+        return r;
     }
     match s.reloader.reload() {
         Ok(section) => Json(section).into_response(),

@@ -10,7 +10,8 @@
 //!   peer IDs as people and HTTP clients write them;
 //! - [`metrics`]: every metric, registered by handle;
 //! - [`load`]: tiers, what each tier does, the statement budget, per-peer limits, reloads;
-//! - [`store`]: SQLite and PostgreSQL behind one timed handle, identity leases;
+//! - [`store`]: SQLite and PostgreSQL behind one timed handle, identity leases; [`profiles`]:
+//!   heap and CPU profiles, automatic heap profiles when memory runs high;
 //! - [`providers`]: the provider manager (write buffer, cached and batched reads, GC);
 //! - [`net`]: heads, inbound streams, request handling, wire format, routing snapshots;
 //! - [`http`]: metrics endpoint, health and the operator API;
@@ -27,6 +28,7 @@ pub mod load;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod profiles;
 pub mod providers;
 pub mod sharded;
 pub mod store;

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub heads: HeadMetrics,
     pub load: LoadMetrics,
     pub routing_api: RoutingApiMetrics,
+    /// Heap profiles written because memory ran high (`profiles.rs`).
+    pub heap_profiles: IntCounter,
 }
 
 /// The Delegated Routing V1 listener (`routing_listen`).
@@ -503,6 +505,14 @@ impl Metrics {
             heads: HeadMetrics { routing_table_peers, connections, up },
             load,
             routing_api: RoutingApiMetrics::new(registry),
+            heap_profiles: reg(
+                registry,
+                IntCounter::new(
+                    "hydra_profiles_heap_dumps_total",
+                    "Heap profiles written because RSS reached profiles.heap_dump_at_memory_fraction of the memory limit",
+                )
+                .unwrap(),
+            ),
         }
     }
 }

@@ -175,6 +175,17 @@ impl Node {
             move |tier| intake.set_accepting(Policy::of(tier).new_streams)
         });
         tasks.spawn(crate::load::lag_probe(metrics.load.runtime_lag.clone(), cancel.clone()));
+        let profile_dir = if cfg.profiles.dir.is_empty() {
+            cfg.data_dir.join("profiles")
+        } else {
+            std::path::PathBuf::from(&cfg.profiles.dir)
+        };
+        tasks.spawn(crate::profiles::watch(
+            cfg.profiles.clone(),
+            profile_dir,
+            metrics.heap_profiles.clone(),
+            cancel.clone(),
+        ));
         tasks.spawn(load.clone().run(
             metrics.datastore.clone(),
             Arc::new(NodeSignals { providers: providers.clone(), intake: intake.clone() }),

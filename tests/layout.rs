@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "keys"],
     &["metrics"],
     &["load"],
-    &["store"],
+    &["store", "profiles"],
     &["providers"],
     &["net"],
     &["http"],

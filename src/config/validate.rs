@@ -9,7 +9,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 
 use super::{
     host_name, redact_url, AddressFilter, ConfigFile, LimitsSection, LoadSection, LogFormat, PostgresSection,
-    ProvidersSection, RoutingApiSection,
+    ProfilesSection, ProvidersSection, RoutingApiSection,
 };
 
 /// A configuration error that names the offending field.
@@ -67,6 +67,7 @@ pub struct Config {
     pub providers: ProvidersSection,
     pub postgres: PostgresSection,
     pub load: LoadSection,
+    pub profiles: ProfilesSection,
     /// The file this configuration was read from (reloads of `[load]` read it again).
     pub config_file: Option<PathBuf>,
 }
@@ -125,6 +126,13 @@ impl ConfigFile {
         positive("routing_api.max_connections", r.max_connections)?;
         nonzero_duration("routing_api.header_timeout", r.header_timeout)?;
         nonzero_duration("routing_api.request_timeout", r.request_timeout)?;
+        let pr = &self.profiles;
+        if !(pr.heap_dump_at_memory_fraction > 0.0 && pr.heap_dump_at_memory_fraction <= 1.0) {
+            return Err(invalid("profiles.heap_dump_at_memory_fraction", "must be in (0, 1]"));
+        }
+        positive("profiles.max_files", pr.max_files)?;
+        nonzero_duration("profiles.cooldown", pr.cooldown)?;
+        nonzero_duration("profiles.check_interval", pr.check_interval)?;
         let mut bootstrap = Vec::with_capacity(self.bootstrap.len());
         for s in &self.bootstrap {
             let addr: Multiaddr =
@@ -236,6 +244,7 @@ impl ConfigFile {
             providers: self.providers.clone(),
             postgres: self.postgres.clone(),
             load: self.load.clone(),
+            profiles: self.profiles.clone(),
             config_file: None,
         })
     }

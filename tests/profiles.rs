@@ -1,0 +1,144 @@
+//! Profiles as an operator gets them from the shipped binary (jemalloc, heap profiler on): an
+//! automatic heap profile when RSS passes a (here forced) fraction of the memory limit, whose
+//! samples name the node's own allocation sites; heap and CPU profiles on the operator API.
+
+mod common;
+
+use std::io::Read as _;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+
+/// The parts of pprof's `profile.proto` a test needs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Profile {
+    #[prost(message, repeated, tag = "2")]
+    sample: Vec<Sample>,
+    #[prost(message, repeated, tag = "4")]
+    location: Vec<Location>,
+    #[prost(message, repeated, tag = "5")]
+    function: Vec<Function>,
+    #[prost(string, repeated, tag = "6")]
+    string_table: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Sample {
+    #[prost(uint64, repeated, tag = "1")]
+    location_id: Vec<u64>,
+    #[prost(int64, repeated, tag = "2")]
+    value: Vec<i64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Location {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(message, repeated, tag = "4")]
+    line: Vec<Line>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Line {
+    #[prost(uint64, tag = "1")]
+    function_id: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Function {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(int64, tag = "2")]
+    name: i64,
+}
+
+fn decode(bytes: &[u8]) -> Profile {
+    let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+        out
+    } else {
+        bytes.to_vec()
+    };
+    Profile::decode(raw.as_slice()).expect("a pprof profile")
+}
+
+/// Names of the functions on the stacks of the profile's samples.
+fn sampled_functions(p: &Profile) -> Vec<String> {
+    let mut names = Vec::new();
+    for s in &p.sample {
+        for id in &s.location_id {
+            let Some(loc) = p.location.iter().find(|l| l.id == *id) else { continue };
+            for line in &loc.line {
+                if let Some(f) = p.function.iter().find(|f| f.id == line.function_id) {
+                    names.push(p.string_table.get(f.name as usize).cloned().unwrap_or_default());
+                }
+            }
+        }
+    }
+    names
+}
+
+fn http_bytes(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::Write as _;
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(common::WAIT)).unwrap();
+    write!(sock, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    sock.read_to_end(&mut out).unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = String::from_utf8_lossy(&out[..split]).split(' ').nth(1).unwrap().parse().unwrap();
+    (status, out[split + 4..].to_vec())
+}
+
+#[test]
+fn memory_near_the_limit_writes_a_heap_profile_naming_our_allocation_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = dir.path().join("profiles");
+    let config = dir.path().join("hydra.toml");
+    // The threshold forced low: a 1 GiB limit, a profile at 0.1 % of it (any running node).
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles]\nmemory_limit_mib = 1024\nheap_dump_at_memory_fraction = 0.001\ncheck_interval = \"200ms\"\ndir = {:?}\n",
+            profiles.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let p = common::Process::spawn(
+        &["run", "--heads", "2", "--listen-ip", "127.0.0.1", "--http-listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    let start = Instant::now();
+    let file = loop {
+        let found = std::fs::read_dir(&profiles).ok().and_then(|mut d| d.next()).map(|e| e.unwrap().path());
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(start.elapsed() < common::WAIT, "no heap profile in {}", profiles.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200)); // written in one call; let it finish
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with("heap-") && name.ends_with(".pb.gz"), "{name}");
+    let profile = decode(&std::fs::read(&file).unwrap());
+    assert!(!profile.sample.is_empty(), "an empty profile is not a profile");
+    let names = sampled_functions(&profile);
+    // Our own code allocated at start-up: the heads, the caches, the buffers.
+    assert!(names.iter().any(|n| n.starts_with("hydra::")), "no hydra:: frame among {} names", names.len());
+    assert!(p.get("/metrics").contains("hydra_profiles_heap_dumps_total 1"));
+
+    // On demand, on the operator API.
+    let (status, heap) = http_bytes(&p.http, "/debug/pprof/heap");
+    assert_eq!(status, 200);
+    assert!(!decode(&heap).sample.is_empty());
+    let (status, cpu) = http_bytes(&p.http, "/debug/pprof/profile?seconds=1");
+    assert_eq!(status, 200);
+    let cpu = decode(&cpu);
+    assert!(!cpu.string_table.is_empty(), "a CPU profile with its string table");
+    assert!(p.stop());
+}
