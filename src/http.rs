@@ -81,32 +81,20 @@ pub async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener>
     tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))
 }
 
-/// The server on `listener`; returns its address and the future that serves until `cancel`.
+/// The operator API on `listener`; returns its address and the future that serves until `cancel`.
 pub fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let local = listener.local_addr()?;
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let app = health_routes()
         .route("/v1/heads", get(heads_list))
         .route("/v1/status", get(status))
         .route("/v1/providers/{cid}", get(providers))
         .route("/v1/config/reload", post(reload))
         .route("/debug/pprof/heap", get(heap_profile))
-        .route("/debug/pprof/profile", get(cpu_profile))
-        .with_state(state)
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let fut = async move {
-        let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    };
-    Ok((local, fut))
+        .route("/debug/pprof/profile", get(cpu_profile));
+    serve_router(listener, app.with_state(state), cancel, "HTTP server")
 }
 
 /// The metrics-only server (`metrics_listen`): `/metrics`, `/healthz`, `/readyz`.
@@ -115,16 +103,29 @@ pub fn serve_metrics(
     state: AppState,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let local = listener.local_addr()?;
-    let app = Router::new()
+    serve_router(listener, health_routes().with_state(state), cancel, "metrics server")
+}
+
+/// `/healthz`, `/readyz`, `/metrics`: on both listeners.
+fn health_routes() -> Router<AppState> {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
+}
+
+fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+    what: &'static str,
+) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let local = listener.local_addr()?;
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let fut = async move {
         let res = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         if let Err(e) = res {
-            tracing::error!(error = %e, "metrics server failed");
+            tracing::error!(error = %e, "{what} failed");
         }
     };
     Ok((local, fut))

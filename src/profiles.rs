@@ -120,13 +120,17 @@ fn save(dir: &Path, profile: &[u8], rss: u64, max_files: usize) -> std::io::Resu
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let path = dir.join(format!("heap-{secs}-rss{}MiB.pb.gz", rss >> 20));
     std::fs::write(&path, profile)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+    // heap-<unix seconds>-…: oldest first.
+    let written = |p: &PathBuf| -> Option<u64> {
+        p.file_name()?.to_str()?.strip_prefix("heap-")?.split('-').next()?.parse().ok()
+    };
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("heap-")))
+        .filter_map(|p| Some((written(&p)?, p)))
         .collect();
-    files.sort(); // heap-<unix seconds>-…: oldest first
+    files.sort();
     while files.len() > max_files {
-        let _ = std::fs::remove_file(files.remove(0));
+        let _ = std::fs::remove_file(files.remove(0).1);
     }
     Ok(path)
 }
@@ -185,17 +189,18 @@ mod tests {
     #[test]
     fn only_the_newest_profiles_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        for i in 0..5 {
-            std::fs::write(dir.path().join(format!("heap-{}-rss1MiB.pb.gz", 1000 + i)), b"x").unwrap();
+        // Older ones, one with fewer digits (sorted by number, not as text).
+        for secs in [999, 1000, 1001, 1002, 1003] {
+            std::fs::write(dir.path().join(format!("heap-{secs}-rss1MiB.pb.gz")), b"x").unwrap();
         }
-        save(dir.path(), b"new", 5 << 20, 3).unwrap();
+        let new = save(dir.path(), b"new", 5 << 20, 3).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names.len(), 3);
-        assert!(names[0].starts_with("heap-1004"), "{names:?}");
+        let new = new.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(names, vec!["heap-1002-rss1MiB.pb.gz".to_string(), "heap-1003-rss1MiB.pb.gz".into(), new]);
     }
 
     #[test]

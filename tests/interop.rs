@@ -62,27 +62,38 @@ struct JsResult {
     retried: u32,
 }
 
-async fn run_js(heads_json: &str, mode: &str, count: u32) -> JsResult {
+/// Run `node <script> <args…>` in `tests/js` (one js scenario at a time) within `limit`; its
+/// last stdout line parsed as JSON.
+async fn run_script<T: serde::de::DeserializeOwned>(
+    script: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+    limit: Duration,
+) -> T {
     let _one_at_a_time = JS.lock().await;
     let child = tokio::process::Command::new("node")
-        .arg("interop.mjs")
-        .arg(mode)
-        .arg(count.to_string())
-        .env("HEADS", heads_json)
+        .arg(script)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(js_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .expect("node is installed");
-    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+    let out = tokio::time::timeout(limit, child.wait_with_output())
         .await
-        .expect("js peer finishes within 5 minutes")
+        .unwrap_or_else(|_| panic!("{script} {args:?} finishes within {limit:?}"))
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "js peer failed ({}); stdout: {stdout}", out.status);
-    let line = stdout.lines().last().expect("js peer printed a result");
+    assert!(out.status.success(), "{script} {args:?} failed ({}); stdout: {stdout}", out.status);
+    let line = stdout.lines().last().expect("the script printed a result");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad js result {line:?}: {e}"))
+}
+
+async fn run_js(heads_json: &str, mode: &str, count: u32) -> JsResult {
+    let envs = [("HEADS", heads_json.to_string())];
+    run_script("interop.mjs", &[mode, &count.to_string()], &envs, Duration::from_secs(300)).await
 }
 
 /// Shed counts of the node, for failure messages.
@@ -168,25 +179,7 @@ async fn node_with_routing_api(dir: &std::path::Path, backend: Backend) -> hydra
 
 /// Run `node routing.mjs <mode>` and parse its JSON line.
 async fn run_routing_js(mode: &str, envs: &[(&str, String)]) -> serde_json::Value {
-    let _one_at_a_time = JS.lock().await;
-    let child = tokio::process::Command::new("node")
-        .arg("routing.mjs")
-        .arg(mode)
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .current_dir(js_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("js finishes within 2 minutes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "routing.mjs {mode} failed ({}); stdout: {stdout}", out.status);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("bad js result {stdout:?}: {e}"))
+    run_script("routing.mjs", &[mode], envs, Duration::from_secs(120)).await
 }
 
 /// Helia's routing client (`@helia/delegated-routing-v1-http-api-client`) finds, over HTTP, the

@@ -79,18 +79,6 @@ fn sampled_functions(p: &Profile) -> Vec<String> {
     names
 }
 
-fn http_bytes(addr: &str, path: &str) -> (u16, Vec<u8>) {
-    use std::io::Write as _;
-    let mut sock = std::net::TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(common::WAIT)).unwrap();
-    write!(sock, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = Vec::new();
-    sock.read_to_end(&mut out).unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let status = String::from_utf8_lossy(&out[..split]).split(' ').nth(1).unwrap().parse().unwrap();
-    (status, out[split + 4..].to_vec())
-}
-
 #[test]
 fn memory_near_the_limit_writes_a_heap_profile_naming_our_allocation_sites() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,10 +121,10 @@ fn memory_near_the_limit_writes_a_heap_profile_naming_our_allocation_sites() {
     assert!(p.get("/metrics").contains("hydra_profiles_heap_dumps_total 1"));
 
     // On demand, on the operator API.
-    let (status, heap) = http_bytes(&p.http, "/debug/pprof/heap");
+    let (status, heap) = p.get_bytes("/debug/pprof/heap");
     assert_eq!(status, 200);
     assert!(!decode(&heap).sample.is_empty());
-    let (status, cpu) = http_bytes(&p.http, "/debug/pprof/profile?seconds=1");
+    let (status, cpu) = p.get_bytes("/debug/pprof/profile?seconds=1");
     assert_eq!(status, 200);
     let cpu = decode(&cpu);
     assert!(!cpu.string_table.is_empty(), "a CPU profile with its string table");

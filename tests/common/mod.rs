@@ -271,13 +271,22 @@ impl Launched {
 impl Process {
     /// GET `path` from the process's HTTP server; returns the body.
     pub fn get(&self, path: &str) -> String {
+        String::from_utf8_lossy(&self.get_bytes(path).1).into_owned()
+    }
+
+    /// GET `path` from the process's HTTP server; returns (status code, body bytes). Blocking
+    /// (std sockets), so it also works inside async tests.
+    pub fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
         use std::io::{Read, Write};
         let mut sock = std::net::TcpStream::connect(&self.http).unwrap();
         sock.set_read_timeout(Some(WAIT)).unwrap();
-        write!(sock, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        sock.read_to_string(&mut resp).unwrap();
-        resp.split_once("\r\n\r\n").unwrap().1.to_string()
+        write!(sock, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        sock.read_to_end(&mut out).unwrap();
+        let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete HTTP head");
+        let head = String::from_utf8_lossy(&out[..split]);
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, out[split + 4..].to_vec())
     }
 
     /// Heads listed by `/v1/heads`, as (peer id, TCP address).
@@ -513,16 +522,8 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// `method path` (no body) to an HTTP server on `addr`; returns (status code, body).
 pub async fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, sock.read_to_end(&mut out)).await.expect("HTTP reply in time").unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, body.to_string())
+    let r = http_call(addr.parse().expect("a socket address"), method, path, &[], b"").await;
+    (r.status, r.text())
 }
 
 /// Percent-encode a query-string value.
