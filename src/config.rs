@@ -492,8 +492,18 @@ impl ConfigFile {
 
     /// The effective configuration as TOML, with any password in the database URL redacted.
     pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(&self.redacted()).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The same as JSON (`hydra config check --json`).
+    pub fn to_redacted_json(&self) -> String {
+        serde_json::to_string_pretty(&self.redacted())
+            .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+    }
+
+    fn redacted(&self) -> Self {
         let mut shown = self.clone();
         shown.database_url = redact_url(&self.database_url);
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        shown
     }
 }

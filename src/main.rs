@@ -88,7 +88,13 @@ enum Command {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate the configuration and print the effective values (passwords redacted).
-    Check(NodeArgs),
+    Check {
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 /// Flags shared by the commands that build a configuration. Each flag may also come from its
@@ -232,7 +238,7 @@ fn main() -> ExitCode {
         | Command::Providers { node, .. }
         | Command::Status { node, .. }
         | Command::Ready { node, .. } => node,
-        Command::Config { command: ConfigCommand::Check(a) } => a,
+        Command::Config { command: ConfigCommand::Check { node, .. } } => node,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(*shell, &mut Cli::command(), "hydra", &mut std::io::stdout());
@@ -260,8 +266,12 @@ fn main() -> ExitCode {
         })
     };
     let res: Result<(), Failure> = match cli.command {
-        Command::Config { .. } => {
-            print!("{}", file.to_redacted_toml());
+        Command::Config { command: ConfigCommand::Check { json, .. } } => {
+            if json {
+                println!("{}", file.to_redacted_json());
+            } else {
+                print!("{}", file.to_redacted_toml());
+            }
             Ok(())
         }
         Command::Status { json, url, .. } => status(&cfg, url.as_deref(), json),

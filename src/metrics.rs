@@ -43,7 +43,8 @@ pub struct RoutingApiMetrics {
     /// Answered requests by endpoint and status code.
     pub requests: IntCounterVec,
     /// Requests (or connections) refused by a limit, by reason: `rate`, `concurrency`,
-    /// `connections`, `timeout`, `body_too_large`, `tier` (the load tier shed the lookup).
+    /// `connections`, `timeout`, `body_too_large`, `shed` (the load tier, a read deadline or a
+    /// failing datastore: also in `hydra_load_shed_total`).
     pub refused: IntCounterVec,
     /// Time to answer, by endpoint.
     pub duration: HistogramVec,
@@ -56,7 +57,7 @@ impl RoutingApiMetrics {
     pub const ENDPOINTS: [&'static str; 6] =
         ["providers", "peers", "closest_peers", "ipns_get", "ipns_put", "other"];
     pub const REFUSALS: [&'static str; 6] =
-        ["rate", "concurrency", "connections", "timeout", "body_too_large", "tier"];
+        ["rate", "concurrency", "connections", "timeout", "body_too_large", "shed"];
 
     fn new(registry: &Registry) -> Self {
         let m = Self {

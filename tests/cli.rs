@@ -106,6 +106,16 @@ fn config_check_prints_the_layered_effective_config() {
     assert_eq!(eff.database_url, "postgres://hydra:***@db/hydra");
     assert!(!text.contains("hunter2"));
     assert!(eff.bootstrap.is_empty(), "no bootstrap peers unless asked");
+    // The same as JSON.
+    let out = hydra()
+        .args(["config", "check", "--json", "--port-base", "5000"])
+        .env("HYDRA_DATABASE_URL", "postgres://hydra:hunter2@db/hydra")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["port_base"], 5000);
+    assert_eq!(v["database_url"], "postgres://hydra:***@db/hydra");
 }
 
 #[test]

@@ -189,6 +189,7 @@ async fn a_shed_lookup_is_a_503_never_a_cacheable_empty_answer() {
     let r = http_call(api(&node), "GET", &format!("/routing/v1/dht/closest/peers/{cid}"), &[], b"").await;
     assert_eq!(r.status, 200);
     assert!(common::metric(&node, "hydra_load_shed_total", &[("tier", "refuse"), ("reason", "tier")]) >= 1.0);
+    assert!(common::metric(&node, "hydra_routing_api_refused_total", &[("reason", "shed")]) >= 1.0);
     node.shutdown().await;
 }
 
@@ -225,6 +226,10 @@ async fn the_public_listener_limits_rate_bodies_concurrency_and_silent_clients()
         http_call_from(c, api(&node), "PUT", &format!("/routing/v1/ipns/{name}"), &[], &vec![7u8; 11 * 1024])
             .await;
     assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(
+        common::metric(&node, "hydra_routing_api_refused_total", &[("reason", "body_too_large")]),
+        1.0
+    );
 
     // One request at a time: a PUT whose body trickles in holds the only slot.
     use tokio::io::AsyncWriteExt as _;

@@ -117,7 +117,16 @@ pub(super) async fn limits(
                 retry_later(StatusCode::SERVICE_UNAVAILABLE, 1, "too many requests in progress")
             }
             Ok(_permit) => match tokio::time::timeout(g.cfg.request_timeout, next.run(req)).await {
-                Ok(r) => r,
+                Ok(r) => {
+                    // The handlers' own refusals: a body over the cap, a lookup shed by the tier
+                    // (or its deadline, or a failing datastore).
+                    match r.status() {
+                        StatusCode::PAYLOAD_TOO_LARGE => g.metrics.refuse("body_too_large"),
+                        StatusCode::SERVICE_UNAVAILABLE => g.metrics.refuse("shed"),
+                        _ => {}
+                    }
+                    r
+                }
                 Err(_) => {
                     g.metrics.refuse("timeout");
                     retry_later(StatusCode::SERVICE_UNAVAILABLE, 1, "request took too long")
