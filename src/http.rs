@@ -76,9 +76,10 @@ struct HeadsQuery {
     fleet: bool,
 }
 
-/// Bind the HTTP listener. Done first at start-up, so a taken port fails before anything runs.
-pub async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http_listen {addr}: {e}"))
+/// Bind a listener named by its setting (`http_listen`, …). Done first at start-up, so a
+/// taken port fails before anything runs.
+pub async fn listen(setting: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{setting} {addr}: {e}"))
 }
 
 /// The operator API on `listener`; returns its address and the future that serves until `cancel`.

@@ -63,15 +63,13 @@ pub struct Node {
 impl Node {
     /// Start everything described by `cfg`. Returns once every head listens and HTTP is bound.
     pub async fn start(cfg: Config) -> anyhow::Result<Node> {
-        let http_listener = crate::http::listen(cfg.http_listen).await?;
+        let http_listener = crate::http::listen("http_listen", cfg.http_listen).await?;
         let metrics_listener = match cfg.metrics_listen {
-            Some(a) => {
-                Some(crate::http::listen(a).await.map_err(|e| anyhow::anyhow!("metrics_listen: {e}"))?)
-            }
+            Some(a) => Some(crate::http::listen("metrics_listen", a).await?),
             None => None,
         };
         let routing_listener = match cfg.routing_listen {
-            Some(a) => Some(crate::http::routing::listen(a).await?),
+            Some(a) => Some(crate::http::listen("routing_listen", a).await?),
             None => None,
         };
         let registry = Registry::new();

@@ -303,8 +303,8 @@ async fn announced_addresses_replace_listen_addresses_and_ipv6_serves_too() {
     use libp2p::swarm::SwarmEvent;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = common::config(dir.path(), 2);
-    // A documentation address (TEST-NET-2): only ever classified and compared, never dialled.
-    cfg.announce = vec!["/ip4/198.51.100.7/tcp/{port}".into()];
+    // Another loopback address than the one the heads listen on, so the two can be told apart.
+    cfg.announce = vec!["/ip4/127.0.0.2/tcp/{port}".into()];
     cfg.listen_ip6 = Some(std::net::Ipv6Addr::LOCALHOST);
     let node = hydra::Node::start(cfg).await.unwrap();
     let tcp_port = |addrs: &[libp2p::Multiaddr], v6: bool| {
@@ -317,7 +317,7 @@ async fn announced_addresses_replace_listen_addresses_and_ipv6_serves_too() {
     for h in node.heads() {
         let listen = h.listen_addrs.load();
         let port = tcp_port(&listen, false).unwrap();
-        let want: libp2p::Multiaddr = format!("/ip4/198.51.100.7/tcp/{port}").parse().unwrap();
+        let want: libp2p::Multiaddr = format!("/ip4/127.0.0.2/tcp/{port}").parse().unwrap();
         assert_eq!(**h.advertised.load(), vec![want.clone()], "head {}", h.index);
         assert!(tcp_port(&listen, true).is_some(), "head {} listens on IPv6: {listen:?}", h.index);
         announced.push((h.peer_id, want));

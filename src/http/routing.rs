@@ -62,11 +62,6 @@ pub struct RoutingState {
     pub cfg: RoutingApiSection,
 }
 
-/// Bind the routing listener (at start-up, before anything runs, like `http_listen`).
-pub async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("routing_listen {addr}: {e}"))
-}
-
 /// The routing API on `listener`: its address and the future serving it until `cancel`.
 pub fn serve(
     listener: tokio::net::TcpListener,
