@@ -88,7 +88,8 @@ pub struct ConfigFile {
 pub struct ProfilesSection {
     /// A heap profile is written when RSS reaches this fraction of the memory limit.
     pub heap_dump_at_memory_fraction: f64,
-    /// The memory limit, MiB. 0: the cgroup's limit (none found: no automatic profiles).
+    /// The memory limit, MiB, where the process has no cgroup limit (or a lower one than the
+    /// cgroup's). 0: the cgroup's limit only (none found: no automatic profiles).
     pub memory_limit_mib: u64,
     /// Where automatic heap profiles go. Empty: `data_dir/profiles`.
     pub dir: String,

@@ -6,7 +6,8 @@
 //! `malloc_conf` in `main.rs`), so a profile can be taken at any time, including the moment that
 //! matters: [`watch`] writes one to `profiles.dir` when RSS reaches
 //! `profiles.heap_dump_at_memory_fraction` of the memory limit (the cgroup's, or
-//! `profiles.memory_limit_mib`), at most once per `profiles.cooldown`, keeping the newest
+//! `profiles.memory_limit_mib` where that is lower or there is none), at most once per
+//! `profiles.cooldown`, keeping the newest
 //! `profiles.max_files`. Symbols are resolved in the process, so a profile names functions.
 //!
 //! **CPU.** [`cpu_pprof`] samples every thread at 99 Hz for the asked number of seconds
@@ -90,12 +91,18 @@ pub async fn cpu_pprof(seconds: u64) -> Result<Vec<u8>, ProfileError> {
     res
 }
 
-/// The process's memory limit in bytes: `configured_mib` if set, else its cgroup's (v2
-/// `memory.max`, v1 `memory.limit_in_bytes`); `None` when unlimited.
+/// The process's memory limit in bytes: its cgroup's (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`), or `configured_mib` where there is none — the lower of the two
+/// when both are set; `None` when unlimited.
 pub fn memory_limit(configured_mib: u64) -> Option<u64> {
-    if configured_mib > 0 {
-        return Some(configured_mib * 1024 * 1024);
+    let configured = (configured_mib > 0).then(|| configured_mib * 1024 * 1024);
+    match (cgroup_memory_limit(), configured) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
+}
+
+fn cgroup_memory_limit() -> Option<u64> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
@@ -204,7 +211,9 @@ mod tests {
     }
 
     #[test]
-    fn a_configured_limit_wins() {
-        assert_eq!(memory_limit(512), Some(512 << 20));
+    fn the_lower_of_the_cgroup_and_the_configured_limit_counts() {
+        let cgroup = cgroup_memory_limit();
+        assert_eq!(memory_limit(0), cgroup);
+        assert_eq!(memory_limit(512), Some(cgroup.map_or(512 << 20, |c| c.min(512 << 20))));
     }
 }
