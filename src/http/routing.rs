@@ -158,8 +158,17 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(NDJSON))
 }
 
-/// A list answer: `{"<field>":[…]}` or ndjson, with the cache headers the spec asks for.
-fn list(cfg: &RoutingApiSection, field: &str, recs: Vec<PeerRecord>, ndjson: bool) -> Response {
+/// A list answer: the records that pass the request's filters, as `{"<field>":[…]}` or ndjson
+/// (per `Accept`), with the cache headers the spec asks for.
+fn list(
+    cfg: &RoutingApiSection,
+    field: &str,
+    recs: Vec<PeerRecord>,
+    f: &Filters,
+    headers: &HeaderMap,
+) -> Response {
+    let recs: Vec<PeerRecord> = recs.into_iter().filter_map(|r| f.apply(r)).collect();
+    let ndjson = wants_ndjson(headers);
     let max_age = if recs.is_empty() { cfg.cache_max_age_empty } else { cfg.cache_max_age };
     let cache = format!(
         "public, max-age={}, stale-while-revalidate={MAX_STALE_S}, stale-if-error={MAX_STALE_S}",
@@ -221,8 +230,7 @@ async fn providers(
         Ok(mut recs) => {
             use rand::seq::SliceRandom;
             recs.shuffle(&mut rand::thread_rng());
-            let recs: Vec<PeerRecord> = recs.into_iter().filter_map(|r| f.apply(r)).collect();
-            list(&s.cfg, "Providers", recs, wants_ndjson(&headers))
+            list(&s.cfg, "Providers", recs, &f, &headers)
         }
         Err(reason) => {
             s.load.shed(policy.tier, reason);
@@ -263,8 +271,7 @@ async fn peers(
         }
     }
     let found = if addrs.is_empty() { Vec::new() } else { vec![PeerRecord { peer, addrs }] };
-    let recs = found.into_iter().filter_map(|r| f.apply(r)).collect();
-    list(&s.cfg, "Peers", recs, wants_ndjson(&headers))
+    list(&s.cfg, "Peers", found, &f, &headers)
 }
 
 /// `GET /routing/v1/dht/closest/peers/{key}` (a CID or a peer ID).
@@ -279,8 +286,7 @@ async fn closest(
         Err(e) => return bad_request("not a CID or peer ID", e),
     };
     let recs = closest_known(&s.heads, target.as_bytes(), K_VALUE);
-    let recs = recs.into_iter().filter_map(|r| f.apply(r)).collect();
-    list(&s.cfg, "Peers", recs, wants_ndjson(&headers))
+    list(&s.cfg, "Peers", recs, &f, &headers)
 }
 
 /// The DHT key of an IPNS name: `/ipns/` + the peer ID's bytes.
