@@ -296,8 +296,16 @@ pub struct ProvidersSection {
     pub gc_chunk_rows: usize,
     /// Heap pages swept per garbage-collection statement (PostgreSQL; 8 KiB each).
     pub gc_chunk_pages: usize,
-    /// Keys whose providers are cached (one cache shared by all heads).
+    /// Expected number of keys whose providers are cached (sizes the cache's index; one cache
+    /// shared by all heads). The bound is `cache_bytes`.
     pub cache_entries: usize,
+    /// Bytes the provider cache may hold (keys, records and their addresses); entries are
+    /// evicted before it is exceeded.
+    pub cache_bytes: u64,
+    /// Providers read from the datastore and cached per key: a random window of the key's live
+    /// providers. Each reply is a fresh random sample of `limits.max_providers_per_reply` of
+    /// them, so a popular key's providers are all served over repeated lookups.
+    pub sample_per_key: usize,
     /// How long a cached provider set is served without asking the datastore again.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
@@ -396,6 +404,8 @@ impl Default for ProvidersSection {
             gc_chunk_rows: 10_000,
             gc_chunk_pages: 1000,
             cache_entries: 100_000,
+            cache_bytes: 128 * 1024 * 1024,
+            sample_per_key: 200,
             cache_ttl: Duration::from_secs(30),
             negative_cache_ttl: Duration::from_secs(5),
             read_batch_keys: 128,

@@ -28,7 +28,7 @@ use crate::keys::{key_to_cid, parse_provider_key};
 use crate::load::{LoadControl, Reloader, Status};
 use crate::net::HeadShared;
 use crate::providers::ProviderManager;
-use crate::store::{now_ms, Store, StoredProvider};
+use crate::store::{Store, StoredProvider};
 
 /// Called before each scrape to refresh sampled gauges.
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
@@ -267,7 +267,7 @@ async fn providers(
         Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CID or multihash: {e}\n")).into_response(),
     };
     let limit = q.limit.unwrap_or(1000).min(MAX_INSPECT);
-    match s.store.inspect_providers(&key, now_ms(), limit).await {
+    match s.store.inspect_providers(&key, limit).await {
         Ok(rows) => Json(ProvidersReport::new(&key, rows)).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")).into_response(),
     }

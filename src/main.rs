@@ -351,8 +351,7 @@ async fn providers(
     json: bool,
 ) -> Result<(), Failure> {
     let store = open_for_query(&cfg).await?;
-    let rows =
-        store.inspect_providers(&key, hydra::store::now_ms(), limit.min(hydra::http::MAX_INSPECT)).await;
+    let rows = store.inspect_providers(&key, limit.min(hydra::http::MAX_INSPECT)).await;
     store.close().await;
     let report = hydra::http::ProvidersReport::new(&key, rows?);
     if json {

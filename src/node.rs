@@ -109,7 +109,7 @@ impl Node {
         // Progress lines every 10 % when starting 100 heads or more.
         let n = cfg.heads;
         let token = format!("{:016x}", rand::random::<u64>());
-        let leased = match lease_heads(&store, &cfg, &token, seed.clone()).await {
+        let (leased, lease_sent) = match lease_heads(&store, &cfg, &token, seed.clone()).await {
             Ok(l) => l,
             Err(e) => {
                 providers.shutdown().await;
@@ -134,9 +134,15 @@ impl Node {
         let mut starting = Vec::with_capacity(n);
         for (h, key) in keys {
             let slot = h.slot as usize;
-            match head::bind(slot, h.index, key, &cfg, intake.clone(), metrics.heads.clone()).await {
+            let fence = head::LeaseFence::new(lease_sent, cfg.lease_ttl);
+            match head::bind(slot, h.index, key, &cfg, intake.clone(), metrics.heads.clone(), fence).await {
                 Ok(h) => starting.push(h),
                 Err(e) => {
+                    // A failed start gives back what it leased: the next run (or another
+                    // process) need not wait for the leases to expire.
+                    if let Err(e) = store.release_leases(&cfg.node_name, &token).await {
+                        tracing::warn!(error = %e, "releasing the leases of a failed start failed");
+                    }
                     providers.shutdown().await;
                     return Err(e);
                 }

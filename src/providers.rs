@@ -31,8 +31,11 @@ pub mod records;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use libp2p::PeerId;
 
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -45,17 +48,37 @@ use crate::metrics::{ProviderMetrics, ShedReason};
 use crate::store::{ms_after, now_ms, Store};
 use crate::types::{PeerRecord, ProviderKey, ValueRecord};
 
-/// Append `recs` to `out` (at most `cap` in all), skipping providers already in it: earlier
-/// entries (this process's newest writes) win.
-fn merge<'a>(out: &mut Vec<PeerRecord>, recs: impl Iterator<Item = &'a PeerRecord>, cap: usize) {
-    for rec in recs {
-        if out.len() >= cap {
-            break;
-        }
-        if !out.iter().any(|r| r.peer == rec.peer) {
-            out.push(rec.clone());
+/// What a read answers for one key: this process's buffered entries (`local`, then those of
+/// `earlier`, read before the datastore answer, that are not in it) and a random sample of the
+/// datastore's `stored` answer, at most `cap` in all and no provider twice (a buffered entry
+/// wins: it is this process's newest write). `stored` holds one row per provider; when more of
+/// it than fits remains, the entries taken are chosen afresh per call, so replies served from one
+/// cached answer cover all of it (docs/decisions/2026-12-01-fair-provider-sampling.md).
+fn sample_merge(
+    mut out: Vec<PeerRecord>,
+    earlier: &[PeerRecord],
+    stored: &[PeerRecord],
+    cap: usize,
+) -> Vec<PeerRecord> {
+    for r in earlier {
+        if out.len() < cap && !out.iter().any(|o| o.peer == r.peer) {
+            out.push(r.clone());
         }
     }
+    out.truncate(cap);
+    let local: HashSet<PeerId> = out.iter().map(|r| r.peer).collect();
+    let room = cap - out.len();
+    if stored.len() <= room {
+        out.extend(stored.iter().filter(|r| !local.contains(&r.peer)).cloned());
+    } else {
+        // `room + local` distinct candidates hold at least `room` that are not buffered.
+        let n = (room + local.len()).min(stored.len());
+        let picks = rand::seq::index::sample(&mut rand::thread_rng(), stored.len(), n);
+        out.extend(
+            picks.into_iter().map(|i| &stored[i]).filter(|r| !local.contains(&r.peer)).take(room).cloned(),
+        );
+    }
+    out
 }
 
 /// Exponential backoff between failed flushes: 100 ms, doubling to 2 s; reset by a success.
@@ -98,8 +121,8 @@ pub struct Shed(pub ShedReason);
 struct Inner {
     store: Store,
     cfg: ProvidersSection,
-    /// Cap of providers returned for one key.
-    per_key: usize,
+    /// Cap of providers one read answers for a key (`limits.max_providers_per_reply`).
+    per_reply: usize,
     buffer: Arc<WriteBuffer>,
     reads: Arc<Reads>,
     flush_permits: Arc<Semaphore>,
@@ -124,19 +147,22 @@ pub struct ProviderManager {
 
 impl ProviderManager {
     /// Start the manager and its background tasks (flusher, lookup batcher, GC, counts).
-    pub fn start(store: Store, cfg: ProvidersSection, per_key: usize, metrics: ProviderMetrics) -> Self {
+    /// `per_reply` caps the providers one read answers; the datastore is asked for
+    /// `cfg.sample_per_key` (at least `per_reply`), from which each read samples.
+    pub fn start(store: Store, cfg: ProvidersSection, per_reply: usize, metrics: ProviderMetrics) -> Self {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let buffer = Arc::new(WriteBuffer::new(cfg.write_buffer_entries, cfg.flush_batch));
         let (reads, batcher) = Reads::new(
             ReadConfig {
                 cache_entries: cfg.cache_entries,
+                cache_bytes: cfg.cache_bytes,
                 cache_ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
                 max_pending: cfg.max_reads_in_flight,
                 batch_keys: cfg.read_batch_keys,
                 max_queries: cfg.max_read_queries,
-                per_key,
+                per_key: cfg.sample_per_key.max(per_reply),
             },
             store.clone(),
             buffer.clone(),
@@ -146,7 +172,7 @@ impl ProviderManager {
         tasks.spawn(batcher);
         let inner = Arc::new(Inner {
             store,
-            per_key,
+            per_reply,
             buffer,
             reads,
             flush_permits: Arc::new(Semaphore::new(cfg.max_flushes_in_flight)),
@@ -212,7 +238,8 @@ impl ProviderManager {
         }
     }
 
-    /// Unexpired providers of `key` (at most `max_providers_per_reply`).
+    /// Unexpired providers of `key` (at most `max_providers_per_reply`; a random sample of the
+    /// stored answer when more are stored).
     ///
     /// Read-your-writes: every provider buffered by this process before the call is in the answer.
     /// The buffer is read before and after the datastore answer, so an entry that leaves the buffer
@@ -224,7 +251,7 @@ impl ProviderManager {
         let deadline = tokio::time::Instant::now() + inner.cfg.read_deadline;
         let mut attempt = 1;
         let (before, stored) = loop {
-            let before = inner.buffer.local(key, inner.per_key);
+            let before = inner.buffer.local(key, inner.per_reply);
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let answer = inner.reads.get(key, left).await.map_err(|r| self.shed(r))?;
             if !answer.raced || attempt == READ_ATTEMPTS {
@@ -232,16 +259,14 @@ impl ProviderManager {
             }
             attempt += 1;
         };
-        let mut out = inner.buffer.local(key, inner.per_key);
-        merge(&mut out, before.iter().chain(stored.iter()), inner.per_key);
-        Ok(out)
+        Ok(sample_merge(inner.buffer.local(key, inner.per_reply), &before, &stored, inner.per_reply))
     }
 
     /// Providers of `key` known without asking the datastore: a cached answer merged with this
     /// process's buffered writes. `None` when the cache has no answer and nothing is buffered.
     pub fn get_providers_cached(&self, key: &ProviderKey) -> Option<Vec<PeerRecord>> {
         self.cached(key, true).or_else(|| {
-            let buffered = self.inner.buffer.local(key, self.inner.per_key);
+            let buffered = self.inner.buffer.local(key, self.inner.per_reply);
             (!buffered.is_empty()).then_some(buffered)
         })
     }
@@ -257,9 +282,7 @@ impl ProviderManager {
     fn cached(&self, key: &ProviderKey, count_miss: bool) -> Option<Vec<PeerRecord>> {
         let inner = &self.inner;
         let stored = inner.reads.peek(key, count_miss)?;
-        let mut out = inner.buffer.local(key, inner.per_key);
-        merge(&mut out, stored.iter(), inner.per_key);
-        Some(out)
+        Some(sample_merge(inner.buffer.local(key, inner.per_reply), &[], &stored, inner.per_reply))
     }
 
     /// (entries buffered or being written, `write_buffer_entries`).
@@ -270,6 +293,11 @@ impl ProviderManager {
     /// (provider records, peers with addresses) in the datastore, as last estimated.
     pub fn estimates(&self) -> (f64, f64) {
         (self.inner.metrics.records_estimate.get(), self.inner.metrics.peers_estimate.get())
+    }
+
+    /// (entries, bytes) in the provider cache; the bytes never exceed `cache_bytes`.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        self.inner.reads.cache_usage()
     }
 
     /// (keys queued for or in a lookup, `max_reads_in_flight`).
@@ -287,15 +315,11 @@ impl ProviderManager {
     /// and a later validity), which stays. An IPNS record expires at its end of validity, if
     /// that comes before `value_ttl`.
     pub async fn put_value(&self, record: &ValueRecord, v: records::Validated) -> Result<bool, Shed> {
-        let mut expires = ms_after(now_ms(), self.inner.cfg.value_ttl);
-        if let Some(eol) = v.eol_ms {
-            expires = expires.min(eol);
-        }
-        self.value_op(self.inner.store.put_value(record, expires, v.order)).await
+        self.value_op(self.inner.store.put_value(record, self.inner.cfg.value_ttl, v.eol_ms, v.order)).await
     }
 
     pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, Shed> {
-        self.value_op(self.inner.store.get_value(key, now_ms())).await
+        self.value_op(self.inner.store.get_value(key)).await
     }
 
     async fn value_op<T>(
@@ -429,7 +453,7 @@ impl ProviderManager {
         let cfg = &self.inner.cfg;
         let m = &self.inner.metrics;
         loop {
-            let round = self.inner.store.gc_round(now_ms(), cfg.gc_chunk_rows, cfg.gc_chunk_pages);
+            let round = self.inner.store.gc_round(cfg.gc_chunk_rows, cfg.gc_chunk_pages);
             tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 res = round => match res {

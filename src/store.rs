@@ -41,6 +41,17 @@ pub fn ms_after(now: i64, d: Duration) -> i64 {
     now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A new row's random sort key (`providers.sample_key`; docs/decisions/2026-12-01-fair-provider-sampling.md).
+/// Never 0, which marks rows written before sampling existed (re-keyed by their next refresh).
+pub(crate) fn new_sample_key() -> i32 {
+    loop {
+        let k: i32 = rand::random();
+        if k != 0 {
+            return k;
+        }
+    }
+}
+
 /// One provider record to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderWrite {
@@ -111,12 +122,21 @@ macro_rules! call {
         call!($self, $op, |$s| $body)
     }};
     ($self:ident, $op:expr, |$s:ident| $body:expr) => {
+        call!($self, $op, sqlite | $s | $body, postgres | $s | $body)
+    };
+    // The two backends called differently: the embedded store is given the host's clock (the
+    // datastore's own, on the same host); PostgreSQL reads its own clock (`now()`).
+    ($self:ident, $op:expr, sqlite |$s:ident| $lite:expr, postgres |$p:ident| $pg:expr) => {
         match &$self.backend {
-            Backend::Sqlite($s) => $self.metrics.time($op, $body).await,
-            Backend::Postgres($s) => $self.metrics.time($op, $body).await,
+            Backend::Sqlite($s) => $self.metrics.time($op, $lite).await,
+            Backend::Postgres($p) => $self.metrics.time($op, $pg).await,
         }
     };
 }
+
+/// One identity with its lease as a backend lists it: (identity, peer ID, node name, slot,
+/// space-separated addresses, lease expiry in ms, lease live by the datastore's clock).
+pub(crate) type HeadRow = (u32, String, Option<String>, Option<u32>, String, Option<i64>, bool);
 
 impl Store {
     /// Open the datastore and apply pending migrations.
@@ -180,47 +200,63 @@ impl Store {
         call!(self, DbOp::PutProviders, |s| s.put_providers(rows))
     }
 
-    /// Unexpired providers of each key, at most `per_key` per key, with their unexpired addresses.
+    /// Unexpired providers of each key (by the datastore's clock), at most `per_key` per key, a
+    /// random window of them when there are more, with their unexpired addresses.
     pub async fn get_providers(
         &self,
         keys: &[ProviderKey],
-        now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
         // One statement, metered by the caller.
-        call!(self, DbOp::GetProviders, |s| s.get_providers(keys, now, per_key))
+        call!(
+            self,
+            DbOp::GetProviders,
+            sqlite | s | s.get_providers(keys, now_ms(), per_key),
+            postgres | p | p.get_providers(keys, per_key)
+        )
     }
 
     /// Upsert a value record. With an IPNS `order`, a stored record of the name replaces only
     /// if the new one wins (higher sequence, or the same and a later validity) or is the same
     /// record again (a republish extends its life) — decided in the statement, so concurrent
-    /// writers of a fleet cannot regress a name. `Ok(false)`: the stored record stays.
+    /// writers of a fleet cannot regress a name. `Ok(false)`: the stored record stays. The record
+    /// lives `ttl` from the datastore's clock, or until `eol_ms` (its own end of validity) if that
+    /// comes first.
     pub async fn put_value(
         &self,
         record: &ValueRecord,
-        expires_at: i64,
+        ttl: Duration,
+        eol_ms: Option<i64>,
         order: Option<ValueOrder>,
     ) -> Result<bool, StoreError> {
         // The u64 sequence as an order-preserving i64 (0 → i64::MIN), for a signed column.
         let order = order.map(|o| ((o.seq as i64).wrapping_add(i64::MIN), o.eol_ms));
-        call!(self, DbOp::PutValue, budget = 1, |s| s.put_value(record, expires_at, order))
+        let local_expiry = || ms_after(now_ms(), ttl).min(eol_ms.unwrap_or(i64::MAX));
+        self.budget.take(1).await;
+        call!(
+            self,
+            DbOp::PutValue,
+            sqlite | s | s.put_value(record, local_expiry(), order),
+            postgres | p | p.put_value(record, ttl, eol_ms, order)
+        )
     }
 
-    pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
-        call!(self, DbOp::GetValue, budget = 1, |s| s.get_value(key, now))
+    pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, StoreError> {
+        self.budget.take(1).await;
+        call!(self, DbOp::GetValue, sqlite | s | s.get_value(key, now_ms()), postgres | p | p.get_value(key))
     }
 
     /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per
     /// statement on SQLite, `chunk_pages` heap pages on PostgreSQL). `Ok(None)` means another
     /// process of the fleet holds the GC lease.
-    pub async fn gc_round(
-        &self,
-        now: i64,
-        chunk_rows: usize,
-        chunk_pages: usize,
-    ) -> Result<Option<u64>, StoreError> {
-        call!(self, DbOp::Gc, |s| s
-            .gc_round(now, if matches!(self.backend, Backend::Sqlite(_)) { chunk_rows } else { chunk_pages }))
+    /// Expiry is judged by the datastore's clock.
+    pub async fn gc_round(&self, chunk_rows: usize, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
+        call!(
+            self,
+            DbOp::Gc,
+            sqlite | s | s.gc_round(now_ms(), chunk_rows),
+            postgres | p | p.gc_round(chunk_pages)
+        )
     }
 
     /// Unexpired records of `key` with their expiry, latest expiry first, at most `limit`: the
@@ -229,19 +265,25 @@ impl Store {
     pub async fn inspect_providers(
         &self,
         key: &ProviderKey,
-        now: i64,
         limit: usize,
     ) -> Result<Vec<StoredProvider>, StoreError> {
-        call!(self, DbOp::Inspect, |s| s.inspect_providers(key, now, limit))
+        call!(
+            self,
+            DbOp::Inspect,
+            sqlite | s | s.inspect_providers(key, now_ms(), limit),
+            postgres | p | p.inspect_providers(key, limit)
+        )
     }
 
     /// A peer's unexpired stored addresses and their expiry (ms since epoch).
-    pub async fn peer_addrs(
-        &self,
-        peer: &PeerId,
-        now: i64,
-    ) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
-        call!(self, DbOp::Inspect, budget = 1, |s| s.peer_addrs(peer, now))
+    pub async fn peer_addrs(&self, peer: &PeerId) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
+        self.budget.take(1).await;
+        call!(
+            self,
+            DbOp::Inspect,
+            sqlite | s | s.peer_addrs(peer, now_ms()),
+            postgres | p | p.peer_addrs(peer)
+        )
     }
 
     /// Whether the datastore answers a trivial statement (readiness).
@@ -272,40 +314,49 @@ impl Store {
         call!(self, DbOp::Leases, |s| s.release_leases(node, token))
     }
 
-    /// Extend `node`'s leases to `ttl` from now and record its heads' addresses
-    /// ((identity, space-separated multiaddrs)). Returns how many leases `node` still held.
+    /// Extend `node`'s leases to `ttl` from the datastore's clock and record its heads'
+    /// addresses ((identity, space-separated multiaddrs)). Returns the identities `node` still
+    /// held (and now holds for another `ttl`).
     pub async fn renew_leases(
         &self,
         node: &str,
         token: &str,
         ttl: std::time::Duration,
         heads: &[(u32, String)],
-    ) -> Result<u64, StoreError> {
-        let expires = ms_after(now_ms(), ttl);
-        call!(self, DbOp::Leases, |s| s.renew_leases(node, token, expires, heads))
+    ) -> Result<Vec<u32>, StoreError> {
+        call!(
+            self,
+            DbOp::Leases,
+            sqlite | s | s.renew_leases(node, token, ms_after(now_ms(), ttl), heads),
+            postgres | p | p.renew_leases(node, token, ttl, heads)
+        )
     }
 
-    /// Processes (node names) holding at least one live head lease: one row back, however
-    /// many heads the fleet has.
+    /// Processes (node names) holding at least one live head lease (by the datastore's clock):
+    /// one row back, however many heads the fleet has.
     pub async fn count_live_processes(&self) -> Result<u64, StoreError> {
-        let now = now_ms();
-        call!(self, DbOp::Leases, |s| s.count_live_processes(now))
+        call!(
+            self,
+            DbOp::Leases,
+            sqlite | s | s.count_live_processes(now_ms()),
+            postgres | p | p.count_live_processes()
+        )
     }
 
     /// Every identity of the fleet with its lease.
     pub async fn list_heads(&self) -> Result<Vec<FleetHead>, StoreError> {
-        let rows = call!(self, DbOp::Leases, |s| s.list_heads())?;
-        let now = now_ms();
+        let rows =
+            call!(self, DbOp::Leases, sqlite | s | s.list_heads(now_ms()), postgres | p | p.list_heads())?;
         Ok(rows
             .into_iter()
-            .map(|(identity, peer_id, node, slot, addrs, expires)| FleetHead {
+            .map(|(identity, peer_id, node, slot, addrs, expires, active)| FleetHead {
                 identity,
                 peer_id,
                 node,
                 slot,
                 addrs: addrs.split_whitespace().map(str::to_owned).collect(),
                 lease_expires_at: expires,
-                lease_active: expires.is_some_and(|e| e > now),
+                lease_active: active,
             })
             .collect())
     }

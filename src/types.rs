@@ -38,6 +38,16 @@ pub struct PeerRecord {
     pub addrs: Vec<Multiaddr>,
 }
 
+impl PeerRecord {
+    /// Bytes this record holds in memory, allocator overhead aside: the struct, its address
+    /// vector and each address's shared buffer (a `Multiaddr` is an `Arc<Vec<u8>>`). What byte
+    /// budgets charge for it.
+    pub fn memory_bytes(&self) -> usize {
+        const PER_ADDR: usize = std::mem::size_of::<Multiaddr>() + 16 + std::mem::size_of::<Vec<u8>>();
+        std::mem::size_of::<Self>() + self.addrs.iter().map(|a| PER_ADDR + a.len()).sum::<usize>()
+    }
+}
+
 /// A PUT_VALUE / GET_VALUE record (`/pk/…` or `/ipns/…` keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueRecord {

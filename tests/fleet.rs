@@ -206,3 +206,203 @@ async fn a_second_live_process_with_the_same_node_name_is_refused() {
     assert!(fleet_heads(&a).iter().all(|h| h.lease_active && h.node.as_deref() == Some("same")));
     assert!(a.stop());
 }
+
+/// libfaketime (Debian package `faketime`, installed by `.ci/run`).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Rows of the fleet's leases that are live by the database's clock, per node name.
+async fn live_leases(url: &str, node: &str) -> i64 {
+    let c = pg::client(url).await;
+    c.query_one("SELECT count(*) FROM head_leases WHERE node_name = $1 AND expires_at > now()", &[&node])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Issue 11.4: every expiry and lease decision uses the database's clock. A process whose host
+/// clock runs 50 h ahead (libfaketime) must not take over live identities, hide live records,
+/// collect them, or write expiries 50 h late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_clock_is_off_cannot_take_over_hide_or_collect() {
+    let fleet = Fleet::new().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = fleet.launch("a", "127.0.0.2", 2, 0, da.path()).started();
+    let a_heads = a.heads();
+    let client = common::RawClient::connect(&a_heads[..1]).await;
+    let key = [0x12, 0x20].into_iter().chain((0..32).map(|_| rand::random::<u8>())).collect::<Vec<u8>>();
+    let mut s = client.open(a_heads[0].0).await;
+    common::RawClient::send(&mut s, &client.add_provider_body(&key)).await.unwrap();
+    let c = pg::client(&fleet.url).await;
+    let stored = || async {
+        c.query_one("SELECT count(*) FROM providers WHERE key = $1", &[&key]).await.unwrap().get::<_, i64>(0)
+    };
+    let t = std::time::Instant::now();
+    while stored().await == 0 {
+        assert!(t.elapsed() < common::WAIT, "the record was never flushed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // B: its clock 50 h ahead; it collects garbage every second (the shipped interval is 10 min).
+    let config = std::fs::read_to_string(&fleet.config)
+        .unwrap()
+        .replace("[providers]\n", "[providers]\ngc_interval = \"1s\"\n");
+    let b_config = db.path().join("b.toml");
+    std::fs::write(&b_config, config).unwrap();
+    // libfaketime preloaded into hydra itself (the `faketime` wrapper would fork, and signals
+    // would reach the wrapper, not the node).
+    let b = Process::launch(
+        &["run", "--config", b_config.to_str().unwrap()],
+        &[
+            ("LD_PRELOAD", FAKETIME_LIB),
+            ("FAKETIME", "+50h"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("HYDRA_LISTEN_IP", "127.0.0.3"),
+            ("HYDRA_HTTP_LISTEN", "127.0.0.3:0"),
+            ("HYDRA_HEADS", "2"),
+            ("HYDRA_NODE_NAME", "b"),
+            ("HYDRA_DATABASE_URL", &fleet.url),
+            ("HYDRA_IDENTITY_SEED_FILE", &fleet.seed),
+            ("HYDRA_DATA_DIR", db.path().to_str().unwrap()),
+        ],
+    )
+    .started();
+    // Leases: A's two identities stay A's; B leased two new ones.
+    let heads = fleet_heads(&b);
+    assert_eq!(heads.len(), 4, "{heads:?}");
+    let a_ids: HashSet<String> = a_heads.iter().map(|(p, _)| p.to_string()).collect();
+    for h in &heads {
+        let owner = if a_ids.contains(&h.peer_id) { "a" } else { "b" };
+        assert_eq!(h.node.as_deref(), Some(owner), "{h:?}");
+        assert!(h.lease_active, "live by the database's clock: {h:?}");
+    }
+    assert_eq!((live_leases(&fleet.url, "a").await, live_leases(&fleet.url, "b").await), (2, 2));
+
+    // Reads: B returns A's live record (by its own clock it expired 2 h ago).
+    let b_heads = b.heads();
+    let bc = common::RawClient::connect(&b_heads[..1]).await;
+    let reply = bc.get_providers(b_heads[0].0, &key).await;
+    assert_eq!(reply.provider_peers.len(), 1, "a live record was hidden");
+
+    // Writes: B's expiries are the database's now + 48 h, not its own clock's.
+    let key2 = [0x12, 0x20].into_iter().chain((0..32).map(|_| rand::random::<u8>())).collect::<Vec<u8>>();
+    let mut s = bc.open(b_heads[0].0).await;
+    common::RawClient::send(&mut s, &bc.add_provider_body(&key2)).await.unwrap();
+    let t = std::time::Instant::now();
+    let hours = loop {
+        let row = c
+            .query_opt(
+                "SELECT (extract(epoch FROM expires_at - now()) / 3600)::float8 FROM providers WHERE key = $1",
+                &[&key2],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = row {
+            break r.get::<_, f64>(0);
+        }
+        assert!(t.elapsed() < common::WAIT, "B's record was never flushed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!((47.9..48.1).contains(&hours), "B wrote an expiry {hours:.2} h ahead of the database's clock");
+
+    // GC: once A is gone B holds the collector's lock and sweeps every second; by its own
+    // clock every record here has expired, by the database's none has.
+    assert!(a.stop());
+    let b_gc_rounds = || {
+        let m = b.get("/metrics");
+        m.lines()
+            .find(|l| l.starts_with("hydra_datastore_operation_duration_seconds_count{op=\"gc\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let rounds = b_gc_rounds();
+    let t = std::time::Instant::now();
+    while b_gc_rounds() < rounds + 3.0 {
+        assert!(t.elapsed() < common::WAIT, "B never collected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stored().await, 1, "B collected a live record");
+    let leader: f64 = b
+        .get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("hydra_providers_gc_leader"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(leader, 1.0, "B held the collector's lease");
+    // And B's host clock really was off: it stamps its GC rounds 50 h ahead.
+    let stamped: f64 = b
+        .get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("hydra_providers_gc_last_run_timestamp_seconds"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(stamped > real + 49.0 * 3600.0, "B's clock was not offset (libfaketime): {stamped} vs {real}");
+    assert!(b.stop());
+}
+
+/// Issue 11.4, fencing: a process paused past its lease stops serving its heads before another
+/// process may take them over, so two hosts never serve one peer ID — and after it resumes it
+/// serves nothing on them (streams reset, listeners closed) while the new owner does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_process_never_serves_an_identity_another_took_over() {
+    use hydra::net::wire::{encode_request, MessageType};
+    let fleet = Fleet::new().await; // lease_ttl 6 s
+    let (da, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = fleet.launch("a", "127.0.0.2", 2, 0, da.path()).started();
+    let a_heads = a.heads();
+    let find_node = encode_request(MessageType::FindNode, &[7u8; 32], &[]);
+    let client = common::RawClient::connect(&a_heads).await;
+    assert!(client.try_request(a_heads[0].0, &find_node).await.is_some(), "A serves before the pause");
+
+    let pid = a.child.id().to_string();
+    let signal =
+        |sig: &str| assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let t = std::time::Instant::now();
+    while live_leases(&fleet.url, "a").await > 0 {
+        assert!(t.elapsed() < common::WAIT, "A's leases never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = fleet.launch("c", "127.0.0.3", 2, 0, dc.path()).started();
+    let c_heads = c.heads();
+    let ids = |h: &[(libp2p::PeerId, libp2p::Multiaddr)]| h.iter().map(|(p, _)| *p).collect::<HashSet<_>>();
+    assert_eq!(ids(&c_heads), ids(&a_heads), "C took over A's identities");
+    signal("-CONT");
+
+    // At once after resuming, A refuses: on the connection it already had, and on new ones.
+    for (peer, _) in &a_heads {
+        assert!(client.try_request(*peer, &find_node).await.is_none(), "A served {peer} after a takeover");
+    }
+    // Its listeners close at the head's next tick (200 ms): new connections are refused.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for (_, addr) in &a_heads {
+        let port = addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        let sock = std::net::SocketAddr::from(([127, 0, 0, 2], port.unwrap()));
+        assert!(std::net::TcpStream::connect(sock).is_err(), "A still accepts connections on {sock}");
+    }
+    // The new owner serves them.
+    let cc = common::RawClient::connect(&c_heads).await;
+    for (peer, _) in &c_heads {
+        assert!(cc.try_request(*peer, &find_node).await.is_some(), "C does not serve {peer}");
+    }
+    // A learns at its next renewal that the identities are gone, and stops those heads for good.
+    let t = std::time::Instant::now();
+    loop {
+        let m = a.get("/metrics");
+        let up: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("hydra_head_up{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if up == 0.0 {
+            break;
+        }
+        assert!(t.elapsed() < common::WAIT, "A's heads still up after losing their leases:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(live_leases(&fleet.url, "a").await, 0, "A renewed nothing it lost");
+    assert!(a.stop() && c.stop());
+}

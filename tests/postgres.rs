@@ -118,16 +118,16 @@ async fn expired_rows_are_never_returned_and_are_collected() {
     }
     store.put_providers(&rows).await.unwrap();
     let keys: Vec<_> = (0..2000).map(key).collect();
-    let got = store.get_providers(&keys, now, 100).await.unwrap();
+    let got = store.get_providers(&keys, 100).await.unwrap();
     assert_eq!(got.len(), 2000);
     assert!(got.iter().all(|(_, r)| r.peer == live), "an expired record was returned");
     // A refresh with an older expiry never shortens a record's life.
     store.put_providers(&[write(&key(0), live, now - 5)]).await.unwrap();
-    assert_eq!(store.get_providers(&[key(0)], now, 100).await.unwrap().len(), 1);
+    assert_eq!(store.get_providers(&[key(0)], 100).await.unwrap().len(), 1);
 
     assert_eq!(count(&url, "providers").await, 4000);
     // Small chunks: the sweep takes many bounded statements.
-    let deleted = store.gc_round(now, 100, 2).await.unwrap().expect("sole process holds the lease");
+    let deleted = store.gc_round(100, 2).await.unwrap().expect("sole process holds the lease");
     assert_eq!(deleted, 2000 + 1, "2000 records and the dead peer's addresses");
     assert_eq!(count(&url, "providers").await, 2000);
     assert_eq!(count(&url, "peer_addrs").await, 1);
@@ -150,13 +150,14 @@ async fn gc_never_deadlocks_with_a_refresh_of_the_rows_it_collects() {
 
     let mut w = pg::client(&url).await;
     let tx = w.transaction().await.unwrap();
-    let future = hydra::store::postgres_time(now_ms() + 3_600_000);
-    let refresh = |k: &ProviderKey| (vec![k.as_bytes().to_vec()], vec![peer.to_bytes()], vec![future]);
-    let (k, p, e) = refresh(&kb);
-    tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e]).await.unwrap(); // holds B
+    let refresh = |k: &ProviderKey| {
+        (vec![k.as_bytes().to_vec()], vec![peer.to_bytes()], vec![3_600_000i64], vec![1i32])
+    };
+    let (k, p, e, s) = refresh(&kb);
+    tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e, &s]).await.unwrap(); // holds B
 
     let gc = tokio::spawn(async move {
-        let r = store.gc_round(now_ms(), 100, 1000).await;
+        let r = store.gc_round(100, 1000).await;
         (r, store)
     });
     // Wait until the sweep has finished or is blocked on a row lock.
@@ -176,8 +177,8 @@ async fn gc_never_deadlocks_with_a_refresh_of_the_rows_it_collects() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (k, p, e) = refresh(&ka);
-    let second = tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e]).await;
+    let (k, p, e, s) = refresh(&ka);
+    let second = tx.execute(hydra::store::UPSERT_PROVIDERS_SQL, &[&k, &p, &e, &s]).await;
     let committed = match second {
         Ok(_) => tx.commit().await,
         Err(e) => Err(e),
@@ -185,7 +186,7 @@ async fn gc_never_deadlocks_with_a_refresh_of_the_rows_it_collects() {
     let (swept, store) = gc.await.unwrap();
     assert!(committed.is_ok(), "the writer was aborted: {committed:?}");
     assert!(swept.is_ok(), "the sweep was aborted: {swept:?}");
-    let live = store.get_providers(&[ka, kb], now_ms(), 10).await.unwrap();
+    let live = store.get_providers(&[ka, kb], 10).await.unwrap();
     assert_eq!(live.len(), 2, "both refreshes survive the sweep");
     store.close().await;
 }
@@ -195,11 +196,10 @@ async fn only_one_process_collects_garbage_at_a_time() {
     let url = pg::fresh_database().await;
     let (s1, _r1) = open(&url).await;
     let (s2, _r2) = open(&url).await;
-    let now = now_ms();
-    assert!(s1.gc_round(now, 100, 100).await.unwrap().is_some(), "first asker takes the lease");
+    assert!(s1.gc_round(100, 100).await.unwrap().is_some(), "first asker takes the lease");
     for _ in 0..3 {
-        assert!(s2.gc_round(now, 100, 100).await.unwrap().is_none(), "second process must not collect");
-        assert!(s1.gc_round(now, 100, 100).await.unwrap().is_some(), "the holder keeps collecting");
+        assert!(s2.gc_round(100, 100).await.unwrap().is_none(), "second process must not collect");
+        assert!(s1.gc_round(100, 100).await.unwrap().is_some(), "the holder keeps collecting");
     }
     let c = pg::client(&url).await;
     let holders: i64 = c
@@ -216,7 +216,7 @@ async fn only_one_process_collects_garbage_at_a_time() {
     s1.close().await;
     let mut took_over = false;
     for _ in 0..50 {
-        if s2.gc_round(now, 100, 100).await.unwrap().is_some() {
+        if s2.gc_round(100, 100).await.unwrap().is_some() {
             took_over = true;
             break;
         }
@@ -302,14 +302,14 @@ async fn the_schema_works_hash_partitioned() {
     rows.extend((0..1000).map(|i| write(&key(i), old, now - 1)));
     store.put_providers(&rows).await.unwrap();
     let keys: Vec<_> = (0..1000).map(key).collect();
-    let got = store.get_providers(&keys, now, 100).await.unwrap();
+    let got = store.get_providers(&keys, 100).await.unwrap();
     assert_eq!(got.len(), 1000);
     let c = pg::client(&url).await;
     for p in 0..4 {
         let n: i64 = c.query_one(&format!("SELECT count(*) FROM providers_p{p}"), &[]).await.unwrap().get(0);
         assert!(n > 300, "partition {p} holds {n} rows: keys are spread over partitions");
     }
-    let deleted = store.gc_round(now, 100, 10).await.unwrap().unwrap();
+    let deleted = store.gc_round(100, 10).await.unwrap().unwrap();
     assert_eq!(deleted, 1001);
     assert_eq!(count(&url, "providers").await, 1000);
     c.batch_execute("ANALYZE").await.unwrap();
@@ -492,6 +492,120 @@ async fn readiness_follows_the_datastore() {
     while ready().await.0 != 200 {
         assert!(start.elapsed() < common::WAIT, "never ready again after the datastore returned");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_sample_a_random_window_of_a_popular_keys_providers() {
+    let url = pg::fresh_database().await;
+    let (store, _r) = open(&url).await;
+    let popular = key(1);
+    let peers: Vec<PeerId> = (0..300).map(|_| PeerId::random()).collect();
+    let far = now_ms() + 3_600_000;
+    let mut rows: Vec<_> = peers.iter().map(|p| write(&popular, *p, far)).collect();
+    // Other keys, so the planner sees a table where one key is a small part of it.
+    rows.extend((2..2000).map(|i| write(&key(i), PeerId::random(), far)));
+    store.put_providers(&rows).await.unwrap();
+    // Two rows as a version before sampling wrote them (sample key 0); one is then refreshed.
+    let c = pg::client(&url).await;
+    let legacy: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+    for p in &legacy {
+        c.execute(
+            "INSERT INTO providers (key, provider, expires_at) VALUES ($1, $2, $3)",
+            &[&popular.as_bytes(), &p.to_bytes(), &hydra::store::postgres_time(far)],
+        )
+        .await
+        .unwrap();
+    }
+    store.put_providers(&[write(&popular, legacy[0], far + 1000)]).await.unwrap();
+    let sample_key = |p: PeerId| {
+        let c = &c;
+        let k = popular.as_bytes().to_vec();
+        async move {
+            let row = c
+                .query_one(
+                    "SELECT sample_key FROM providers WHERE key = $1 AND provider = $2",
+                    &[&k, &p.to_bytes()],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i32>(0)
+        }
+    };
+    assert_ne!(sample_key(legacy[0]).await, 0, "a refresh gives a legacy row a sample key");
+    assert_eq!(sample_key(legacy[1]).await, 0);
+    let first = sample_key(peers[0]).await;
+    store.put_providers(&[write(&popular, peers[0], far + 2000)]).await.unwrap();
+    assert_eq!(sample_key(peers[0]).await, first, "a refresh keeps the sample key");
+
+    let all = store.get_providers(std::slice::from_ref(&popular), 1000).await.unwrap();
+    assert_eq!(all.iter().map(|(_, r)| r.peer).collect::<std::collections::HashSet<_>>().len(), 302);
+    // 20 per read: 20 distinct each time, every provider within 400 reads (a miss: below 1e-8).
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..400 {
+        let got = store.get_providers(&[popular.clone(), key(2)], 20).await.unwrap();
+        let distinct: std::collections::HashSet<PeerId> =
+            got.iter().filter(|(k, _)| *k == popular).map(|(_, r)| r.peer).collect();
+        assert_eq!(distinct.len(), 20);
+        assert_eq!(got.len(), 21, "the other key's one provider too");
+        seen.extend(distinct);
+    }
+    assert_eq!(seen.len(), 302, "every provider, legacy rows included, is sampled");
+
+    // One index range per arm: no sort of, and no scan through, the popular key's rows.
+    c.batch_execute("ANALYZE providers").await.unwrap();
+    let plan: Vec<String> = c
+        .query(
+            &format!(
+                "EXPLAIN {}",
+                hydra::store::LOOKUP_SQL
+                    .replace("$1::bytea[]", "ARRAY[$1::bytea]")
+                    .replace("$3::int4[]", "ARRAY[0]")
+                    .replace("$2", "20")
+            ),
+            &[&popular.as_bytes()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.matches("providers_sample").count() == 2 && !plan.contains("Sort"), "{plan}");
+    store.close().await;
+}
+
+/// Issue 11.4, fencing without a takeover: cut off from its datastore for longer than
+/// 0.9 × `lease_ttl`, a node stops serving its heads (nobody can be sure another process did not
+/// take them over); once a renewal succeeds again they listen on the same addresses and serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_its_datastore_fences_its_heads_and_serves_again_after() {
+    use hydra::net::wire::{encode_request, MessageType};
+    // A cluster of its own: this test stops and restarts it.
+    let cluster = hydra_testkit::PgCluster::start(false).unwrap();
+    let url = hydra_testkit::create_database(&cluster.url("postgres"), "fence").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path(), 2);
+    cfg.store = StoreKind::Postgres(url);
+    cfg.lease_ttl = Duration::from_secs(3); // shipped: 60 s; short so the test waits 3 s, not 60
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let heads = head_addrs(&node);
+    let find_node = encode_request(MessageType::FindNode, &[7u8; 32], &[]);
+    let up = || common::metric(&node, "hydra_head_up", &[]);
+    let client = RawClient::connect(&heads).await;
+    assert!(client.try_request(heads[0].0, &find_node).await.is_some());
+    assert_eq!(up(), 2.0);
+
+    cluster.halt().unwrap();
+    until("the heads to fence", || up() == 0.0).await;
+    assert!(client.try_request(heads[0].0, &find_node).await.is_none(), "a fenced head served");
+
+    cluster.resume().unwrap();
+    until("the heads to serve again", || up() == 2.0).await;
+    let again = RawClient::connect(&heads).await; // the same addresses
+    for (peer, _) in &heads {
+        assert!(again.try_request(*peer, &find_node).await.is_some(), "{peer} does not serve again");
     }
     node.shutdown().await;
 }

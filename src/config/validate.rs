@@ -179,6 +179,13 @@ impl ConfigFile {
         positive("providers.gc_chunk_rows", p.gc_chunk_rows)?;
         positive("providers.gc_chunk_pages", p.gc_chunk_pages)?;
         positive("providers.cache_entries", p.cache_entries)?;
+        positive("providers.cache_bytes", usize::try_from(p.cache_bytes).unwrap_or(usize::MAX))?;
+        if p.sample_per_key < l.max_providers_per_reply {
+            return Err(invalid(
+                "providers.sample_per_key",
+                "must be at least limits.max_providers_per_reply (each reply samples from it)",
+            ));
+        }
         positive("providers.read_batch_keys", p.read_batch_keys)?;
         positive("providers.max_read_queries", p.max_read_queries)?;
         positive("postgres.pool_size", self.postgres.pool_size)?;

@@ -253,7 +253,7 @@ async fn peers(
     let known = known_addrs(&s.heads, &peer);
     let policy = s.load.policy();
     let stored = if policy.datastore {
-        match tokio::time::timeout(s.cfg.request_timeout, s.store.peer_addrs(&peer, now_ms())).await {
+        match tokio::time::timeout(s.cfg.request_timeout, s.store.peer_addrs(&peer)).await {
             Ok(Ok(a)) => a.map(|(addrs, _)| addrs),
             Ok(Err(_)) | Err(_) if known.is_some() => None,
             Ok(Err(_)) | Err(_) => return shed("datastore_error"),

@@ -52,10 +52,13 @@ pub enum StreamEvent {
     Oversized,
     /// Any read, write or decode failure.
     Error,
+    /// Reset because the head's lease was not renewed in time: another process may own its
+    /// identity now (fencing).
+    Fenced,
 }
 
 impl StreamEvent {
-    pub const ALL: [StreamEvent; 12] = [
+    pub const ALL: [StreamEvent; 13] = [
         StreamEvent::Queued,
         StreamEvent::QueueFull,
         StreamEvent::PeerLimit,
@@ -68,6 +71,7 @@ impl StreamEvent {
         StreamEvent::IdleTimeout,
         StreamEvent::Oversized,
         StreamEvent::Error,
+        StreamEvent::Fenced,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -83,6 +87,7 @@ impl StreamEvent {
             StreamEvent::IdleTimeout => "idle_timeout",
             StreamEvent::Oversized => "oversized",
             StreamEvent::Error => "error",
+            StreamEvent::Fenced => "fenced",
         }
     }
 }

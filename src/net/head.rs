@@ -6,13 +6,15 @@
 //! leave it through [`super::intake`] straight into the shared queue.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use futures::StreamExt;
 use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::ListenerId;
 use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -46,6 +48,66 @@ pub struct HeadShared {
     pub advertised: Arc<ArcSwap<Vec<Multiaddr>>>,
     /// Latest routing-table snapshot.
     pub routing: Arc<ArcSwap<RoutingSnapshot>>,
+    /// Whether this head's lease lets it serve (fencing).
+    pub lease: LeaseFence,
+}
+
+/// Fencing: whether this head may serve its identity. The lease in the datastore lasts `ttl`
+/// from the datastore's clock at each renewal; the head serves only until `FENCE_SHARE` of `ttl`
+/// after the renewal was *sent*, by this host's monotonic clock — before any other process can
+/// see the lease expired and take the identity over — unless a later renewal succeeds. A renewal
+/// that no longer finds the lease (taken over) makes the head stop for good. A paused or
+/// partitioned process therefore stops serving before another may start, so two hosts never
+/// serve one peer ID.
+#[derive(Debug)]
+pub struct LeaseFence {
+    /// Milliseconds since [`mono_epoch`] until which the head may serve.
+    until_ms: AtomicU64,
+    lost: AtomicBool,
+}
+
+/// The part of the lease lifetime a head serves after a renewal was sent: the rest is margin
+/// for the renewal's own latency and for clock-rate differences between hosts.
+pub const FENCE_SHARE: f64 = 0.9;
+
+fn mono_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn mono_ms(t: Instant) -> u64 {
+    t.saturating_duration_since(mono_epoch()).as_millis() as u64
+}
+
+impl LeaseFence {
+    /// A fence for a lease whose acquisition was sent at `sent`.
+    pub fn new(sent: Instant, ttl: Duration) -> Self {
+        let f = Self { until_ms: AtomicU64::new(0), lost: AtomicBool::new(false) };
+        f.renewed(sent, ttl);
+        f
+    }
+
+    /// A renewal sent at `sent` succeeded: serve until `FENCE_SHARE × ttl` after it.
+    pub fn renewed(&self, sent: Instant, ttl: Duration) {
+        if !self.lost.load(Ordering::Acquire) {
+            self.until_ms.fetch_max(mono_ms(sent + ttl.mul_f64(FENCE_SHARE)), Ordering::AcqRel);
+        }
+    }
+
+    /// A renewal found the lease gone: another process owns the identity.
+    pub fn lost(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.until_ms.store(0, Ordering::Release);
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Whether the head may serve now (one atomic load and a clock read).
+    pub fn serving(&self) -> bool {
+        mono_ms(Instant::now()) < self.until_ms.load(Ordering::Acquire)
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -62,6 +124,9 @@ pub struct StartingHead {
     pub shared: Arc<HeadShared>,
     siblings: Arc<Siblings>,
     swarm: Swarm<HeadBehaviour>,
+    /// The addresses the listeners bound (ports included): listened on again after a fence lifts.
+    bound: Vec<Multiaddr>,
+    listeners: Vec<ListenerId>,
     filter: AddressFilter,
     metrics: HeadMetrics,
 }
@@ -74,6 +139,7 @@ pub async fn bind(
     cfg: &Config,
     intake: Intake,
     metrics: HeadMetrics,
+    lease: LeaseFence,
 ) -> anyhow::Result<StartingHead> {
     let peer_id = keypair.public().to_peer_id();
     let max_conns = cfg.limits.max_connections_per_head;
@@ -133,19 +199,22 @@ pub async fn bind(
     let mut ips = vec![cfg.listen_ip];
     ips.extend(cfg.listen_ip6.map(IpAddr::V6));
     let mut pending = std::collections::HashSet::new();
+    let mut listeners = Vec::new();
     for ip in ips {
         let ip = match ip {
             IpAddr::V4(ip) => Protocol::Ip4(ip),
             IpAddr::V6(ip) => Protocol::Ip6(ip),
         };
         let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(port));
-        pending
-            .insert(swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?);
+        let id = swarm.listen_on(tcp.clone()).with_context(|| format!("head {index}: listen on {tcp}"))?;
+        pending.insert(id);
+        listeners.push(id);
         if cfg.quic {
             let quic = Multiaddr::empty().with(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1);
-            pending.insert(
-                swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?,
-            );
+            let id =
+                swarm.listen_on(quic.clone()).with_context(|| format!("head {index}: listen on {quic}"))?;
+            pending.insert(id);
+            listeners.push(id);
         }
     }
 
@@ -194,8 +263,17 @@ pub async fn bind(
         listen_addrs,
         advertised,
         routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
+        lease,
     });
-    Ok(StartingHead { shared, siblings: Arc::default(), swarm, filter: cfg.address_filter, metrics })
+    Ok(StartingHead {
+        shared,
+        siblings: Arc::default(),
+        swarm,
+        bound: addrs,
+        listeners,
+        filter: cfg.address_filter,
+        metrics,
+    })
 }
 
 /// The announce templates with `{port}` filled in: a template naming `/udp/` gets the port of
@@ -243,12 +321,30 @@ impl StartingHead {
         let head_label = self.shared.index.to_string();
         self.metrics.up.with_label_values(&[&head_label]).set(1);
         let mut dirty = true;
+        let mut fenced = false;
         let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {
+                    match (self.shared.lease.serving(), fenced) {
+                        (false, false) => {
+                            self.fence();
+                            fenced = true;
+                        }
+                        (true, true) => fenced = !self.unfence(),
+                        _ => {}
+                    }
+                    if fenced && self.shared.lease.is_lost() {
+                        tracing::error!(
+                            head = self.shared.index,
+                            "head {} stopped for good: another process took over its identity {}",
+                            self.shared.index,
+                            self.shared.peer_id
+                        );
+                        break;
+                    }
                     if dirty {
                         self.publish_snapshot(&head_label);
                         dirty = false;
@@ -265,6 +361,47 @@ impl StartingHead {
         }
         self.metrics.up.with_label_values(&[&head_label]).set(0);
         tracing::debug!(head = self.shared.index, "head stopped");
+    }
+
+    /// Stop serving this identity: close the listeners and every connection (streams arriving
+    /// meanwhile are reset by the request path, which checks the fence itself).
+    fn fence(&mut self) {
+        tracing::error!(
+            head = self.shared.index,
+            "head {} stops serving {}: its lease was not renewed within identity.lease_ttl, so another \
+             process may take the identity over",
+            self.shared.index,
+            self.shared.peer_id
+        );
+        self.metrics.up.with_label_values(&[&self.shared.index.to_string()]).set(0);
+        for id in self.listeners.drain(..) {
+            self.swarm.remove_listener(id);
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// The lease was renewed after a fence: listen on the same addresses again. Returns whether
+    /// the head serves again.
+    fn unfence(&mut self) -> bool {
+        for a in self.bound.clone() {
+            match self.swarm.listen_on(a.clone()) {
+                Ok(id) => self.listeners.push(id),
+                Err(e) => {
+                    tracing::error!(head = self.shared.index, error = %e, "head {}: cannot listen on {a} again", self.shared.index);
+                    return false;
+                }
+            }
+        }
+        tracing::info!(
+            head = self.shared.index,
+            "head {} serves again: its lease was renewed",
+            self.shared.index
+        );
+        self.metrics.up.with_label_values(&[&self.shared.index.to_string()]).set(1);
+        true
     }
 
     fn publish_snapshot(&mut self, head_label: &str) {
@@ -321,6 +458,25 @@ impl StartingHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fence_serves_until_its_share_of_the_lease_and_a_lost_lease_never_again() {
+        let ttl = Duration::from_secs(10);
+        let now = Instant::now();
+        let f = LeaseFence::new(now, ttl);
+        assert!(f.serving());
+        // A renewal sent long ago (a pause): its fence has passed.
+        let f = LeaseFence::new(now - Duration::from_secs(9), ttl);
+        assert!(!f.serving(), "9 s after the renewal was sent, past 0.9 × 10 s");
+        f.renewed(now, ttl);
+        assert!(f.serving(), "a later renewal lifts the fence");
+        f.renewed(now - Duration::from_secs(20), ttl);
+        assert!(f.serving(), "an older renewal never shortens it");
+        f.lost();
+        assert!(!f.serving() && f.is_lost());
+        f.renewed(now, ttl);
+        assert!(!f.serving(), "a lost identity is never served again");
+    }
 
     #[test]
     fn announce_templates_take_the_port_of_their_transport() {

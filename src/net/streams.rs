@@ -176,6 +176,9 @@ async fn serve_stream(svc: &Service, s: InboundStream, drain: &CancellationToken
                 return svc.metrics.stream(StreamEvent::Error);
             }
         };
+        if !svc.heads[head].lease.serving() {
+            return svc.metrics.stream(StreamEvent::Fenced); // another process may own this identity
+        }
         let ty = req.message_type();
         let (reply, outcome) = handle(svc, head, peer, req).await;
         svc.metrics.request(head, ty, outcome);

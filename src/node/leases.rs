@@ -14,15 +14,17 @@ use crate::store::{LeasedHead, Store, StoreError};
 
 /// Lease the configured heads. Live leases of this node name held by another run are either a
 /// crashed previous run's (they expire within `lease_ttl`) or another live process with the same
-/// name: wait up to one lease lifetime, then give up with the conflict error.
+/// name: wait up to one lease lifetime, then give up with the conflict error. Also returns when
+/// the successful attempt was sent: the heads' fences count from it.
 pub(super) async fn lease_heads(
     store: &Store,
     cfg: &Config,
     token: &str,
     seed: Arc<Seed>,
-) -> Result<Vec<LeasedHead>, StoreError> {
+) -> Result<(Vec<LeasedHead>, std::time::Instant), StoreError> {
     let deadline = tokio::time::Instant::now() + cfg.lease_ttl + Duration::from_secs(1);
     loop {
+        let sent = std::time::Instant::now();
         match store.acquire_heads(&cfg.node_name, token, cfg.heads as u32, cfg.lease_ttl, seed.clone()).await
         {
             Err(StoreError::LeaseConflict { leases, .. }) if tokio::time::Instant::now() < deadline => {
@@ -34,7 +36,7 @@ pub(super) async fn lease_heads(
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            res => return res,
+            res => return res.map(|l| (l, sent)),
         }
     }
 }
@@ -61,14 +63,28 @@ impl Heartbeat {
                 (h.identity, addrs.join(" "))
             })
             .collect();
+        let sent = std::time::Instant::now();
         match self.store.renew_leases(&self.node, &self.token, self.ttl, &rows).await {
-            Ok(held) if held as usize == rows.len() => {}
-            Ok(held) => tracing::error!(
-                held,
-                expected = rows.len(),
-                "lost head leases: another process took over identities this one still runs \
-                 (was this process paused longer than identity.lease_ttl?); restart it"
-            ),
+            Ok(held) => {
+                for h in self.heads.iter() {
+                    if held.contains(&h.identity) {
+                        h.lease.renewed(sent, self.ttl);
+                    } else if !h.lease.is_lost() {
+                        h.lease.lost();
+                        tracing::error!(
+                            head = h.index,
+                            identity = h.identity,
+                            "lost the lease of head {} ({}): another process took over its identity \
+                             (was this process paused or cut off longer than identity.lease_ttl?); \
+                             the head stops, restart the process to lease another",
+                            h.index,
+                            h.peer_id
+                        );
+                    }
+                }
+            }
+            // Not renewed: each head keeps serving until its fence (FENCE_SHARE × lease_ttl
+            // after its last successful renewal), then stops until a renewal succeeds.
             Err(e) => tracing::warn!(error = %e, "renewing head leases failed; retrying"),
         }
         if self.load.config().fleet_datastore_statements_per_second > 0 {

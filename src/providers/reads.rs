@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{WriteBuffer, SHARDS};
 use crate::metrics::{CacheResult, ProviderMetrics, ShedReason};
 use crate::sharded::Sharded;
-use crate::store::{now_ms, Store};
+use crate::store::Store;
 use crate::types::{PeerRecord, ProviderKey};
 
 pub type Providers = Arc<Vec<PeerRecord>>;
@@ -42,10 +42,31 @@ pub struct Answer {
 struct Cached {
     providers: Providers,
     until: Instant,
+    /// What the entry costs in memory, charged against `cache_bytes`.
+    bytes: u64,
+}
+
+impl Cached {
+    fn new(key: &ProviderKey, providers: Providers, until: Instant) -> Self {
+        const ENTRY: usize = std::mem::size_of::<ProviderKey>() + std::mem::size_of::<Cached>() + 48;
+        let bytes =
+            ENTRY + key.as_bytes().len() + providers.iter().map(PeerRecord::memory_bytes).sum::<usize>();
+        Self { providers, until, bytes: bytes as u64 }
+    }
+}
+
+/// Weighs cache entries by their bytes: the cache is bounded in bytes, not entries.
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<ProviderKey, Cached> for ByBytes {
+    fn weight(&self, _key: &ProviderKey, v: &Cached) -> u64 {
+        v.bytes
+    }
 }
 
 pub struct Reads {
-    cache: quick_cache::sync::Cache<ProviderKey, Cached>,
+    cache: quick_cache::sync::Cache<ProviderKey, Cached, ByBytes>,
     /// Single-flight: the callers waiting for each key being looked up.
     waiting: Sharded<HashMap<ProviderKey, Vec<oneshot::Sender<Answer>>>>,
     queue: mpsc::Sender<ProviderKey>,
@@ -59,7 +80,10 @@ pub struct Reads {
 
 /// Settings of the read path.
 pub struct ReadConfig {
+    /// Expected number of cached keys (sizes the cache's index).
     pub cache_entries: usize,
+    /// The cache's bound: entries are evicted before their bytes exceed it.
+    pub cache_bytes: u64,
     pub cache_ttl: Duration,
     pub negative_ttl: Duration,
     pub max_pending: usize,
@@ -79,7 +103,7 @@ impl Reads {
     ) -> (Arc<Self>, impl std::future::Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(cfg.max_pending);
         let reads = Arc::new(Self {
-            cache: quick_cache::sync::Cache::new(cfg.cache_entries),
+            cache: quick_cache::sync::Cache::with_weighter(cfg.cache_entries, cfg.cache_bytes, ByBytes),
             waiting: Sharded::new(SHARDS, HashMap::new),
             queue: tx,
             pending: AtomicUsize::new(0),
@@ -138,6 +162,11 @@ impl Reads {
         c.map(|c| c.providers)
     }
 
+    /// (entries, bytes) the cache holds.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        (self.cache.len(), self.cache.weight())
+    }
+
     /// Distinct keys queued for or in a lookup.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
@@ -187,7 +216,7 @@ impl Reads {
             // Bounded by `slots`: at most `max_read_queries` of these run at once.
             tokio::spawn(async move {
                 let epochs: Vec<u64> = keys.iter().map(|k| buffer.epoch(buffer.shard_of(k))).collect();
-                let res = store.get_providers(&keys, now_ms(), per_key).await;
+                let res = store.get_providers(&keys, per_key).await;
                 this.finish(keys, epochs, res, &buffer);
                 drop(permit);
             });
@@ -215,8 +244,7 @@ impl Reads {
                     let mut raced = buffer.epoch(shard) != epoch;
                     if !raced {
                         let ttl = if providers.is_empty() { self.negative_ttl } else { self.cache_ttl };
-                        self.cache
-                            .insert(key.clone(), Cached { providers: providers.clone(), until: now + ttl });
+                        self.cache.insert(key.clone(), Cached::new(&key, providers.clone(), now + ttl));
                         // A flush that completed between the check and the insert may already have
                         // evicted this key: undo rather than cache a stale answer.
                         if buffer.epoch(shard) != epoch {

@@ -210,3 +210,61 @@ async fn the_cache_is_coherent_with_local_writes() {
     assert_eq!(got, want);
     m.shutdown().await;
 }
+
+#[tokio::test]
+async fn replies_from_one_cached_answer_sample_every_provider_and_buffered_ones_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, metrics) = manager(dir.path(), small(1000)).await;
+    let stored: Vec<libp2p::PeerId> = (0..150).map(|_| libp2p::PeerId::random()).collect();
+    for p in &stored {
+        m.add_provider(key(1), rec(*p)).unwrap();
+    }
+    m.flush().await;
+    let before = lookups(&metrics);
+    // 150 stored, 100 per reply: a fresh sample of the one cached answer each time.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let got = m.get_providers(&key(1)).await.unwrap();
+        let distinct: std::collections::HashSet<_> = got.iter().map(|r| r.peer).collect();
+        assert_eq!((got.len(), distinct.len()), (100, 100));
+        seen.extend(distinct);
+    }
+    assert_eq!(lookups(&metrics) - before, 1, "one datastore lookup, then the cache");
+    // Each provider is in a reply with probability 2/3: missing one over 40 replies is ~1e-19.
+    assert_eq!(seen.len(), 150, "every provider is served");
+    // A buffered (newest) write is in every reply, and nobody twice.
+    let fresh = libp2p::PeerId::random();
+    m.add_provider(key(1), rec(fresh)).unwrap();
+    m.add_provider(key(1), rec(stored[0])).unwrap();
+    for _ in 0..10 {
+        let got = m.get_providers(&key(1)).await.unwrap();
+        let distinct: std::collections::HashSet<_> = got.iter().map(|r| r.peer).collect();
+        assert_eq!((got.len(), distinct.len()), (100, 100));
+        assert!(distinct.contains(&fresh) && distinct.contains(&stored[0]));
+    }
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for a few hundred small answers, far fewer than the 2,000 keys read.
+    let cfg = ProvidersSection { cache_bytes: 64 * 1024, ..small(10_000) };
+    let (m, metrics) = manager(dir.path(), cfg).await;
+    let p = libp2p::PeerId::random();
+    for i in 0..2000 {
+        m.add_provider(key(i), rec(p)).unwrap();
+    }
+    m.flush().await;
+    for i in 0..2000 {
+        m.get_providers(&key(i)).await.unwrap();
+    }
+    let (entries, bytes) = m.cache_usage();
+    assert!(bytes <= 64 * 1024, "{bytes} bytes cached");
+    assert!((100..2000).contains(&entries), "{entries} entries: evicted by bytes, not by count");
+    // What was evicted is asked for again.
+    let before = lookups(&metrics);
+    for i in 0..2000 {
+        m.get_providers(&key(i)).await.unwrap();
+    }
+    assert!(lookups(&metrics) - before >= 1, "evicted keys are looked up again");
+}

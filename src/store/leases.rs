@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{ms_after, now_ms, StoreError};
+use super::{ms_after, StoreError};
 use crate::identity::{self, KeyTrie, LeaseRow, Seed};
 
 /// An identity this process runs: slot (port_base + slot) and identity index with its choice.
@@ -41,6 +41,9 @@ pub(crate) type IdentityRow = (u32, u8, Vec<u8>);
 
 /// The backend operations `acquire` needs, all inside one locked transaction.
 pub(crate) trait LeaseTx {
+    /// The datastore's clock (ms since the epoch): every lease decision is taken on it, so a
+    /// host whose clock is off cannot take over live leases or keep expired ones.
+    async fn now(&mut self) -> Result<i64, StoreError>;
     async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     async fn identities(&mut self) -> Result<Vec<IdentityRow>, StoreError>;
@@ -92,7 +95,7 @@ pub(crate) async fn acquire<T: LeaseTx>(
     }
     let ids = tx.identities().await?;
     let leases = tx.leases().await?;
-    let now = now_ms();
+    let now = tx.now().await?;
     let indices: Vec<u32> = ids.iter().map(|(i, _, _)| *i).collect();
     let plan = identity::plan(node, token, n, now, &indices, &leases);
     if plan.conflicts > 0 {
@@ -133,7 +136,7 @@ pub(crate) async fn acquire<T: LeaseTx>(
         tx.release(node, *index).await?;
     }
     // Counted from now, not from the plan: deriving keys for many new heads takes a while.
-    let expires = ms_after(now_ms(), ttl);
+    let expires = ms_after(tx.now().await?, ttl);
     for h in &out {
         tx.lease(h.index, node, token, h.slot, expires).await?;
     }

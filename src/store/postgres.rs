@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
 use super::sqlite::Embedded;
-use super::{ProviderWrite, StoreError, StoredProvider};
+use super::{new_sample_key, now_ms, ProviderWrite, StoreError, StoredProvider};
 use crate::config::{redact_url, PostgresSection};
 use crate::identity::{LeaseRow, Seed};
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
@@ -35,39 +35,57 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "head identities", include_str!("../../migrations/postgres/0002_head_identities.sql")),
     (3, "lease tokens", include_str!("../../migrations/postgres/0003_lease_tokens.sql")),
     (4, "value order", include_str!("../../migrations/postgres/0004_value_order.sql")),
+    (5, "sample key", include_str!("../../migrations/postgres/0005_sample_key.sql")),
 ];
 
 /// Advisory lock key of the garbage-collection lease ("hydra gc").
 const GC_LOCK_KEY: i64 = 0x0068_7964_7261_6763;
 
-/// The batched provider upsert (also used raw by the benchmark and tests).
+/// The batched provider upsert (also used raw by the benchmark and tests). `$3` holds each row's
+/// remaining lifetime in milliseconds: the expiry is reckoned on the database's clock, so a host
+/// whose clock is off writes the same expiry as any other. `$4` holds each row's random sample
+/// key; a refresh keeps the stored one (so it stays a HOT update), except the 0 of a row written
+/// before migration 0005.
 pub const UPSERT_PROVIDERS: &str = "\
-    INSERT INTO providers (key, provider, expires_at) \
-    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
-    ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at \
+    INSERT INTO providers (key, provider, expires_at, sample_key) \
+    SELECT k, p, now() + ms * interval '1 millisecond', s \
+    FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int4[]) AS u(k, p, ms, s) \
+    ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at, \
+        sample_key = CASE WHEN providers.sample_key = 0 THEN excluded.sample_key ELSE providers.sample_key END \
     WHERE providers.expires_at < excluded.expires_at";
 
 const UPSERT_ADDRS: &str = "\
     INSERT INTO peer_addrs (peer, addrs, expires_at) \
-    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
+    SELECT p, a, now() + ms * interval '1 millisecond' \
+    FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) AS u(p, a, ms) \
     ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
     WHERE peer_addrs.expires_at <= excluded.expires_at";
 
-/// The batched lookup statement (also used raw by the benchmark).
+/// The batched lookup statement (also used raw by the benchmark): per key (`$1`), at most `$2`
+/// live providers (by the database's clock) in sample-key order from a random starting point
+/// (`$3`), wrapping around. Each
+/// arm is one range of the `(key, sample_key)` index and the outer `LIMIT` stops the second arm
+/// as soon as the first has filled the answer.
 pub const LOOKUP: &str = "\
     SELECT k.key, p.provider, a.addrs \
-    FROM unnest($1::bytea[]) AS k(key) \
+    FROM unnest($1::bytea[], $3::int4[]) AS k(key, start) \
     CROSS JOIN LATERAL ( \
-        SELECT provider FROM providers \
-        WHERE providers.key = k.key AND providers.expires_at > $2 LIMIT $3) p \
-    LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2";
+        (SELECT provider, sample_key FROM providers \
+         WHERE providers.key = k.key AND sample_key >= k.start AND providers.expires_at > now() \
+         ORDER BY sample_key LIMIT $2) \
+        UNION ALL \
+        (SELECT provider, sample_key FROM providers \
+         WHERE providers.key = k.key AND sample_key < k.start AND providers.expires_at > now() \
+         ORDER BY sample_key LIMIT $2) \
+        LIMIT $2) p \
+    LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > now()";
 
 /// Upsert of a value record; a stored IPNS record is replaced only by a better one or itself
 /// (see `Store::put_value`). The row lock of `ON CONFLICT` orders concurrent writers of a fleet:
 /// each compares against the committed winner, so a name never regresses.
 const PUT_VALUE: &str = "\
     INSERT INTO value_records AS v (key, value, time_received, expires_at, seq, eol_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6) \
+    VALUES ($1, $2, $3, LEAST(now() + $4::int8 * interval '1 millisecond', to_timestamp($7::float8 / 1000.0)), $5, $6) \
     ON CONFLICT (key) DO UPDATE SET value = excluded.value, time_received = excluded.time_received, \
         expires_at = excluded.expires_at, seq = excluded.seq, eol_ms = excluded.eol_ms \
     WHERE excluded.seq IS NULL OR v.seq IS NULL OR v.expires_at <= now() \
@@ -221,7 +239,10 @@ impl PgStore {
         sorted.sort_unstable_by(|a, b| (a.key.as_bytes(), a.provider).cmp(&(b.key.as_bytes(), b.provider)));
         let keys: Vec<&[u8]> = sorted.iter().map(|r| r.key.as_bytes()).collect();
         let providers: Vec<Vec<u8>> = sorted.iter().map(|r| r.provider.to_bytes()).collect();
-        let expires: Vec<SystemTime> = sorted.iter().map(|r| to_time(r.expires_at)).collect();
+        // Lifetimes left, not host times: the database adds them to its own clock.
+        let now = now_ms();
+        let expires: Vec<i64> = sorted.iter().map(|r| r.expires_at.saturating_sub(now)).collect();
+        let sample_keys: Vec<i32> = sorted.iter().map(|_| new_sample_key()).collect();
 
         // One row per peer: the latest addresses and expiry in this batch.
         let mut by_peer: HashMap<PeerId, &ProviderWrite> = HashMap::new();
@@ -240,13 +261,14 @@ impl PgStore {
         peers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let peer_ids: Vec<&[u8]> = peers.iter().map(|(p, _)| p.as_slice()).collect();
         let addrs: Vec<Vec<u8>> = peers.iter().map(|(_, r)| encode_addrs(&r.addrs)).collect();
-        let addr_expires: Vec<SystemTime> = peers.iter().map(|(_, r)| to_time(r.addrs_expire_at)).collect();
+        let addr_expires: Vec<i64> =
+            peers.iter().map(|(_, r)| r.addrs_expire_at.saturating_sub(now)).collect();
 
         let client = self.conn().await?;
         let up = client.prepare_cached(UPSERT_PROVIDERS).await?;
         let ua = client.prepare_cached(UPSERT_ADDRS).await?;
         // Two autocommit statements, pipelined: records first, then addresses.
-        let p1: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&keys, &providers, &expires];
+        let p1: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&keys, &providers, &expires, &sample_keys];
         let p2: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&peer_ids, &addrs, &addr_expires];
         let (r1, r2) = tokio::join!(client.execute(&up, &p1), client.execute(&ua, &p2));
         r1?;
@@ -257,14 +279,14 @@ impl PgStore {
     pub async fn get_providers(
         &self,
         keys: &[ProviderKey],
-        now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
         let client = self.conn().await?;
         let stmt = client.prepare_cached(LOOKUP).await?;
         let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
         let limit = i64::try_from(per_key).unwrap_or(i64::MAX);
-        let rows = client.query(&stmt, &[&key_bytes, &to_time(now), &limit]).await?;
+        let starts: Vec<i32> = keys.iter().map(|_| rand::random()).collect();
+        let rows = client.query(&stmt, &[&key_bytes, &limit, &starts]).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let key: Vec<u8> = row.try_get(0)?;
@@ -279,19 +301,18 @@ impl PgStore {
     pub async fn inspect_providers(
         &self,
         key: &ProviderKey,
-        now: i64,
         limit: usize,
     ) -> Result<Vec<StoredProvider>, StoreError> {
         let client = self.conn().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT p.provider, p.expires_at, a.addrs, a.expires_at \
-                 FROM providers p LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > $2 \
-                 WHERE p.key = $1 AND p.expires_at > $2 ORDER BY p.expires_at DESC LIMIT $3",
+                 FROM providers p LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > now() \
+                 WHERE p.key = $1 AND p.expires_at > now() ORDER BY p.expires_at DESC LIMIT $2",
             )
             .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client.query(&stmt, &[&key.as_bytes(), &to_time(now), &limit]).await?;
+        let rows = client.query(&stmt, &[&key.as_bytes(), &limit]).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let provider: &[u8] = row.try_get(0)?;
@@ -308,45 +329,47 @@ impl PgStore {
         Ok(out)
     }
 
-    pub async fn peer_addrs(
-        &self,
-        peer: &PeerId,
-        now: i64,
-    ) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
+    pub async fn peer_addrs(&self, peer: &PeerId) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
         let client = self.conn().await?;
         let stmt = client
-            .prepare_cached("SELECT addrs, expires_at FROM peer_addrs WHERE peer = $1 AND expires_at > $2")
+            .prepare_cached("SELECT addrs, expires_at FROM peer_addrs WHERE peer = $1 AND expires_at > now()")
             .await?;
-        let row = client.query_opt(&stmt, &[&peer.to_bytes(), &to_time(now)]).await?;
+        let row = client.query_opt(&stmt, &[&peer.to_bytes()]).await?;
         Ok(match row {
             Some(row) => Some((decode_addrs(row.try_get(0)?), from_time(row.try_get(1)?))),
             None => None,
         })
     }
 
+    /// `ttl`: lifetime from the database's clock; `eol_ms`: a record's own end of validity
+    /// (absolute, from the record), which caps it.
     pub async fn put_value(
         &self,
         r: &ValueRecord,
-        expires_at: i64,
+        ttl: Duration,
+        eol_ms: Option<i64>,
         order: Option<(i64, i64)>,
     ) -> Result<bool, StoreError> {
         let client = self.conn().await?;
         let stmt = client.prepare_cached(PUT_VALUE).await?;
-        let (seq, eol) = order.unzip();
+        let (seq, order_eol) = order.unzip();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // LEAST ignores a NULL: without an end of validity the lifetime alone decides.
+        let cap: Option<f64> = eol_ms.map(|e| e as f64);
         let n = client
-            .execute(&stmt, &[&r.key, &r.value, &r.time_received, &to_time(expires_at), &seq, &eol])
+            .execute(&stmt, &[&r.key, &r.value, &r.time_received, &ttl_ms, &seq, &order_eol, &cap])
             .await?;
         Ok(n > 0)
     }
 
-    pub async fn get_value(&self, key: &[u8], now: i64) -> Result<Option<ValueRecord>, StoreError> {
+    pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, StoreError> {
         let client = self.conn().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT key, value, time_received FROM value_records WHERE key = $1 AND expires_at > $2",
+                "SELECT key, value, time_received FROM value_records WHERE key = $1 AND expires_at > now()",
             )
             .await?;
-        let row = client.query_opt(&stmt, &[&key, &to_time(now)]).await?;
+        let row = client.query_opt(&stmt, &[&key]).await?;
         Ok(match row {
             Some(row) => Some(ValueRecord {
                 key: row.try_get(0)?,
@@ -382,13 +405,13 @@ impl PgStore {
 
     /// One garbage-collection sweep, if this process holds the lease: every heap relation of
     /// every table, `chunk_pages` pages per statement. `Ok(None)`: another process holds it.
-    pub async fn gc_round(&self, now: i64, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
+    /// Expiry is judged by the database's clock (`now()`), never the host's.
+    pub async fn gc_round(&self, chunk_pages: usize) -> Result<Option<u64>, StoreError> {
         if !self.hold_gc_lease().await? {
             return Ok(None);
         }
         let lease = self.lease.lock().await;
         let Some(client) = lease.as_ref() else { return Ok(None) };
-        let now = to_time(now);
         let chunk = i64::try_from(chunk_pages).unwrap_or(i64::MAX);
         let mut deleted = 0u64;
         for table in ["providers", "peer_addrs", "value_records"] {
@@ -402,8 +425,8 @@ impl PgStore {
                 while first < pages {
                     let n: i64 = client
                         .query_one(
-                            "SELECT hydra_gc_pages($1::oid::regclass, $2, $3, $4)",
-                            &[&oid, &first, &(first + chunk), &now],
+                            "SELECT hydra_gc_pages($1::oid::regclass, $2, $3, now())",
+                            &[&oid, &first, &(first + chunk)],
                         )
                         .await?
                         .try_get(0)?;
@@ -444,6 +467,12 @@ const HEADS_LOCK_KEY: i64 = 0x0068_7964_7261_6864;
 struct PgLeaseTx<'a>(deadpool_postgres::Transaction<'a>);
 
 impl LeaseTx for PgLeaseTx<'_> {
+    async fn now(&mut self) -> Result<i64, StoreError> {
+        let row =
+            self.0.query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8", &[]).await?;
+        Ok(row.try_get(0)?)
+    }
+
     async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row = self.0.query_opt("SELECT value FROM hydra_meta WHERE key = $1", &[&key]).await?;
         Ok(match row {
@@ -561,54 +590,52 @@ impl PgStore {
             .await?)
     }
 
-    /// Extend `node`'s leases and record its heads' addresses; returns how many leases it still held.
-    /// Runs under the same lock as leasing, so a renewal never races a takeover: whichever
-    /// commits first wins, and the other sees it (fewer rows renewed, or a lease not yet expired).
+    /// Extend `node`'s leases to `ttl` from the database's clock and record its heads' addresses;
+    /// returns the identities it still held. Runs under the same lock as leasing, so a renewal
+    /// never races a takeover: whichever commits first wins, and the other sees it (an identity
+    /// missing from the answer, or a lease not yet expired).
     pub async fn renew_leases(
         &self,
         node: &str,
         token: &str,
-        expires_at: i64,
+        ttl: Duration,
         heads: &[(u32, String)],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<u32>, StoreError> {
         let mut client = self.conn().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await?;
         let idx: Vec<i32> = heads.iter().map(|(i, _)| *i as i32).collect();
         let addrs: Vec<&str> = heads.iter().map(|(_, a)| a.as_str()).collect();
-        let n = tx
-            .execute(
-                "UPDATE head_leases l SET expires_at = $1, addrs = u.addrs \
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let rows = tx
+            .query(
+                "UPDATE head_leases l SET expires_at = clock_timestamp() + $1::int8 * interval '1 millisecond', \
+                 addrs = u.addrs \
                  FROM unnest($2::int4[], $3::text[]) AS u(idx, addrs) \
-                 WHERE l.idx = u.idx AND l.node_name = $4 AND l.token = $5",
-                &[&to_time(expires_at), &idx, &addrs, &node, &token],
+                 WHERE l.idx = u.idx AND l.node_name = $4 AND l.token = $5 RETURNING l.idx",
+                &[&ttl_ms, &idx, &addrs, &node, &token],
             )
             .await?;
         tx.commit().await?;
-        Ok(n)
+        rows.iter().map(|r| Ok(r.try_get::<_, i32>(0)? as u32)).collect()
     }
 
     /// Every identity of the fleet with its lease.
-    /// Distinct processes (node names) holding a lease that expires after `now` (ms).
-    pub async fn count_live_processes(&self, now: i64) -> Result<u64, StoreError> {
+    /// Distinct processes (node names) holding a live lease, by the database's clock.
+    pub async fn count_live_processes(&self) -> Result<u64, StoreError> {
         let client = self.conn().await?;
         let row = client
-            .query_one(
-                "SELECT count(DISTINCT node_name) FROM head_leases WHERE expires_at > $1",
-                &[&to_time(now)],
-            )
+            .query_one("SELECT count(DISTINCT node_name) FROM head_leases WHERE expires_at > now()", &[])
             .await?;
         Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
     }
 
-    pub async fn list_heads(
-        &self,
-    ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {
+    pub async fn list_heads(&self) -> Result<Vec<super::HeadRow>, StoreError> {
         let client = self.conn().await?;
         let rows = client
             .query(
                 "SELECT i.idx, i.peer_id, l.node_name, l.slot, l.addrs, \
-                        (extract(epoch FROM l.expires_at) * 1000)::int8 \
+                        (extract(epoch FROM l.expires_at) * 1000)::int8, coalesce(l.expires_at > now(), false) \
                  FROM head_identities i LEFT JOIN head_leases l USING (idx) ORDER BY i.idx",
                 &[],
             )
@@ -622,6 +649,7 @@ impl PgStore {
                     r.try_get::<_, Option<i32>>(3)?.map(|s| s as u32),
                     r.try_get::<_, Option<String>>(4)?.unwrap_or_default(),
                     r.try_get(5)?,
+                    r.try_get(6)?,
                 ))
             })
             .collect()

@@ -18,7 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::leases::{self, IdentityRow, LeaseTx, LeasedHead};
-use super::{ProviderWrite, StoreError, StoredProvider};
+use super::{new_sample_key, now_ms, ProviderWrite, StoreError, StoredProvider};
 use crate::identity::LeaseRow;
 use crate::types::{decode_addrs, encode_addrs, PeerRecord, ProviderKey, ValueRecord};
 
@@ -41,12 +41,19 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "head identities", include_str!("../../migrations/sqlite/0002_head_identities.sql")),
     (3, "lease tokens", include_str!("../../migrations/sqlite/0003_lease_tokens.sql")),
     (4, "value order", include_str!("../../migrations/sqlite/0004_value_order.sql")),
+    (5, "sample key", include_str!("../../migrations/sqlite/0005_sample_key.sql")),
 ];
 
-/// Rows per INSERT statement: 3 bound parameters each stays far below SQLite's 32,766 limit.
+/// Rows per INSERT statement: 4 bound parameters each stays far below SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 1000;
-/// Keys per lookup statement.
-const KEYS_PER_STATEMENT: usize = 500;
+
+/// A key's live providers from sample key `?3` on, then (if short) those before it.
+const SAMPLE_FROM: &str = "SELECT p.provider, a.addrs FROM providers p \
+     LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > ?1 \
+     WHERE p.key = ?2 AND p.sample_key >= ?3 AND p.expires_at > ?1 ORDER BY p.sample_key LIMIT ?4";
+const SAMPLE_BEFORE: &str = "SELECT p.provider, a.addrs FROM providers p \
+     LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > ?1 \
+     WHERE p.key = ?2 AND p.sample_key < ?3 AND p.expires_at > ?1 ORDER BY p.sample_key LIMIT ?4";
 /// One bounded delete of expired rows per table (binds: now, chunk).
 const GC_STATEMENTS: [&str; 3] = [
     "DELETE FROM providers WHERE (key, provider) IN \
@@ -142,13 +149,19 @@ impl SqliteStore {
         let mut tx = conn.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO providers (key, provider, expires_at) ");
+                QueryBuilder::new("INSERT INTO providers (key, provider, expires_at, sample_key) ");
             qb.push_values(chunk, |mut b, r| {
-                b.push_bind(r.key.as_bytes()).push_bind(r.provider.to_bytes()).push_bind(r.expires_at);
+                b.push_bind(r.key.as_bytes())
+                    .push_bind(r.provider.to_bytes())
+                    .push_bind(r.expires_at)
+                    .push_bind(new_sample_key());
             });
+            // A refresh keeps the row's sample key, except the 0 of a row older than migration 5.
             qb.push(
                 " ON CONFLICT (key, provider) DO UPDATE SET \
-                 expires_at = max(providers.expires_at, excluded.expires_at)",
+                 expires_at = max(providers.expires_at, excluded.expires_at), \
+                 sample_key = CASE WHEN providers.sample_key = 0 THEN excluded.sample_key \
+                              ELSE providers.sample_key END",
             );
             qb.build().execute(&mut *tx).await?;
         }
@@ -176,38 +189,34 @@ impl SqliteStore {
         now: i64,
         per_key: usize,
     ) -> Result<Vec<(ProviderKey, PeerRecord)>, StoreError> {
+        // Per key: the live rows from a random starting point in sample-key order, wrapping
+        // around (docs/decisions/2026-12-01-fair-provider-sampling.md). Each statement is one
+        // range of the (key, sample_key) index; the second runs only if the first fell short.
         let mut out = Vec::new();
-        let per_key = i64::try_from(per_key).unwrap_or(i64::MAX);
         let mut conn = self.acquire(&self.readers).await?;
-        for chunk in keys.chunks(KEYS_PER_STATEMENT) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT key, provider, addrs FROM (\
-                   SELECT p.key AS key, p.provider AS provider, a.addrs AS addrs, \
-                          row_number() OVER (PARTITION BY p.key) AS rn \
-                   FROM providers p \
-                   LEFT JOIN peer_addrs a ON a.peer = p.provider AND a.expires_at > ",
-            );
-            qb.push_bind(now);
-            qb.push(" WHERE p.expires_at > ");
-            qb.push_bind(now);
-            qb.push(" AND p.key IN (");
-            let mut sep = qb.separated(", ");
-            for k in chunk {
-                sep.push_bind(k.as_bytes());
-            }
-            qb.push(")) WHERE rn <= ");
-            qb.push_bind(per_key);
-            let rows = qb.build().fetch_all(&mut *conn).await?;
-            for row in rows {
-                let key: Vec<u8> = row.try_get("key")?;
-                let provider: Vec<u8> = row.try_get("provider")?;
-                let addrs: Option<Vec<u8>> = row.try_get("addrs")?;
-                // Rows we wrote ourselves always decode; skip anything else rather than fail a read.
-                let (Ok(key), Ok(peer)) = (ProviderKey::new(key), PeerId::from_bytes(&provider)) else {
-                    continue;
-                };
-                let addrs = addrs.map(|a| decode_addrs(&a)).unwrap_or_default();
-                out.push((key, PeerRecord { peer, addrs }));
+        for key in keys {
+            let start: i32 = rand::random();
+            let mut want = per_key;
+            for sql in [SAMPLE_FROM, SAMPLE_BEFORE] {
+                if want == 0 {
+                    break;
+                }
+                let rows = sqlx::query(sql)
+                    .bind(now)
+                    .bind(key.as_bytes())
+                    .bind(start)
+                    .bind(i64::try_from(want).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                want -= rows.len().min(want);
+                for row in rows {
+                    let provider: Vec<u8> = row.try_get("provider")?;
+                    let addrs: Option<Vec<u8>> = row.try_get("addrs")?;
+                    // Rows we wrote ourselves always decode; skip anything else rather than fail a read.
+                    let Ok(peer) = PeerId::from_bytes(&provider) else { continue };
+                    let addrs = addrs.map(|a| decode_addrs(&a)).unwrap_or_default();
+                    out.push((key.clone(), PeerRecord { peer, addrs }));
+                }
             }
         }
         Ok(out)
@@ -366,6 +375,11 @@ impl SqliteStore {
 struct SqliteLeaseTx<'a>(sqlx::Transaction<'a, Sqlite>);
 
 impl LeaseTx for SqliteLeaseTx<'_> {
+    /// The embedded store's clock is this host's.
+    async fn now(&mut self) -> Result<i64, StoreError> {
+        Ok(now_ms())
+    }
+
     async fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query("SELECT value FROM hydra_meta WHERE key = ?")
             .bind(key)
@@ -502,11 +516,11 @@ impl SqliteStore {
         token: &str,
         expires_at: i64,
         heads: &[(u32, String)],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<u32>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let mut n = 0;
+        let mut held = Vec::new();
         for (idx, addrs) in heads {
-            n += sqlx::query(
+            let n = sqlx::query(
                 "UPDATE head_leases SET expires_at = ?, addrs = ? WHERE idx = ? AND node_name = ? AND token = ?",
             )
             .bind(expires_at)
@@ -517,9 +531,12 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            if n > 0 {
+                held.push(*idx);
+            }
         }
         tx.commit().await?;
-        Ok(n)
+        Ok(held)
     }
 
     /// Distinct processes (node names) holding a lease that expires after `now` (ms).
@@ -531,9 +548,7 @@ impl SqliteStore {
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
-    pub async fn list_heads(
-        &self,
-    ) -> Result<Vec<(u32, String, Option<String>, Option<u32>, String, Option<i64>)>, StoreError> {
+    pub async fn list_heads(&self, now: i64) -> Result<Vec<super::HeadRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT i.idx, i.peer_id, l.node_name, l.slot, l.addrs, l.expires_at \
              FROM head_identities i LEFT JOIN head_leases l ON l.idx = i.idx ORDER BY i.idx",
@@ -549,6 +564,7 @@ impl SqliteStore {
                     r.try_get::<Option<i64>, _>(3)?.map(|s| s as u32),
                     r.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
                     r.try_get(5)?,
+                    r.try_get::<Option<i64>, _>(5)?.is_some_and(|e| e > now),
                 ))
             })
             .collect()
@@ -559,6 +575,7 @@ impl SqliteStore {
 mod tests {
     use super::*;
     use libp2p::Multiaddr;
+    use std::collections::HashSet;
 
     fn test_histogram() -> prometheus::Histogram {
         prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
@@ -657,5 +674,71 @@ mod tests {
         let rows: Vec<_> = (0..50).map(|_| row(&key, PeerId::random(), i64::MAX, i64::MAX)).collect();
         s.put_providers(&rows).await.unwrap();
         assert_eq!(s.get_providers(std::slice::from_ref(&key), 0, 20).await.unwrap().len(), 20);
+    }
+
+    #[tokio::test]
+    async fn reads_sample_a_random_window_of_a_popular_keys_providers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
+        s.migrate().await.unwrap();
+        let key = ProviderKey::new(b"popular".to_vec()).unwrap();
+        let peers: Vec<PeerId> = (0..300).map(|_| PeerId::random()).collect();
+        let rows: Vec<_> = peers.iter().map(|p| row(&key, *p, i64::MAX, i64::MAX)).collect();
+        s.put_providers(&rows).await.unwrap();
+        // Two rows as a version before sampling wrote them (sample key 0), then one refreshed.
+        let legacy: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+        for p in &legacy {
+            sqlx::query("INSERT INTO providers (key, provider, expires_at) VALUES (?, ?, ?)")
+                .bind(key.as_bytes())
+                .bind(p.to_bytes())
+                .bind(i64::MAX)
+                .execute(&s.writer)
+                .await
+                .unwrap();
+        }
+        s.put_providers(&[row(&key, legacy[0], i64::MAX, i64::MAX)]).await.unwrap();
+        let sample_key = |p: PeerId| {
+            sqlx::query_scalar::<_, i64>("SELECT sample_key FROM providers WHERE key = ? AND provider = ?")
+                .bind(key.as_bytes())
+                .bind(p.to_bytes())
+                .fetch_one(&s.readers)
+        };
+        assert_ne!(sample_key(legacy[0]).await.unwrap(), 0, "a refresh gives a legacy row a sample key");
+        assert_eq!(sample_key(legacy[1]).await.unwrap(), 0);
+        let first = sample_key(peers[0]).await.unwrap();
+        s.put_providers(&[row(&key, peers[0], i64::MAX, i64::MAX)]).await.unwrap();
+        assert_eq!(sample_key(peers[0]).await.unwrap(), first, "a refresh keeps the sample key");
+
+        // Everything fits: all 302 in one read (the window wraps around).
+        let all = s.get_providers(std::slice::from_ref(&key), 0, 1000).await.unwrap();
+        assert_eq!(all.iter().map(|(_, r)| r.peer).collect::<HashSet<_>>().len(), 302);
+        // 20 per read: 20 distinct each time, and every provider within 400 reads (each is in a
+        // read with probability about 20/302; missing one over 400 reads: below 1e-8).
+        let mut seen = HashSet::new();
+        for _ in 0..400 {
+            let got = s.get_providers(std::slice::from_ref(&key), 0, 20).await.unwrap();
+            let distinct: HashSet<PeerId> = got.iter().map(|(_, r)| r.peer).collect();
+            assert_eq!((got.len(), distinct.len()), (20, 20));
+            seen.extend(distinct);
+        }
+        assert_eq!(seen.len(), 302, "every provider, legacy rows included, is sampled");
+
+        // Each read is a range of the (key, sample_key) index, not a scan of the key's rows.
+        sqlx::query("ANALYZE").execute(&s.writer).await.unwrap();
+        for sql in [SAMPLE_FROM, SAMPLE_BEFORE] {
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(0)
+                .bind(key.as_bytes())
+                .bind(0)
+                .bind(20)
+                .fetch_all(&s.readers)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("detail"))
+                .collect();
+            let plan = plan.join("; ");
+            assert!(plan.contains("providers_sample") && !plan.contains("TEMP B-TREE"), "{plan}");
+        }
     }
 }

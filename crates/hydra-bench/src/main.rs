@@ -7,6 +7,7 @@ mod cpu_quota;
 mod idle;
 mod load;
 mod node;
+mod sampling;
 mod startup;
 mod store;
 
@@ -120,6 +121,22 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         probes: usize,
     },
+    /// Fair provider sampling on PostgreSQL: what the sample-key index costs writes, and the
+    /// window read against the previous unordered read and ORDER BY random().
+    Sampling {
+        #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        #[arg(long, default_value_t = 10_000)]
+        popular: usize,
+        #[arg(long, default_value_t = 200_000)]
+        writes: usize,
+        #[arg(long, default_value_t = 2000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
         #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
@@ -206,6 +223,16 @@ fn main() -> ExitCode {
                 clients: (*clients).max(1),
                 streams_per_head: *streams_per_head,
                 probes: *probes,
+            }))
+        }
+        Command::Sampling { database_url, keys, popular, writes, lookups, runs } => {
+            rt.block_on(sampling::sampling(sampling::SamplingOpts {
+                database_url: database_url.clone(),
+                keys: *keys,
+                popular: *popular,
+                writes: *writes,
+                lookups: *lookups,
+                runs: (*runs).max(1),
             }))
         }
         Command::Gc { database_url, rows, writes, runs } => rt.block_on(store::gc(store::GcBenchOpts {

@@ -109,7 +109,7 @@ fn dataset(preload_rows: usize, write_rows: usize, lookups: usize, expired_share
 }
 
 /// CPU time (user + system) of this process so far.
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
     let Some(after) = stat.rsplit_once(')').map(|(_, r)| r) else { return Duration::ZERO };
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -119,12 +119,12 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10) // USER_HZ = 100 on Linux
 }
 
-struct Measured {
-    per_sec: f64,
-    cpu_us_per_item: f64,
+pub(crate) struct Measured {
+    pub(crate) per_sec: f64,
+    pub(crate) cpu_us_per_item: f64,
 }
 
-async fn timed<F: std::future::Future<Output = anyhow::Result<()>>>(
+pub(crate) async fn timed<F: std::future::Future<Output = anyhow::Result<()>>>(
     items: usize,
     f: F,
 ) -> anyhow::Result<Measured> {
@@ -137,7 +137,7 @@ async fn timed<F: std::future::Future<Output = anyhow::Result<()>>>(
     })
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(conn);
     Ok(c)
@@ -149,11 +149,13 @@ const UPSERT_ADDRS: &str = "\
     ON CONFLICT (peer) DO UPDATE SET addrs = excluded.addrs, expires_at = excluded.expires_at \
     WHERE peer_addrs.expires_at <= excluded.expires_at";
 
-const UPSERT_PROVIDERS: &str = "\
-    INSERT INTO providers (key, provider, expires_at) \
-    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::timestamptz[]) \
-    ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at \
-    WHERE providers.expires_at < excluded.expires_at";
+/// Milliseconds from now until `t` (negative once it has passed).
+fn ms_left(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
 
 /// Sorted, deduplicated address rows of a batch (as the store writes them).
 fn addr_rows(d: &Dataset, batch: &[Row]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
@@ -182,7 +184,7 @@ async fn raw_unnest(url: &str, d: Arc<Dataset>, rows: Arc<Vec<Row>>) -> anyhow::
         let (d, rows, next, url) = (d.clone(), rows.clone(), next.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             let c = connect(&url).await?;
-            let up = c.prepare(UPSERT_PROVIDERS).await?;
+            let up = c.prepare(hydra::store::UPSERT_PROVIDERS_SQL).await?;
             let ua = c.prepare(UPSERT_ADDRS).await?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize * WRITE_BATCH;
@@ -192,13 +194,15 @@ async fn raw_unnest(url: &str, d: Arc<Dataset>, rows: Arc<Vec<Row>>) -> anyhow::
                 let batch = sorted_batch(&d, &rows[i..(i + WRITE_BATCH).min(rows.len())]);
                 let keys: Vec<&[u8]> = batch.iter().map(|r| r.key.as_bytes()).collect();
                 let provs: Vec<&[u8]> = batch.iter().map(|r| d.peers[r.peer].1.as_slice()).collect();
-                let exp: Vec<SystemTime> = batch.iter().map(|r| r.expires).collect();
+                // The store's upsert takes lifetimes left (the database adds them to its clock).
+                let exp: Vec<i64> = batch.iter().map(|r| ms_left(r.expires)).collect();
+                let sample: Vec<i32> = batch.iter().map(|_| rand::random::<i32>() | 1).collect();
                 let (peers, addrs) = addr_rows(&d, &batch);
                 let aexp = vec![
                     batch.iter().map(|r| r.expires).max().unwrap_or(SystemTime::UNIX_EPOCH);
                     peers.len()
                 ];
-                let p1: [&(dyn ToSql + Sync); 3] = [&keys, &provs, &exp];
+                let p1: [&(dyn ToSql + Sync); 4] = [&keys, &provs, &exp, &sample];
                 let p2: [&(dyn ToSql + Sync); 3] = [&peers, &addrs, &aexp];
                 let (r1, r2) = tokio::join!(c.execute(&up, &p1), c.execute(&ua, &p2));
                 r1?;
@@ -221,7 +225,8 @@ async fn raw_copy(url: &str, d: Arc<Dataset>, rows: Arc<Vec<Row>>) -> anyhow::Re
         tasks.push(tokio::spawn(async move {
             let mut c = connect(&url).await?;
             c.batch_execute(
-                "CREATE TEMP TABLE stage (key bytea, provider bytea, expires_at timestamptz) ON COMMIT DELETE ROWS",
+                "CREATE TEMP TABLE stage (key bytea, provider bytea, expires_at timestamptz, sample_key int4) \
+                 ON COMMIT DELETE ROWS",
             )
             .await?;
             let ua = c.prepare(UPSERT_ADDRS).await?;
@@ -233,15 +238,19 @@ async fn raw_copy(url: &str, d: Arc<Dataset>, rows: Arc<Vec<Row>>) -> anyhow::Re
                 let batch = sorted_batch(&d, &rows[i..(i + WRITE_BATCH).min(rows.len())]);
                 let tx = c.transaction().await?;
                 let sink = tx.copy_in("COPY stage FROM STDIN BINARY").await?;
-                let w = BinaryCopyInWriter::new(sink, &[Type::BYTEA, Type::BYTEA, Type::TIMESTAMPTZ]);
+                let w = BinaryCopyInWriter::new(sink, &[Type::BYTEA, Type::BYTEA, Type::TIMESTAMPTZ, Type::INT4]);
                 futures::pin_mut!(w);
                 for r in &batch {
-                    w.as_mut().write(&[&r.key.as_bytes(), &d.peers[r.peer].1.as_slice(), &r.expires]).await?;
+                    let sample = rand::random::<i32>() | 1;
+                    w.as_mut().write(&[&r.key.as_bytes(), &d.peers[r.peer].1.as_slice(), &r.expires, &sample]).await?;
                 }
                 w.finish().await?;
                 tx.execute(
-                    "INSERT INTO providers SELECT * FROM stage ORDER BY key, provider \
-                     ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at \
+                    "INSERT INTO providers (key, provider, expires_at, sample_key) \
+                     SELECT * FROM stage ORDER BY key, provider \
+                     ON CONFLICT (key, provider) DO UPDATE SET expires_at = excluded.expires_at, \
+                     sample_key = CASE WHEN providers.sample_key = 0 THEN excluded.sample_key \
+                     ELSE providers.sample_key END \
                      WHERE providers.expires_at < excluded.expires_at",
                     &[],
                 )
@@ -269,6 +278,7 @@ async fn manager_on(url: &str) -> anyhow::Result<ProviderManager> {
         max_reads_in_flight: 4096,
         // Reads of distinct keys only: caching is not measured here.
         cache_entries: 16,
+        cache_bytes: 64 * 1024,
         ..Default::default()
     };
     Ok(ProviderManager::start(store, cfg, 100, metrics.providers.clone()))
@@ -305,7 +315,6 @@ async fn raw_reads(url: &str, keys: Arc<Vec<ProviderKey>>) -> anyhow::Result<()>
         tasks.push(tokio::spawn(async move {
             let c = connect(&url).await?;
             let stmt = c.prepare(hydra::store::LOOKUP_SQL).await?;
-            let now = hydra::store::postgres_time(now_ms());
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize * READ_BATCH;
                 if i >= keys.len() {
@@ -313,7 +322,8 @@ async fn raw_reads(url: &str, keys: Arc<Vec<ProviderKey>>) -> anyhow::Result<()>
                 }
                 let batch: Vec<&[u8]> =
                     keys[i..(i + READ_BATCH).min(keys.len())].iter().map(|k| k.as_bytes()).collect();
-                c.query(&stmt, &[&batch, &now, &100i64]).await?;
+                let starts: Vec<i32> = batch.iter().map(|_| rand::random()).collect();
+                c.query(&stmt, &[&batch, &100i64, &starts]).await?;
             }
         }));
     }
@@ -353,7 +363,7 @@ async fn preload(url: &str, d: Arc<Dataset>) -> anyhow::Result<()> {
 
 /// The server to benchmark against: `url`, or a throwaway cluster with production durability
 /// (kept alive by the returned handle).
-fn server(url: &Option<String>) -> anyhow::Result<(String, Option<PgCluster>)> {
+pub(crate) fn server(url: &Option<String>) -> anyhow::Result<(String, Option<PgCluster>)> {
     match url {
         Some(u) => Ok((u.clone(), None)),
         None => {
@@ -495,7 +505,6 @@ pub(crate) async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
             preload(&url, d.clone()).await?;
             urls.push(url);
         }
-        let now = now_ms();
         let open = |url: String| async move {
             let metrics = Metrics::new(&prometheus::Registry::new(), 1);
             Store::open(&StoreKind::Postgres(url), &PostgresSection::default(), metrics.datastore.clone())
@@ -504,7 +513,7 @@ pub(crate) async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
         // GC alone.
         let s = open(urls[0].clone()).await?;
         let t = Instant::now();
-        let deleted = s.gc_round(now, 0, chunk_pages).await?.unwrap_or(0);
+        let deleted = s.gc_round(0, chunk_pages).await?.unwrap_or(0);
         let gc_alone = deleted as f64 / t.elapsed().as_secs_f64();
         s.close().await;
         // Writes alone.
@@ -514,7 +523,7 @@ pub(crate) async fn gc(o: GcBenchOpts) -> anyhow::Result<()> {
         let t = Instant::now();
         let (g, w) = tokio::join!(
             async {
-                let n = s.gc_round(now, 0, chunk_pages).await?.unwrap_or(0);
+                let n = s.gc_round(0, chunk_pages).await?.unwrap_or(0);
                 anyhow::Ok((n, t.elapsed()))
             },
             timed(o.writes, raw_unnest(&urls[2], d.clone(), writes.clone()))
