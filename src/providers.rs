@@ -81,6 +81,34 @@ fn sample_merge(
     out
 }
 
+/// A batch taken from the buffer whose flush has not settled it (written or requeued). Dropped
+/// unsettled — the flush task panicked — it puts the rows back in the buffer, so a bug costs a
+/// retry, not the records or the buffer's space.
+struct Unsettled {
+    manager: ProviderManager,
+    idx: usize,
+    batch: Option<Arc<buffer::Batch>>,
+}
+
+impl Unsettled {
+    fn settled(mut self) {
+        self.batch = None;
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            tracing::error!(
+                shard = self.idx,
+                "a provider flush ended without settling its batch; rows requeued"
+            );
+            self.manager.inner.metrics.flushes_failed.inc();
+            self.manager.inner.buffer.requeue(self.idx, &batch);
+        }
+    }
+}
+
 /// Exponential backoff between failed flushes: 100 ms, doubling to 2 s; reset by a success.
 #[derive(Default)]
 struct Backoff(std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>);
@@ -392,6 +420,7 @@ impl ProviderManager {
         let this = self.clone();
         // Not in `tasks`: `flush` waits for these through the permits.
         tokio::spawn(async move {
+            let guard = Unsettled { manager: this.clone(), idx, batch: Some(batch.clone()) };
             let inner = &this.inner;
             let rows = buffer::rows(&batch);
             inner.metrics.flush_rows.observe(rows.len() as f64);
@@ -412,12 +441,14 @@ impl ProviderManager {
                         "provider flush failed; rows kept in the buffer for a retry"
                     );
                     inner.metrics.flushes_failed.inc();
+                    guard.settled();
                     inner.buffer.requeue(idx, &batch);
                     drop(permit);
                     return;
                 }
             }
             inner.backoff.succeeded();
+            guard.settled();
             inner.buffer.complete(idx, &batch, || inner.reads.invalidate(batch.keys()));
             inner.metrics.write_buffer_entries.set(inner.buffer.entries() as i64);
             drop(permit);

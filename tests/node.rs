@@ -418,3 +418,70 @@ async fn announced_addresses_replace_listen_addresses_and_ipv6_serves_too() {
         .is_some());
     node.shutdown().await;
 }
+
+/// Issue 11.5: SIGTERM's shutdown under load: intake stops, requests already read are answered,
+/// then the buffer is flushed — every ADD_PROVIDER the node accepted is in the table, and every
+/// GET_PROVIDERS it read was answered (none reset in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_keeps_every_accepted_record_and_answers_every_request_it_read() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config_on(dir.path(), 2, Backend::Postgres).await;
+    let hydra::config::StoreKind::Postgres(url) = cfg.store.clone() else { unreachable!() };
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let registry = node.registry().clone();
+    let heads = head_addrs(&node);
+    let client = Arc::new(RawClient::connect(&heads).await);
+    let replies = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..8 {
+        let (client, replies, head) = (client.clone(), replies.clone(), heads[w % 2].0);
+        load.push(tokio::spawn(async move {
+            let Ok(mut s) = client.try_open(head).await else { return };
+            loop {
+                if w % 2 == 0 {
+                    if RawClient::send(&mut s, &client.add_provider_body(&random_key())).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                } else {
+                    let get = wire::encode_request(MessageType::GetProviders, &random_key(), &[]);
+                    match RawClient::request(&mut s, &get).await {
+                        Ok(_) => replies.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => return,
+                    };
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::timeout(WAIT, node.shutdown()).await.expect("shutdown finishes");
+    for t in load {
+        tokio::time::timeout(WAIT, t).await.expect("the load ends with the node").unwrap();
+    }
+    let count = |name: &str, labels: &[(&str, &str)]| {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf).unwrap();
+        String::from_utf8(buf)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let accepted = count("hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")]);
+    println!("accepted {accepted} announcements, answered {} lookups", replies.load(Ordering::Relaxed));
+    let rows: i64 =
+        common::pg::client(&url).await.query_one("SELECT count(*) FROM providers", &[]).await.unwrap().get(0);
+    assert!(accepted > 100.0, "load ran: {accepted} announcements accepted");
+    assert_eq!(rows as f64, accepted, "every accepted announcement was written");
+    let served = count("hydra_kad_requests_total", &[("type", "get_providers")]);
+    let got = replies.load(Ordering::Relaxed) as f64;
+    assert!(got > 10.0, "load ran: {got} lookups answered");
+    assert_eq!(got, served, "every GET_PROVIDERS the node read was answered");
+    assert_eq!(count("hydra_kad_streams_total", &[("event", "error")]), 0.0, "no stream failed mid-request");
+}

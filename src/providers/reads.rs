@@ -55,6 +55,22 @@ impl Cached {
     }
 }
 
+/// Keys of a lookup in progress. Dropped before the lookup finished (its task panicked), it fails
+/// them, so their waiters are released and `pending` does not leak capacity.
+struct Lookup {
+    reads: Arc<Reads>,
+    keys: Vec<ProviderKey>,
+}
+
+impl Drop for Lookup {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            tracing::error!(keys = self.keys.len(), "a provider lookup ended without an answer");
+            self.reads.fail(std::mem::take(&mut self.keys));
+        }
+    }
+}
+
 /// Weighs cache entries by their bytes: the cache is bounded in bytes, not entries.
 #[derive(Clone)]
 struct ByBytes;
@@ -216,8 +232,9 @@ impl Reads {
             // Bounded by `slots`: at most `max_read_queries` of these run at once.
             tokio::spawn(async move {
                 let epochs: Vec<u64> = keys.iter().map(|k| buffer.epoch(buffer.shard_of(k))).collect();
-                let res = store.get_providers(&keys, per_key).await;
-                this.finish(keys, epochs, res, &buffer);
+                let mut lookup = Lookup { reads: this.clone(), keys };
+                let res = store.get_providers(&lookup.keys, per_key).await;
+                this.finish(std::mem::take(&mut lookup.keys), epochs, res, &buffer);
                 drop(permit);
             });
         }
@@ -261,13 +278,74 @@ impl Reads {
             }
             Err(e) => {
                 tracing::warn!(error = %e, keys = n, "provider lookup failed");
-                for key in keys {
-                    // Dropping the senders tells every waiter the lookup failed.
-                    drop(self.waiting.lock_for(&key).remove(&key));
-                }
+                return self.fail(keys);
             }
         }
         let left = self.pending.fetch_sub(n, Ordering::AcqRel) - n;
         self.metrics.reads_in_flight.set(left as i64);
+    }
+
+    /// A lookup of `keys` failed: every waiter learns it (its sender dropped) and the keys no
+    /// longer count as pending.
+    fn fail(&self, keys: Vec<ProviderKey>) {
+        let n = keys.len();
+        for key in keys {
+            drop(self.waiting.lock_for(&key).remove(&key));
+        }
+        let left = self.pending.fetch_sub(n, Ordering::AcqRel) - n;
+        self.metrics.reads_in_flight.set(left as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PostgresSection, StoreKind};
+
+    #[tokio::test]
+    async fn a_lookup_task_that_panics_releases_its_waiters_and_pending_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = crate::metrics::Metrics::new(&prometheus::Registry::new(), 1);
+        let store = Store::open(
+            &StoreKind::Sqlite(dir.path().join("r.sqlite")),
+            &PostgresSection::default(),
+            metrics.datastore.clone(),
+        )
+        .await
+        .unwrap();
+        let cfg = ReadConfig {
+            cache_entries: 16,
+            cache_bytes: 1 << 20,
+            cache_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            max_pending: 8,
+            batch_keys: 8,
+            max_queries: 1,
+            per_key: 20,
+        };
+        let buffer = Arc::new(WriteBuffer::new(16, 16));
+        // The batcher is not run: the test plays the lookup task itself.
+        let (reads, _batcher) =
+            Reads::new(cfg, store, buffer, metrics.providers.clone(), CancellationToken::new());
+        let key = ProviderKey::new(b"k".to_vec()).unwrap();
+        let waiter = tokio::spawn({
+            let (reads, key) = (reads.clone(), key.clone());
+            async move { reads.get(&key, Duration::from_secs(30)).await.map(|_| ()) }
+        });
+        while reads.pending() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let task = tokio::spawn({
+            let lookup = Lookup { reads: reads.clone(), keys: vec![key.clone()] };
+            async move {
+                let _lookup = lookup;
+                panic!("injected: a lookup task panics before it answers");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("released at once");
+        assert_eq!(answer.unwrap(), Err(ShedReason::DatastoreError));
+        assert_eq!(reads.pending(), 0, "no pending capacity leaked");
+        assert!(reads.waiting.lock_for(&key).get(&key).is_none(), "no dead lookup left to join");
     }
 }

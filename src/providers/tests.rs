@@ -268,3 +268,26 @@ async fn the_cache_is_bounded_in_bytes() {
     }
     assert!(lookups(&metrics) - before >= 1, "evicted keys are looked up again");
 }
+
+#[tokio::test]
+async fn a_flush_task_that_panics_puts_its_rows_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = manager(dir.path(), small(100)).await;
+    let p = libp2p::PeerId::random();
+    m.add_provider(key(1), rec(p)).unwrap();
+    let idx = m.inner.buffer.shard_of(&key(1));
+    let batch = m.inner.buffer.take(idx).expect("a pending batch");
+    assert_eq!(m.inner.buffer.pending(idx), 0, "taken for writing");
+    let task = tokio::spawn({
+        let guard = Unsettled { manager: m.clone(), idx, batch: Some(batch) };
+        async move {
+            let _guard = guard;
+            panic!("injected: a flush task panics before it settles its batch");
+        }
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(m.inner.buffer.pending(idx), 1, "the rows are back in the buffer");
+    m.flush().await;
+    assert_eq!(m.buffered(), 0);
+    assert_eq!(m.get_providers(&key(1)).await.unwrap(), vec![rec(p)], "and written by the next flush");
+}
