@@ -260,6 +260,10 @@ pub struct LimitsSection {
     pub large_message_budget_bytes: usize,
     /// Largest number of providers returned in one GET_PROVIDERS reply.
     pub max_providers_per_reply: usize,
+    /// Bytes one reply may hold (closer peers first, then providers, with their addresses):
+    /// a small request never draws a multi-megabyte reply (100 providers × 32 addresses × 1 KiB
+    /// would be 3.2 MiB). Peers left out are counted.
+    pub max_reply_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +388,7 @@ impl Default for LimitsSection {
             io_timeout: Duration::from_secs(10),
             large_message_budget_bytes: 64 * 1024 * 1024,
             max_providers_per_reply: 100,
+            max_reply_bytes: 256 * 1024,
         }
     }
 }

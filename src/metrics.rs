@@ -179,6 +179,9 @@ pub struct KadMetrics {
     pub requests_in_flight: IntGauge,
     /// Inbound connections refused at `limits.max_connections_per_ip`.
     pub connections_denied: IntCounter,
+    /// Peers (providers or closer peers) left out of replies to keep them within
+    /// `limits.max_reply_bytes`.
+    pub reply_peers_trimmed: IntCounter,
     /// Distinct peers that opened a kad stream (estimate), and its gauge.
     pub unique: Arc<UniquePeers>,
     pub unique_peers: Gauge,
@@ -260,6 +263,14 @@ impl Metrics {
             IntGauge::new(
                 "hydra_kad_active_streams",
                 "Inbound kad streams open now, idle or serving a request",
+            )
+            .unwrap(),
+        );
+        let reply_peers_trimmed = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_reply_peers_trimmed_total",
+                "Providers and closer peers left out of replies to keep them within limits.max_reply_bytes",
             )
             .unwrap(),
         );
@@ -491,6 +502,7 @@ impl Metrics {
                 active_streams,
                 requests_in_flight,
                 connections_denied,
+                reply_peers_trimmed,
                 unique: Arc::new(UniquePeers::default()),
                 unique_peers,
             },

@@ -485,3 +485,39 @@ async fn shutdown_under_load_keeps_every_accepted_record_and_answers_every_reque
     assert_eq!(got, served, "every GET_PROVIDERS the node read was answered");
     assert_eq!(count("hydra_kad_streams_total", &[("event", "error")]), 0.0, "no stream failed mid-request");
 }
+
+/// Issue 11.2: a small request cannot draw a multi-megabyte reply. 100 providers with 32 long
+/// addresses each would make a 2.9 MiB GET_PROVIDERS reply; it stays within
+/// `limits.max_reply_bytes` (256 KiB, shipped), the providers left out are counted, and with
+/// ordinary addresses all 100 still fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_stay_within_their_byte_budget() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1, Backend::Sqlite).await;
+    let heads = head_addrs(&node);
+    let (big, small) = (random_key(), random_key());
+    let long = |i: usize| format!("/dns4/{}{i}.example/tcp/4001", "a".repeat(880)).parse().unwrap();
+    for _ in 0..100 {
+        let peer = PeerId::random();
+        let addrs = (0..32).map(long).collect();
+        let k = hydra::types::ProviderKey::new(big.clone()).unwrap();
+        node.providers().add_provider(k, hydra::types::PeerRecord { peer, addrs }).unwrap();
+        // Another peer: addresses are stored once per peer, shared by all its records.
+        let (k, peer) = (hydra::types::ProviderKey::new(small.clone()).unwrap(), PeerId::random());
+        let addrs = vec!["/ip4/127.0.0.2/tcp/4001".parse().unwrap()];
+        node.providers().add_provider(k, hydra::types::PeerRecord { peer, addrs }).unwrap();
+    }
+    node.providers().flush().await;
+    let client = RawClient::connect(&heads).await;
+    let reply = client.get_providers(heads[0].0, &big).await;
+    let bytes = reply.encoded_len();
+    let n = reply.provider_peers.len();
+    assert!(bytes <= 256 * 1024, "a {bytes}-byte reply");
+    assert!((5..100).contains(&n), "{n} providers: as many as fit, not none");
+    let trimmed = metric(&node, "hydra_kad_reply_peers_trimmed_total", &[]);
+    assert_eq!(trimmed, (100 - n) as f64, "the providers left out are counted");
+    let reply = client.get_providers(heads[0].0, &small).await;
+    assert_eq!(reply.provider_peers.len(), 100, "ordinary replies are not trimmed");
+    node.shutdown().await;
+}

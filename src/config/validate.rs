@@ -163,6 +163,12 @@ impl ConfigFile {
         positive("limits.max_connections_per_ip", l.max_connections_per_ip as usize)?;
         positive("limits.max_connections_per_head", l.max_connections_per_head as usize)?;
         positive("limits.max_providers_per_reply", l.max_providers_per_reply)?;
+        if l.max_reply_bytes < 16 * 1024 {
+            return Err(invalid(
+                "limits.max_reply_bytes",
+                "must be at least 16384 (20 closer peers with their addresses)",
+            ));
+        }
         nonzero_duration("limits.stream_idle_timeout", l.stream_idle_timeout)?;
         nonzero_duration("limits.io_timeout", l.io_timeout)?;
         if l.large_message_budget_bytes < crate::types::MAX_MESSAGE_SIZE {

@@ -52,10 +52,40 @@ pub async fn providers_in_tier(
     }
 }
 
+/// Bytes a peer takes in a reply: its ID, each address, and the protobuf framing around them.
+fn wire_bytes(p: &PeerRecord) -> usize {
+    p.peer.to_bytes().len() + 8 + p.addrs.iter().map(|a| a.len() + 3).sum::<usize>()
+}
+
+/// Keep `lists` (in order of priority, each already in the order it should be cut from) within
+/// `budget` bytes: a peer is kept while it fits, the rest of its list and of the lists after it
+/// is left out. Returns how many peers were left out.
+fn within_bytes(budget: usize, closer: &mut Vec<PeerRecord>, providers: &mut Vec<PeerRecord>) -> usize {
+    let mut used = 0;
+    let mut left_out = 0;
+    for list in [closer, providers] {
+        let fit = list.iter().take_while(|p| {
+            used += wire_bytes(p);
+            used <= budget
+        });
+        let n = fit.count();
+        left_out += list.len() - n;
+        list.truncate(n);
+    }
+    left_out
+}
+
 /// Answer one request.
 pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
     let me = svc.heads[head].peer_id;
     let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
+    // Every reply within `limits.max_reply_bytes`, closer peers first; what is left out is counted.
+    let fit = |closer: &mut Vec<PeerRecord>, providers: &mut Vec<PeerRecord>| {
+        let trimmed = within_bytes(svc.limits.max_reply_bytes, closer, providers);
+        if trimmed > 0 {
+            svc.metrics.reply_peers_trimmed.inc_by(trimmed as u64);
+        }
+    };
     let policy = svc.load.policy();
     let tier = policy.tier;
     // For requests that touch the datastore: refused by the tier or the peer's rate?
@@ -72,7 +102,8 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
         // Never touch the datastore: served in every tier, not rate limited.
         Request::Ping => (Reply::Send(Response::Ping), Outcome::Ok),
         Request::FindNode { key } => {
-            let closer = closer(&key);
+            let mut closer = closer(&key);
+            fit(&mut closer, &mut Vec::new());
             (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
         }
         Request::GetProviders { key } => {
@@ -85,7 +116,8 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
             };
             providers.shuffle(&mut rand::thread_rng());
             providers.truncate(svc.limits.max_providers_per_reply);
-            let closer = closer(key.as_bytes());
+            let mut closer = closer(key.as_bytes());
+            fit(&mut closer, &mut providers);
             (Reply::Send(Response::GetProviders { key, providers, closer }), outcome)
         }
         Request::AddProvider { key, providers, rejected } => {
