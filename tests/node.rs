@@ -521,3 +521,97 @@ async fn replies_stay_within_their_byte_budget() {
     assert_eq!(reply.provider_peers.len(), 100, "ordinary replies are not trimmed");
     node.shutdown().await;
 }
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct PushingPeer {
+    identify: libp2p::identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+}
+
+/// Drive `swarm` until one of its behaviour events matches `want`.
+async fn until(swarm: &mut libp2p::Swarm<PushingPeer>, want: fn(&PushingPeerEvent) -> bool) {
+    use libp2p::swarm::SwarmEvent;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::Behaviour(e) = swarm.select_next_some().await {
+                if want(&e) {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("identify event")
+}
+
+/// Issue 11.2: a peer's addresses learned from identify, unsolicited pushes included, are capped
+/// (32) before they reach the routing table or a reply: a peer that pushes a new set of
+/// addresses again and again (six sets of 20 here, 120 in all) keeps at most 32, its newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_pushes_cannot_grow_a_peers_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1, Backend::Sqlite).await;
+    let heads = head_addrs(&node);
+    let mut swarm = common::transport_swarm(|k| {
+        let id = k.public().to_peer_id();
+        let mut kad = kad::Behaviour::new(id, kad::store::MemoryStore::new(id));
+        kad.set_mode(Some(kad::Mode::Server)); // a DHT server: identify lists the kad protocol
+        PushingPeer {
+            identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
+                "ipfs/0.1.0".into(),
+                k.public(),
+            )),
+            kad,
+        }
+    });
+    let me = *swarm.local_peer_id();
+    common::listen_local(&mut swarm).await;
+    let batch = |round: u16| -> Vec<libp2p::Multiaddr> {
+        // 20: a libp2p swarm keeps at most 20 external addresses, so a push carries 20 new ones.
+        (0..20).map(|i| format!("/ip4/127.0.0.2/tcp/{}", 10_000 + round * 100 + i).parse().unwrap()).collect()
+    };
+    for a in batch(0) {
+        swarm.add_external_address(a);
+    }
+    swarm.dial(heads[0].1.clone().with(libp2p::multiaddr::Protocol::P2p(heads[0].0))).unwrap();
+    until(&mut swarm, |e| matches!(e, PushingPeerEvent::Identify(libp2p::identify::Event::Sent { .. })))
+        .await;
+    for round in 1..=5 {
+        for a in batch(round - 1) {
+            swarm.remove_external_address(&a);
+        }
+        for a in batch(round) {
+            swarm.add_external_address(a);
+        }
+        swarm.behaviour_mut().identify.push([heads[0].0]);
+        until(&mut swarm, |e| {
+            matches!(e, PushingPeerEvent::Identify(libp2p::identify::Event::Pushed { .. }))
+        })
+        .await;
+    }
+    // Keep the pusher's connection driven while another client asks the head about it.
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let client = RawClient::connect(&heads).await;
+    let find = wire::encode_request(MessageType::FindNode, &me.to_bytes(), &[]);
+    let newest: std::collections::HashSet<Vec<u8>> = batch(5).iter().map(|a| a.to_vec()).collect();
+    let t = std::time::Instant::now();
+    loop {
+        let reply = client.try_request(heads[0].0, &find).await.expect("FIND_NODE answered");
+        if let Some(p) = reply.closer_peers.iter().find(|p| p.id == me.to_bytes()) {
+            assert!(p.addrs.len() <= 32, "{} addresses for one peer", p.addrs.len());
+            let fresh = p.addrs.iter().filter(|a| newest.iter().any(|n| a.starts_with(n))).count();
+            if fresh == 20 || t.elapsed() > WAIT {
+                assert_eq!(fresh, 20, "the newest addresses are kept");
+                break;
+            }
+        }
+        assert!(t.elapsed() < WAIT, "the head never answered with the pushing peer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    driver.abort();
+    node.shutdown().await;
+}

@@ -26,6 +26,7 @@ use super::addrs::admitted;
 use super::admit::{Admitting, AdmittingMuxer};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::routing::{RoutingSnapshot, Siblings};
+use super::wire::MAX_ADDRS_PER_PEER;
 use crate::config::{AddressFilter, Config};
 use crate::metrics::HeadMetrics;
 
@@ -443,6 +444,21 @@ impl StartingHead {
                     for a in admitted(self.filter, info.listen_addrs) {
                         kad.add_address(&peer_id, a);
                     }
+                    // Repeated (unsolicited) identify pushes must not grow a peer's entry: keep
+                    // its newest addresses (kad appends new ones at the end).
+                    let stale: Vec<Multiaddr> = kad
+                        .kbucket(peer_id)
+                        .and_then(|b| {
+                            let e = b.iter().find(|e| *e.node.key.preimage() == peer_id)?;
+                            let all: Vec<Multiaddr> = e.node.value.iter().cloned().collect();
+                            let excess = all.len().saturating_sub(MAX_ADDRS_PER_PEER);
+                            Some(all[..excess].to_vec())
+                        })
+                        .unwrap_or_default();
+                    for a in &stale {
+                        kad.remove_address(&peer_id, a);
+                    }
+                    return true;
                 }
                 false
             }

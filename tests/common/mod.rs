@@ -151,7 +151,7 @@ pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum
 }
 
-fn transport_swarm<B: NetworkBehaviour>(make: impl FnOnce(&libp2p::identity::Keypair) -> B) -> Swarm<B> {
+pub fn transport_swarm<B: NetworkBehaviour>(make: impl FnOnce(&libp2p::identity::Keypair) -> B) -> Swarm<B> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -162,7 +162,7 @@ fn transport_swarm<B: NetworkBehaviour>(make: impl FnOnce(&libp2p::identity::Key
         .build()
 }
 
-async fn listen_local<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
+pub async fn listen_local<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
     swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
     tokio::time::timeout(WAIT, async {
         loop {
