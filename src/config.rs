@@ -271,6 +271,9 @@ pub struct LimitsSection {
 pub struct ProvidersSection {
     /// Distinct (key, provider) entries the write-behind buffer may hold. Full: ADD_PROVIDER shed.
     pub write_buffer_entries: usize,
+    /// Bytes the write-behind buffer may hold, each entry charged its key and the full size of
+    /// its addresses. Full: ADD_PROVIDER shed.
+    pub write_buffer_bytes: usize,
     /// A buffer shard flushes when it holds this many entries…
     pub flush_batch: usize,
     /// …or when its oldest entry is this old.
@@ -397,6 +400,7 @@ impl Default for ProvidersSection {
     fn default() -> Self {
         Self {
             write_buffer_entries: 200_000,
+            write_buffer_bytes: 128 * 1024 * 1024,
             flush_batch: 1000,
             flush_interval: Duration::from_secs(1),
             max_flushes_in_flight: 4,

@@ -164,7 +164,23 @@ struct Inner {
     /// Expiry last written by this process per (key, provider) hash: lets `degrade` skip
     /// refreshes of records far from expiry. Bounded (`recent_writes_entries`).
     recent: quick_cache::sync::Cache<u64, i64>,
+    /// Each peer's last announced addresses, so its buffered entries share one copy.
+    addr_book: quick_cache::sync::Cache<PeerId, Arc<[libp2p::Multiaddr]>, AddrBytes>,
     hasher: std::collections::hash_map::RandomState,
+}
+
+/// Peers and bytes the address book holds (it only saves memory: a peer it forgot gets a copy
+/// of its own again).
+const ADDR_BOOK_PEERS: usize = 65_536;
+const ADDR_BOOK_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Clone)]
+struct AddrBytes;
+
+impl quick_cache::Weighter<PeerId, Arc<[libp2p::Multiaddr]>> for AddrBytes {
+    fn weight(&self, _: &PeerId, addrs: &Arc<[libp2p::Multiaddr]>) -> u64 {
+        (64 + addrs.iter().map(|a| 48 + a.len()).sum::<usize>()) as u64
+    }
 }
 
 /// Cheap-to-clone handle to the process's provider manager.
@@ -180,7 +196,8 @@ impl ProviderManager {
     pub fn start(store: Store, cfg: ProvidersSection, per_reply: usize, metrics: ProviderMetrics) -> Self {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let buffer = Arc::new(WriteBuffer::new(cfg.write_buffer_entries, cfg.flush_batch));
+        let buffer =
+            Arc::new(WriteBuffer::new(cfg.write_buffer_entries, cfg.write_buffer_bytes, cfg.flush_batch));
         let (reads, batcher) = Reads::new(
             ReadConfig {
                 cache_entries: cfg.cache_entries,
@@ -211,6 +228,7 @@ impl ProviderManager {
             cancel,
             tasks,
             recent: quick_cache::sync::Cache::new(cfg.recent_writes_entries),
+            addr_book: quick_cache::sync::Cache::with_weighter(ADDR_BOOK_PEERS, ADDR_BOOK_BYTES, AddrBytes),
             hasher: Default::default(),
             cfg,
         });
@@ -250,7 +268,7 @@ impl ProviderManager {
             }
         }
         let pending = Pending {
-            addrs: record.addrs,
+            addrs: self.shared_addrs(record.peer, record.addrs),
             expires_at: ms_after(now, inner.cfg.record_ttl),
             addrs_expire_at: ms_after(now, inner.cfg.address_ttl),
         };
@@ -331,6 +349,18 @@ impl ProviderManager {
     /// (keys queued for or in a lookup, `max_reads_in_flight`).
     pub fn reads_in_flight(&self) -> (usize, usize) {
         (self.inner.reads.pending(), self.inner.cfg.max_reads_in_flight)
+    }
+
+    /// `addrs` as one shared copy: the one already in the address book when a peer announces
+    /// the same addresses again (a peer providing 1,000 keys holds one copy, not 1,000).
+    fn shared_addrs(&self, peer: PeerId, addrs: Vec<libp2p::Multiaddr>) -> Arc<[libp2p::Multiaddr]> {
+        let book = &self.inner.addr_book;
+        if let Some(known) = book.get(&peer).filter(|k| **k == addrs[..]) {
+            return known;
+        }
+        let shared: Arc<[libp2p::Multiaddr]> = addrs.into();
+        book.insert(peer, shared.clone());
+        shared
     }
 
     fn pair_hash(&self, key: &ProviderKey, peer: &libp2p::PeerId) -> u64 {

@@ -609,3 +609,21 @@ async fn a_node_cut_off_from_its_datastore_fences_its_heads_and_serves_again_aft
     }
     node.shutdown().await;
 }
+
+/// Issue 11.5: a start that fails after leasing (here: a head's port is taken) gives its leases
+/// back, so the next run or another process need not wait for them to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_releases_the_leases_it_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config_on(dir.path(), 1, common::Backend::Postgres).await;
+    let StoreKind::Postgres(url) = cfg.store.clone() else { unreachable!() };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cfg.port_base = taken.local_addr().unwrap().port();
+    let err = hydra::Node::start(cfg).await.err().expect("the head cannot listen on a taken port");
+    println!("start failed as it should: {err:#}");
+    let c = pg::client(&url).await;
+    let leased: i64 = c.query_one("SELECT count(*) FROM head_leases", &[]).await.unwrap().get(0);
+    let held: i64 =
+        c.query_one("SELECT count(*) FROM head_leases WHERE token IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!((leased, held), (1, 0), "leased at start, then released");
+}

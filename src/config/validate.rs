@@ -179,6 +179,12 @@ impl ConfigFile {
         }
         let p = &self.providers;
         positive("providers.write_buffer_entries", p.write_buffer_entries)?;
+        if p.write_buffer_bytes < 64 * 1024 {
+            return Err(invalid(
+                "providers.write_buffer_bytes",
+                "must be at least 65536 (two records of the largest size)",
+            ));
+        }
         positive("providers.flush_batch", p.flush_batch)?;
         positive("providers.max_flushes_in_flight", p.max_flushes_in_flight)?;
         positive("providers.max_reads_in_flight", p.max_reads_in_flight)?;

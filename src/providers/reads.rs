@@ -323,7 +323,7 @@ mod tests {
             max_queries: 1,
             per_key: 20,
         };
-        let buffer = Arc::new(WriteBuffer::new(16, 16));
+        let buffer = Arc::new(WriteBuffer::new(16, 1 << 20, 16));
         // The batcher is not run: the test plays the lookup task itself.
         let (reads, _batcher) =
             Reads::new(cfg, store, buffer, metrics.providers.clone(), CancellationToken::new());

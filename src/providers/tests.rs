@@ -291,3 +291,30 @@ async fn a_flush_task_that_panics_puts_its_rows_back() {
     assert_eq!(m.buffered(), 0);
     assert_eq!(m.get_providers(&key(1)).await.unwrap(), vec![rec(p)], "and written by the next flush");
 }
+
+#[tokio::test]
+async fn a_peers_buffered_entries_share_one_copy_of_its_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = manager(dir.path(), small(1000)).await;
+    let p = libp2p::PeerId::random();
+    for i in 0..100 {
+        m.add_provider(key(i), rec(p)).unwrap(); // each announcement decoded on its own
+    }
+    let bytes = m.inner.buffer.bytes();
+    let mut copies: Vec<Arc<[libp2p::Multiaddr]>> = Vec::new();
+    for idx in 0..SHARDS {
+        if let Some(batch) = m.inner.buffer.take(idx) {
+            for by_peer in batch.values() {
+                copies.push(by_peer[&p].addrs.clone());
+            }
+            m.inner.buffer.requeue(idx, &batch);
+        }
+    }
+    assert_eq!(copies.len(), 100);
+    assert!(copies.iter().all(|c| Arc::ptr_eq(c, &copies[0])), "one copy of the addresses");
+    assert_eq!(m.inner.buffer.bytes(), bytes, "a requeue charges nothing twice");
+    // New addresses: a new copy for later entries.
+    let moved = PeerRecord { peer: p, addrs: vec!["/ip4/127.0.0.3/tcp/2".parse().unwrap()] };
+    m.add_provider(key(1000), moved.clone()).unwrap();
+    assert_eq!(m.get_providers(&key(1000)).await.unwrap(), vec![moved]);
+}
