@@ -115,10 +115,84 @@ pub enum DecodeError {
     InvalidKey(&'static str),
     #[error("PUT_VALUE without a record, or record key differs from message key")]
     BadRecord,
+    #[error("more than {MAX_ENTRIES_PER_MESSAGE} peers and addresses in one message")]
+    TooManyEntries,
+}
+
+/// Peers and addresses one inbound message may carry. A request needs a handful (ADD_PROVIDER:
+/// the sender and its addresses); the bound keeps decoding from expanding a message: a 4 MiB
+/// body of empty address fields would otherwise decode into 2 M vectors (about 50 MiB).
+pub const MAX_ENTRIES_PER_MESSAGE: usize = 1024;
+
+/// Count the peers (fields 8 and 9) and their addresses (field 2 of each) of a `Message` on the
+/// wire, without decoding it: a pass over the bytes, no allocation. `Err` when there are more
+/// than [`MAX_ENTRIES_PER_MESSAGE`]; malformed bytes are left for the decoder to report.
+fn check_entries(bytes: &[u8]) -> Result<(), DecodeError> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    /// Visit each field of a message: (field number, length-delimited payload if any).
+    fn fields(mut b: &[u8], mut f: impl FnMut(u64, Option<&[u8]>) -> bool) -> Option<()> {
+        while !b.is_empty() {
+            let tag = varint(&mut b)?;
+            let payload = match tag & 7 {
+                0 => {
+                    varint(&mut b)?;
+                    None
+                }
+                1 => {
+                    b = b.get(8..)?;
+                    None
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut b)?).ok()?;
+                    let (p, rest) = (b.get(..len)?, &b[len..]);
+                    b = rest;
+                    Some(p)
+                }
+                5 => {
+                    b = b.get(4..)?;
+                    None
+                }
+                _ => return None,
+            };
+            if !f(tag >> 3, payload) {
+                return Some(());
+            }
+        }
+        Some(())
+    }
+    let mut entries = 0usize;
+    let _ = fields(bytes, |field, payload| {
+        if let (8 | 9, Some(peer)) = (field, payload) {
+            entries += 1;
+            let _ = fields(peer, |f, _| {
+                if f == 2 {
+                    entries += 1;
+                }
+                entries <= MAX_ENTRIES_PER_MESSAGE
+            });
+        }
+        entries <= MAX_ENTRIES_PER_MESSAGE
+    });
+    if entries > MAX_ENTRIES_PER_MESSAGE {
+        return Err(DecodeError::TooManyEntries);
+    }
+    Ok(())
 }
 
 /// Decode one message body received from `sender`.
 pub fn decode_request(bytes: &[u8], sender: &PeerId) -> Result<Request, DecodeError> {
+    check_entries(bytes)?;
     let msg = PbMessage::decode(bytes)?;
     let ty = MessageType::from_i32(msg.r#type).ok_or(DecodeError::UnknownType(msg.r#type))?;
     Ok(match ty {
@@ -317,6 +391,46 @@ mod tests {
             assert_eq!(read_body(&mut cur, n).await.unwrap(), body);
             assert!(read_length(&mut cur).await.unwrap().is_none(), "clean EOF after frame");
         }
+    }
+
+    #[test]
+    fn a_message_of_many_tiny_entries_is_refused_before_it_is_decoded() {
+        let me = PeerId::random();
+        let key = vec![0x12, 0x20, 1, 2, 3];
+        // One provider with 2 M empty addresses: 4 MiB on the wire, ~50 MiB decoded.
+        let peer = PbPeer { id: me.to_bytes(), addrs: vec![Vec::new(); 2_000_000], connection: 0 };
+        let msg = PbMessage {
+            r#type: MessageType::AddProvider as i32,
+            key: key.clone(),
+            provider_peers: vec![peer],
+            ..Default::default()
+        };
+        let bytes = msg.encode_to_vec();
+        assert!(bytes.len() <= MAX_MESSAGE_SIZE, "{} bytes", bytes.len());
+        assert!(matches!(decode_request(&bytes, &me), Err(DecodeError::TooManyEntries)));
+        // So are many peers; an ordinary announcement, even with many addresses, is not.
+        let many = PbMessage {
+            r#type: MessageType::AddProvider as i32,
+            key: key.clone(),
+            provider_peers: vec![PbPeer::default(); 2000],
+            ..Default::default()
+        };
+        assert!(matches!(decode_request(&many.encode_to_vec(), &me), Err(DecodeError::TooManyEntries)));
+        let addrs =
+            (0..200).map(|i| format!("/ip4/127.0.0.1/tcp/{i}").parse::<Multiaddr>().unwrap().to_vec());
+        let ok = PbMessage {
+            r#type: MessageType::AddProvider as i32,
+            key,
+            provider_peers: vec![PbPeer { id: me.to_bytes(), addrs: addrs.collect(), connection: 0 }],
+            ..Default::default()
+        };
+        let Ok(Request::AddProvider { providers, .. }) = decode_request(&ok.encode_to_vec(), &me) else {
+            panic!("an ordinary announcement decodes")
+        };
+        assert_eq!(providers[0].addrs.len(), MAX_ADDRS_PER_PEER);
+        // Truncated bytes are still the decoder's to report.
+        let cut = &ok.encode_to_vec()[..20];
+        assert!(matches!(decode_request(cut, &me), Err(DecodeError::Protobuf(_))));
     }
 
     #[test]
