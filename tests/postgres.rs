@@ -627,3 +627,70 @@ async fn a_failed_start_releases_the_leases_it_took() {
         c.query_one("SELECT count(*) FROM head_leases WHERE token IS NOT NULL", &[]).await.unwrap().get(0);
     assert_eq!((leased, held), (1, 0), "leased at start, then released");
 }
+
+/// Issue 11.1, on the shipped defaults: announcements sent before and during a datastore outage
+/// (the server stopped, its connections broken) are returned by every head within 5 s of the
+/// database's return, without a restart — the cold pool does not turn the first lookups into
+/// sheds for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_5_s_of_the_datastore_returning_every_head_returns_what_was_announced() {
+    use hydra::net::wire::{encode_request, MessageType};
+    // A cluster of its own: this test stops and restarts it.
+    let cluster = hydra_testkit::PgCluster::start(false).unwrap();
+    let url = hydra_testkit::create_database(&cluster.url("postgres"), "back").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::shipped_config_on(dir.path(), 2, Backend::Sqlite).await;
+    cfg.store = StoreKind::Postgres(url);
+    let node = hydra::Node::start(cfg).await.unwrap();
+    let heads = head_addrs(&node);
+    let announcer = RawClient::connect(&heads[..1]).await;
+    let announce = |keys: std::ops::Range<u32>| {
+        let announcer = &announcer;
+        let head = heads[0].0;
+        async move {
+            let mut s = announcer.open(head).await;
+            for i in keys {
+                RawClient::send(&mut s, &announcer.add_provider_body(key(i).as_bytes())).await.unwrap();
+            }
+            // Answered, so every announcement before it on the stream was taken.
+            RawClient::request(&mut s, &encode_request(MessageType::Ping, &[], &[])).await.unwrap();
+        }
+    };
+    announce(0..100).await;
+    node.providers().flush().await;
+
+    cluster.halt().unwrap();
+    announce(100..200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // flushes fail meanwhile
+    cluster.resume().unwrap();
+    let back = std::time::Instant::now();
+
+    // Ten clients (separate peers, as DHT clients are) ask every head for every key until each
+    // head has returned ≥ 99 % of them.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(RawClient::connect(&heads).await);
+    }
+    let mut found = vec![std::collections::HashSet::new(); heads.len()];
+    let mut round = 0;
+    while found.iter().any(|f| f.len() < 198) {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "5 s after the datastore returned the heads had {:?} of 200",
+            found.iter().map(|f| f.len()).collect::<Vec<_>>()
+        );
+        for (h, (head, _)) in heads.iter().enumerate() {
+            let missing: Vec<u32> = (0..200u32).filter(|i| !found[h].contains(i)).collect();
+            for i in missing {
+                let client = &clients[(i as usize + round) % clients.len()];
+                let reply = client.get_providers(*head, key(i).as_bytes()).await;
+                if reply.provider_peers.iter().any(|p| p.id == announcer.peer_id.to_bytes()) {
+                    found[h].insert(i);
+                }
+            }
+        }
+        round += 1;
+    }
+    println!("every head returned ≥ 99 % within {:?} of the datastore's return", back.elapsed());
+    node.shutdown().await;
+}
