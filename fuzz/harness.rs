@@ -16,8 +16,12 @@ pub fn wire(data: &[u8]) {
     if let Ok(req) = decode_request(data, &sender()) {
         let resp = match req {
             Request::FindNode { key } => Response::FindNode { key, closer: Vec::new() },
-            Request::GetProviders { key } => Response::GetProviders { key, providers: Vec::new(), closer: Vec::new() },
-            Request::AddProvider { key, providers, .. } => Response::GetProviders { key, providers, closer: Vec::new() },
+            Request::GetProviders { key } => {
+                Response::GetProviders { key, providers: Vec::new(), closer: Vec::new() }
+            }
+            Request::AddProvider { key, providers, .. } => {
+                Response::GetProviders { key, providers, closer: Vec::new() }
+            }
             Request::GetValue { key } => Response::GetValue { key, record: None, closer: Vec::new() },
             Request::PutValue { key, record } => Response::PutValue { key, record },
             Request::Ping => Response::Ping,

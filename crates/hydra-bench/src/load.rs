@@ -26,6 +26,7 @@
 //! rate, nothing is shed, refused or fails, and the generator keeps up); then the `--multiples` of C run for `--step-seconds` each.
 
 pub(crate) mod client;
+mod silent;
 mod step;
 
 use std::path::PathBuf;
@@ -72,6 +73,11 @@ pub(crate) struct LoadBenchOpts {
     pub max_in_flight: usize,
     /// Confine the node to this share of one core (a cgroup with a 10 ms period).
     pub node_cpu_quota: Option<f64>,
+    /// Silent/slow peers: each step runs clean, then with this many misbehaving identities
+    /// (`load/silent.rs`), and the goodput ratio is printed.
+    pub silent_peers: usize,
+    /// Misbehaving streams each silent peer holds per head.
+    pub silent_streams: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,12 +259,32 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     println!("{}", Step::header());
     let mut steps = Vec::new();
     for (label, rate) in rates {
-        let st = run_step(&ctx, &node, &pg, label, rate, o.step).await?;
+        let st = run_step(&ctx, &node, &pg, label.clone(), rate, o.step).await?;
         println!("{}", st.row());
         print_tier_changes(&node);
+        let clean = st.goodput;
         steps.push(st);
         if !node.is_running() {
             anyhow::bail!("the node exited during the step");
+        }
+        if o.silent_peers > 0 {
+            let s = silent::start(o.clients, o.silent_peers, o.silent_streams, &ctx.heads).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await; // their streams are open
+            let st = run_step(&ctx, &node, &pg, format!("{label}+silent"), rate, o.step).await?;
+            println!("{}", st.row());
+            print_tier_changes(&node);
+            println!(
+                "         with {} silent peers ({} misbehaving streams per head each; {} ended by the node \
+                 and reopened): goodput {:.0}/s = {:.2} × the clean step's {:.0}/s",
+                o.silent_peers,
+                o.silent_streams,
+                s.ended.load(std::sync::atomic::Ordering::Relaxed),
+                st.goodput,
+                st.goodput / clean.max(1.0),
+                clean
+            );
+            s.stop();
+            steps.push(st);
         }
     }
     if let Some(s) = slow {

@@ -106,6 +106,13 @@ enum Command {
         /// root), e.g. 0.2, so the generator and PostgreSQL have the cores the node lacks.
         #[arg(long)]
         node_cpu_quota: Option<f64>,
+        /// Run every step clean and then beside this many silent/slow peers (streams that never
+        /// write, stop mid-message, or never read), and compare the goodput.
+        #[arg(long, default_value_t = 0)]
+        silent_peers: usize,
+        /// Misbehaving streams each silent peer holds per head.
+        #[arg(long, default_value_t = 6)]
+        silent_streams: usize,
     },
     /// Idle streams: memory per idle stream, and a fresh client's FIND_NODEs beside them.
     IdleStreams {
@@ -191,6 +198,8 @@ fn main() -> ExitCode {
             request_timeout_ms,
             max_in_flight,
             node_cpu_quota,
+            silent_peers,
+            silent_streams,
         } => {
             let ms = std::time::Duration::from_millis;
             let secs = std::time::Duration::from_secs;
@@ -214,6 +223,8 @@ fn main() -> ExitCode {
                     request_timeout: ms(*request_timeout_ms),
                     max_in_flight: *max_in_flight,
                     node_cpu_quota: *node_cpu_quota,
+                    silent_peers: *silent_peers,
+                    silent_streams: *silent_streams,
                 })),
             }
         }
