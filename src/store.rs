@@ -117,9 +117,9 @@ enum Backend {
 /// Dispatch one call to the backend, timed and counted under `op`. With `budget = n`, the call
 /// first waits for `n` statements of the statement budget (the wait is not part of its timing).
 macro_rules! call {
-    ($self:ident, $op:expr, budget = $n:expr, |$s:ident| $body:expr) => {{
+    ($self:ident, $op:expr, budget = $n:expr, $($rest:tt)*) => {{
         $self.budget.take($n).await;
-        call!($self, $op, |$s| $body)
+        call!($self, $op, $($rest)*)
     }};
     ($self:ident, $op:expr, |$s:ident| $body:expr) => {
         call!($self, $op, sqlite | $s | $body, postgres | $s | $body)
@@ -232,18 +232,17 @@ impl Store {
         // The u64 sequence as an order-preserving i64 (0 → i64::MIN), for a signed column.
         let order = order.map(|o| ((o.seq as i64).wrapping_add(i64::MIN), o.eol_ms));
         let local_expiry = || ms_after(now_ms(), ttl).min(eol_ms.unwrap_or(i64::MAX));
-        self.budget.take(1).await;
         call!(
             self,
             DbOp::PutValue,
+            budget = 1,
             sqlite | s | s.put_value(record, local_expiry(), order),
             postgres | p | p.put_value(record, ttl, eol_ms, order)
         )
     }
 
     pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, StoreError> {
-        self.budget.take(1).await;
-        call!(self, DbOp::GetValue, sqlite | s | s.get_value(key, now_ms()), postgres | p | p.get_value(key))
+        call!(self, DbOp::GetValue, budget = 1, sqlite | s | s.get_value(key, now_ms()), postgres | p | p.get_value(key))
     }
 
     /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per
@@ -277,10 +276,10 @@ impl Store {
 
     /// A peer's unexpired stored addresses and their expiry (ms since epoch).
     pub async fn peer_addrs(&self, peer: &PeerId) -> Result<Option<(Vec<Multiaddr>, i64)>, StoreError> {
-        self.budget.take(1).await;
         call!(
             self,
             DbOp::Inspect,
+            budget = 1,
             sqlite | s | s.peer_addrs(peer, now_ms()),
             postgres | p | p.peer_addrs(peer)
         )

@@ -207,15 +207,6 @@ async fn a_second_live_process_with_the_same_node_name_is_refused() {
     assert!(a.stop());
 }
 
-/// The sum of the samples of a process's `/metrics` whose line starts with `prefix`.
-fn scraped(p: &Process, prefix: &str) -> f64 {
-    p.get("/metrics")
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// libfaketime (Debian package `faketime`, installed by `.ci/run`).
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
@@ -251,6 +242,10 @@ async fn a_host_whose_clock_is_off_cannot_take_over_hide_or_collect() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} is missing: install the Debian package faketime (.ci/run does)"
+    );
     // B: its clock 50 h ahead; it collects garbage every second (the shipped interval is 10 min).
     let config = std::fs::read_to_string(&fleet.config)
         .unwrap()
@@ -316,7 +311,7 @@ async fn a_host_whose_clock_is_off_cannot_take_over_hide_or_collect() {
     // GC: once A is gone B holds the collector's lock and sweeps every second; by its own
     // clock every record here has expired, by the database's none has.
     assert!(a.stop());
-    let b_gc_rounds = || scraped(&b, "hydra_datastore_operation_duration_seconds_count{op=\"gc\"}");
+    let b_gc_rounds = || b.metric("hydra_datastore_operation_duration_seconds_count", &[("op", "gc")]);
     let rounds = b_gc_rounds();
     let t = std::time::Instant::now();
     while b_gc_rounds() < rounds + 3.0 {
@@ -324,9 +319,9 @@ async fn a_host_whose_clock_is_off_cannot_take_over_hide_or_collect() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(stored().await, 1, "B collected a live record");
-    assert_eq!(scraped(&b, "hydra_providers_gc_leader"), 1.0, "B held the collector's lease");
+    assert_eq!(b.metric("hydra_providers_gc_leader", &[]), 1.0, "B held the collector's lease");
     // And B's host clock really was off: it stamps its GC rounds 50 h ahead.
-    let stamped = scraped(&b, "hydra_providers_gc_last_run_timestamp_seconds");
+    let stamped = b.metric("hydra_providers_gc_last_run_timestamp_seconds", &[]);
     let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(stamped > real + 49.0 * 3600.0, "B's clock was not offset (libfaketime): {stamped} vs {real}");
     assert!(b.stop());
@@ -383,7 +378,7 @@ async fn a_paused_process_never_serves_an_identity_another_took_over() {
     // A learns at its next renewal that the identities are gone, and stops those heads for good.
     let t = std::time::Instant::now();
     loop {
-        if scraped(&a, "hydra_head_up{") == 0.0 {
+        if a.metric("hydra_head_up", &[]) == 0.0 {
             break;
         }
         assert!(t.elapsed() < common::WAIT, "A's heads still up after losing their leases");

@@ -460,19 +460,7 @@ async fn shutdown_under_load_keeps_every_accepted_record_and_answers_every_reque
     for t in load {
         tokio::time::timeout(WAIT, t).await.expect("the load ends with the node").unwrap();
     }
-    let count = |name: &str, labels: &[(&str, &str)]| {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf).unwrap();
-        String::from_utf8(buf)
-            .unwrap()
-            .lines()
-            .filter(|l| {
-                l.starts_with(name) && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let count = |name: &str, labels: &[(&str, &str)]| common::registry_metric(&registry, name, labels);
     let accepted = count("hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")]);
     println!("accepted {accepted} announcements, answered {} lookups", replies.load(Ordering::Relaxed));
     let rows: i64 =

@@ -63,12 +63,18 @@ fn wire_bytes(p: &PeerRecord) -> usize {
 fn within_bytes(budget: usize, closer: &mut Vec<PeerRecord>, providers: &mut Vec<PeerRecord>) -> usize {
     let mut used = 0;
     let mut left_out = 0;
+    let mut full = false;
     for list in [closer, providers] {
-        let fit = list.iter().take_while(|p| {
-            used += wire_bytes(p);
-            used <= budget
-        });
-        let n = fit.count();
+        let mut n = 0;
+        for p in list.iter() {
+            let size = wire_bytes(p);
+            full = full || used + size > budget;
+            if full {
+                break;
+            }
+            used += size;
+            n += 1;
+        }
         left_out += list.len() - n;
         list.truncate(n);
     }
@@ -182,5 +188,39 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
                 Err(s) => (Reply::Reset, svc.shed(tier, s.0)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerRecord> {
+        (0..n)
+            .map(|i| PeerRecord {
+                peer: PeerId::random(),
+                addrs: vec![format!("/ip4/127.0.0.1/tcp/{}", 4000 + i).parse().unwrap()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replies_are_cut_at_the_first_peer_that_does_not_fit() {
+        let (mut closer, mut providers) = (peers(3), peers(3));
+        let size = wire_bytes(&closer[0]);
+        assert!(closer.iter().chain(&providers).all(|p| wire_bytes(p) == size));
+
+        // Exactly four peers' worth: all closer peers and the first provider, nothing after.
+        let left_out = within_bytes(4 * size, &mut closer, &mut providers);
+        assert_eq!((closer.len(), providers.len(), left_out), (3, 1, 2));
+
+        // One byte short of two peers: the second closer peer stops both lists.
+        let (mut closer, mut providers) = (peers(3), peers(3));
+        let left_out = within_bytes(2 * size - 1, &mut closer, &mut providers);
+        assert_eq!((closer.len(), providers.len(), left_out), (1, 0, 5));
+
+        // Room for everything: nothing left out.
+        let (mut closer, mut providers) = (peers(3), peers(3));
+        assert_eq!(within_bytes(usize::MAX / 2, &mut closer, &mut providers), 0);
     }
 }

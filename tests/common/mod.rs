@@ -135,11 +135,22 @@ pub fn head_addrs(node: &Node) -> Vec<(PeerId, Multiaddr)> {
 /// Sum of the metric series named `name` carrying all `labels` (0 if none), read from the text
 /// exposition format, as Prometheus would see it.
 pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry_metric(node.registry(), name, labels)
+}
+
+/// [`metric`] for a registry that outlived its node.
+pub fn registry_metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     use prometheus::Encoder;
     let mut buf = Vec::new();
-    prometheus::TextEncoder::new().encode(&node.registry().gather(), &mut buf).unwrap();
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf).unwrap();
+    sum_samples(&String::from_utf8(buf).unwrap(), name, labels)
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text scrape whose labels include
+/// `labels`.
+pub fn sum_samples(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sum = 0.0;
-    for line in String::from_utf8(buf).unwrap().lines() {
+    for line in scrape.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
         if !(rest.starts_with('{') || rest.starts_with(' ')) {
             continue;
@@ -269,6 +280,12 @@ impl Launched {
 }
 
 impl Process {
+    /// The sum of the samples of metric `name` on the process's `/metrics` whose labels include
+    /// `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_samples(&self.get("/metrics"), name, labels)
+    }
+
     /// GET `path` from the process's HTTP server; returns the body.
     pub fn get(&self, path: &str) -> String {
         String::from_utf8_lossy(&self.get_bytes(path).1).into_owned()
