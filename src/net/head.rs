@@ -32,6 +32,8 @@ use crate::metrics::HeadMetrics;
 
 /// How often a changed routing table is republished (changes are coalesced in between).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a stopping head keeps driving its closing connections (flushing their last replies).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Connections per remote peer per head.
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
@@ -361,7 +363,35 @@ impl StartingHead {
             }
         }
         self.metrics.up.with_label_values(&[&head_label]).set(0);
+        self.close_connections().await;
         tracing::debug!(head = self.shared.index, "head stopped");
+    }
+
+    /// Close every connection gracefully and keep driving them until they are gone (at most
+    /// [`CLOSE_GRACE`]): the muxer sends what its streams wrote before the socket closes —
+    /// dropping the swarm instead would lose replies the drain just finished.
+    async fn close_connections(&mut self) {
+        self.disconnect_all();
+        let closed = async {
+            while self.swarm.network_info().num_peers() > 0 {
+                let ev = self.swarm.select_next_some().await;
+                self.on_event(ev);
+            }
+        };
+        if tokio::time::timeout(CLOSE_GRACE, closed).await.is_err() {
+            tracing::debug!(head = self.shared.index, "connections still closing after {CLOSE_GRACE:?}");
+        }
+    }
+
+    /// Close the listeners and every connection.
+    fn disconnect_all(&mut self) {
+        for id in self.listeners.drain(..) {
+            self.swarm.remove_listener(id);
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
     }
 
     /// Stop serving this identity: close the listeners and every connection (streams arriving
@@ -375,13 +405,7 @@ impl StartingHead {
             self.shared.peer_id
         );
         self.metrics.up.with_label_values(&[&self.shared.index.to_string()]).set(0);
-        for id in self.listeners.drain(..) {
-            self.swarm.remove_listener(id);
-        }
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        for p in peers {
-            let _ = self.swarm.disconnect_peer_id(p);
-        }
+        self.disconnect_all();
     }
 
     /// The lease was renewed after a fence: listen on the same addresses again. Returns whether
