@@ -35,6 +35,8 @@ pub struct Metrics {
     pub routing_api: RoutingApiMetrics,
     /// Heap profiles written because memory ran high (`profiles.rs`).
     pub heap_profiles: IntCounter,
+    /// The allocator's own accounting (jemalloc `stats.*`), set on each scrape.
+    pub allocator: IntGaugeVec,
 }
 
 /// The Delegated Routing V1 listener (`routing_listen`).
@@ -215,6 +217,10 @@ pub struct ProviderMetrics {
     pub peers_estimate: Gauge,
     /// `degrade`: ADD_PROVIDER refreshes acknowledged without a write.
     pub refreshes_skipped: IntCounter,
+    /// Bytes held by each byte-budgeted part (`provider_cache`, `write_buffer`, `address_book`)
+    /// and each part's budget, set on each scrape.
+    pub memory: IntGaugeVec,
+    pub memory_limit: IntGaugeVec,
 }
 
 #[derive(Clone)]
@@ -449,6 +455,22 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            memory: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("hydra_memory_bytes", "Bytes held by each byte-budgeted part of the node"),
+                    &["part"],
+                )
+                .unwrap(),
+            ),
+            memory_limit: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("hydra_memory_limit_bytes", "The byte budget of each byte-budgeted part of the node"),
+                    &["part"],
+                )
+                .unwrap(),
+            ),
         };
         let load = LoadMetrics::new(registry);
 
@@ -523,6 +545,17 @@ impl Metrics {
                 IntCounter::new(
                     "hydra_profiles_heap_dumps_total",
                     "Heap profiles written because RSS reached profiles.heap_dump_at_memory_fraction of the memory limit",
+                )
+                .unwrap(),
+            ),
+            allocator: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hydra_allocator_bytes",
+                        "jemalloc's accounting: allocated (live objects), active (their pages), resident, mapped, retained (unmapped but kept), metadata",
+                    ),
+                    &["stat"],
                 )
                 .unwrap(),
             ),

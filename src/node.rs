@@ -219,10 +219,14 @@ impl Node {
         tasks.spawn(heartbeat.run(cancel.clone()));
 
         let on_scrape: crate::http::ScrapeHook = {
-            let (providers, kad) = (providers.clone(), metrics.kad.clone());
+            let (providers, kad, allocator) =
+                (providers.clone(), metrics.kad.clone(), metrics.allocator.clone());
             Arc::new(move || {
                 providers.refresh_gauges();
                 kad.unique_peers.set(kad.unique.estimate());
+                for (stat, bytes) in crate::profiles::allocator_stats() {
+                    allocator.with_label_values(&[stat]).set(bytes as i64);
+                }
             })
         };
         let reloader = Reloader::new(cfg.config_file.clone(), load.clone(), metrics.load.clone());

@@ -45,6 +45,32 @@ pub fn heap_profiling_active() -> bool {
     }
 }
 
+/// jemalloc's accounting, (stat, bytes): `allocated` (live objects), `active` (their pages),
+/// `resident`, `mapped`, `retained` (returned to the OS's page cache but still mapped) and
+/// `metadata`. Empty without the `jemalloc` feature or when jemalloc is not the allocator.
+pub fn allocator_stats() -> Vec<(&'static str, u64)> {
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_err() {
+            return Vec::new();
+        }
+        let read = [
+            ("allocated", stats::allocated::read()),
+            ("active", stats::active::read()),
+            ("resident", stats::resident::read()),
+            ("mapped", stats::mapped::read()),
+            ("retained", stats::retained::read()),
+            ("metadata", stats::metadata::read()),
+        ];
+        read.into_iter().filter_map(|(k, v)| Some((k, v.ok()? as u64))).collect()
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    {
+        Vec::new()
+    }
+}
+
 /// A heap profile of live allocations (sampled), gzipped pprof.
 pub async fn heap_pprof() -> Result<Vec<u8>, ProfileError> {
     #[cfg(feature = "jemalloc")]

@@ -402,7 +402,17 @@ impl ProviderManager {
 
     /// Refresh gauges that are sampled rather than counted (called at scrape time).
     pub fn refresh_gauges(&self) {
-        self.inner.store.refresh_pool_gauges();
+        let inner = &self.inner;
+        inner.store.refresh_pool_gauges();
+        let parts = [
+            ("provider_cache", inner.reads.cache_usage().1, inner.cfg.cache_bytes as u64),
+            ("write_buffer", inner.buffer.bytes() as u64, inner.cfg.write_buffer_bytes as u64),
+            ("address_book", inner.addr_book.weight(), ADDR_BOOK_BYTES),
+        ];
+        for (part, used, limit) in parts {
+            inner.metrics.memory.with_label_values(&[part]).set(used as i64);
+            inner.metrics.memory_limit.with_label_values(&[part]).set(limit as i64);
+        }
     }
 
     /// Entries buffered or being written.

@@ -72,8 +72,19 @@ async fn promtool_accepts_the_scrape_the_rules_and_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), 2, Backend::Sqlite).await;
     drive_traffic(&node).await;
+    // A lookup after the flush (which invalidated the cached answers of the keys it wrote).
+    let heads = head_addrs(&node);
+    let client = RawClient::connect(&heads[..1]).await;
+    let mut s = client.open(heads[0].0).await;
+    RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, &[9, 9, 9], &[])).await.unwrap();
     let (status, scrape) = http_get(&node.http_addr().to_string(), "/metrics").await;
     assert_eq!(status, 200);
+    // The byte-budgeted parts report what they hold, within their budgets.
+    for part in ["provider_cache", "address_book"] {
+        let used = common::sum_samples(&scrape, "hydra_memory_bytes", &[("part", part)]);
+        let limit = common::sum_samples(&scrape, "hydra_memory_limit_bytes", &[("part", part)]);
+        assert!(used > 0.0 && used <= limit, "{part}: {used} of {limit} bytes");
+    }
     let mut child = std::process::Command::new(tool("promtool"))
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

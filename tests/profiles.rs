@@ -119,6 +119,11 @@ fn memory_near_the_limit_writes_a_heap_profile_naming_our_allocation_sites() {
     // Our own code allocated at start-up: the heads, the caches, the buffers.
     assert!(names.iter().any(|n| n.starts_with("hydra::")), "no hydra:: frame among {} names", names.len());
     assert!(p.get("/metrics").contains("hydra_profiles_heap_dumps_total 1"));
+    // The allocator's own accounting is on /metrics: live bytes, and pages at least as many.
+    let stat = |s: &str| p.metric("hydra_allocator_bytes", &[("stat", s)]);
+    let (allocated, active, resident) = (stat("allocated"), stat("active"), stat("resident"));
+    assert!(allocated > 1e6, "jemalloc's allocated bytes on /metrics: {allocated}");
+    assert!(active >= allocated && resident >= active, "{allocated} <= {active} <= {resident}");
 
     // On demand, on the operator API.
     let (status, heap) = p.get_bytes("/debug/pprof/heap");
