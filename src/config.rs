@@ -327,7 +327,7 @@ pub struct ProvidersSection {
     #[serde(with = "humantime_serde")]
     pub count_interval: Duration,
     /// (key, provider) pairs whose last written expiry is remembered, so `degrade` can skip
-    /// refreshes of records far from expiry (about 40 bytes each).
+    /// refreshes of records far from expiry (about 80 bytes each: 20 MiB at the default).
     pub recent_writes_entries: usize,
 }
 

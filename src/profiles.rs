@@ -78,8 +78,12 @@ pub async fn heap_pprof() -> Result<Vec<u8>, ProfileError> {
         let Some(ctl) = jemalloc_pprof::PROF_CTL.as_ref() else { return Err(ProfileError::HeapInactive) };
         let mut ctl = ctl.clone().lock_owned().await;
         // Dumping reads the profile from a file jemalloc writes and symbolizes it: blocking work.
-        tokio::task::spawn_blocking(move || ctl.dump_pprof())
-            .await
+        tokio::task::spawn_blocking(move || {
+            let profile = ctl.dump_pprof();
+            forget_symbols();
+            profile
+        })
+        .await
             .map_err(|e| ProfileError::Failed(e.to_string()))?
             .map_err(|e| ProfileError::Failed(format!("{e:#}")))
     }
@@ -87,6 +91,13 @@ pub async fn heap_pprof() -> Result<Vec<u8>, ProfileError> {
     {
         Err(ProfileError::HeapInactive)
     }
+}
+
+/// Free what symbolizing a profile loaded: backtrace-rs keeps the binary's parsed debug info
+/// for the life of the process (~130 MiB for the release build), which an automatic heap dump
+/// near the memory limit would otherwise add for good.
+fn forget_symbols() {
+    backtrace::clear_symbol_cache();
 }
 
 static CPU_BUSY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -106,7 +117,9 @@ pub async fn cpu_pprof(seconds: u64) -> Result<Vec<u8>, ProfileError> {
             .map_err(|e| ProfileError::Failed(e.to_string()))?;
         std::thread::sleep(Duration::from_secs(seconds));
         let report = guard.report().build().map_err(|e| ProfileError::Failed(e.to_string()))?;
-        let profile = report.pprof().map_err(|e| ProfileError::Failed(e.to_string()))?;
+        let profile = report.pprof().map_err(|e| ProfileError::Failed(e.to_string()));
+        forget_symbols();
+        let profile = profile?;
         let mut out = Vec::new();
         profile.encode(&mut out).map_err(|e| ProfileError::Failed(e.to_string()))?;
         Ok(out)

@@ -40,11 +40,14 @@ pub struct PeerRecord {
 
 impl PeerRecord {
     /// Bytes this record holds in memory, allocator overhead aside: the struct, its address
-    /// vector and each address's shared buffer (a `Multiaddr` is an `Arc<Vec<u8>>`). What byte
-    /// budgets charge for it.
+    /// vector (by capacity) and each address's shared buffer (a `Multiaddr` is an
+    /// `Arc<Vec<u8>>`). What byte budgets charge for it (`tests/memory_accounting.rs` checks
+    /// this against the allocator).
     pub fn memory_bytes(&self) -> usize {
-        const PER_ADDR: usize = std::mem::size_of::<Multiaddr>() + 16 + std::mem::size_of::<Vec<u8>>();
-        std::mem::size_of::<Self>() + self.addrs.iter().map(|a| PER_ADDR + a.len()).sum::<usize>()
+        const ARC_VEC: usize = 16 + std::mem::size_of::<Vec<u8>>();
+        std::mem::size_of::<Self>()
+            + self.addrs.capacity() * std::mem::size_of::<Multiaddr>()
+            + self.addrs.iter().map(|a| ARC_VEC + a.len()).sum::<usize>()
     }
 }
 
@@ -92,6 +95,7 @@ pub fn decode_addrs(mut blob: &[u8]) -> Vec<Multiaddr> {
         }
         blob = &blob[len..];
     }
+    out.shrink_to_fit(); // held in caches: no spare capacity
     out
 }
 

@@ -129,6 +129,11 @@ fn memory_near_the_limit_writes_a_heap_profile_naming_our_allocation_sites() {
     let (status, heap) = p.get_bytes("/debug/pprof/heap");
     assert_eq!(status, 200);
     assert!(!decode(&heap).sample.is_empty());
+    // Symbolizing loaded the binary's debug info (hundreds of MiB for this debug build); it is
+    // freed after each profile, not kept for the life of the process.
+    let after = stat("allocated");
+    println!("allocated: {allocated} bytes after the automatic profile, {after} after one on demand");
+    assert!(after < 64e6, "{after} bytes still allocated after a heap profile");
     let (status, cpu) = p.get_bytes("/debug/pprof/profile?seconds=1");
     assert_eq!(status, 200);
     let cpu = decode(&cpu);

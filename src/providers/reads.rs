@@ -48,9 +48,12 @@ struct Cached {
 
 impl Cached {
     fn new(key: &ProviderKey, providers: Providers, until: Instant) -> Self {
-        const ENTRY: usize = std::mem::size_of::<ProviderKey>() + std::mem::size_of::<Cached>() + 48;
-        let bytes =
-            ENTRY + key.as_bytes().len() + providers.iter().map(PeerRecord::memory_bytes).sum::<usize>();
+        // The cache's slot (key, value, links) and the `Arc<Vec<_>>` header.
+        const ENTRY: usize = std::mem::size_of::<ProviderKey>() + std::mem::size_of::<Cached>() + 48 + 40;
+        let bytes = ENTRY
+            + key.as_bytes().len()
+            + (providers.capacity() - providers.len()) * std::mem::size_of::<PeerRecord>()
+            + providers.iter().map(PeerRecord::memory_bytes).sum::<usize>();
         Self { providers, until, bytes: bytes as u64 }
     }
 }
@@ -256,7 +259,9 @@ impl Reads {
                 }
                 let now = Instant::now();
                 for (key, epoch) in keys.into_iter().zip(epochs) {
-                    let providers: Providers = Arc::new(by_key.remove(&key).unwrap_or_default());
+                    let mut found = by_key.remove(&key).unwrap_or_default();
+                    found.shrink_to_fit(); // held in the cache: no spare capacity
+                    let providers: Providers = Arc::new(found);
                     let shard = buffer.shard_of(&key);
                     let mut raced = buffer.epoch(shard) != epoch;
                     if !raced {
