@@ -152,11 +152,24 @@ pub struct Issued {
     pub keypair: Keypair,
 }
 
-/// Extend the balanced sequence with `indices` (in order), inserting each choice into `trie`.
+/// Extend the balanced sequence with `indices` (in order), inserting each choice into `trie`:
+/// the better of two candidates per index (the shipped scheme).
 pub fn extend(seed: &Seed, trie: &mut KeyTrie, indices: impl IntoIterator<Item = u32>) -> Vec<Issued> {
+    extend_with(seed, trie, indices, 2)
+}
+
+/// [`extend`] choosing among `candidates` keys per index (choices `0..candidates`); the rule
+/// is the same, so more candidates place each key nearer the emptiest region. `hydra sim
+/// coverage --candidates` measures what that buys.
+pub fn extend_with(
+    seed: &Seed,
+    trie: &mut KeyTrie,
+    indices: impl IntoIterator<Item = u32>,
+    candidates: u8,
+) -> Vec<Issued> {
     let mut out = Vec::new();
     for index in indices {
-        let cands: Vec<(u8, Keypair, [u8; 32])> = (0..2u8)
+        let cands: Vec<(u8, Keypair, [u8; 32])> = (0..candidates.max(1))
             .map(|c| {
                 let kp = derive(seed, index, c);
                 let k = kad_key(&kp.public().to_peer_id());
@@ -164,13 +177,14 @@ pub fn extend(seed: &Seed, trie: &mut KeyTrie, indices: impl IntoIterator<Item =
             })
             .collect();
         // The candidate in the emptier region: fewer keys in its subtree at the level where a
-        // balanced trie has about one key per subtree, then the shallower leaf, then candidate 0.
+        // balanced trie has about one key per subtree, then the shallower leaf, then the lower
+        // choice.
         let n = trie.len().max(1);
         let level = usize::BITS - n.leading_zeros();
         let (choice, keypair, kad) = cands
             .into_iter()
             .min_by_key(|(c, _, k)| (trie.count_with_prefix(k, level.saturating_sub(1)), trie.depth(k), *c))
-            .expect("two candidates");
+            .expect("at least one candidate");
         trie.insert(kad);
         out.push(Issued { index, choice, kad_key: kad, keypair });
     }

@@ -31,6 +31,7 @@ pub mod node;
 pub mod profiles;
 pub mod providers;
 pub mod sharded;
+pub mod sim;
 pub mod store;
 pub mod types;
 

@@ -78,10 +78,45 @@ enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Simulations of what heads buy the network (no node, no network traffic).
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Share of random keys whose 20 closest peers include a head, against the number of heads,
+    /// for balanced (this node's) and random head IDs and for ideal even spacing; and the heads
+    /// needed for 90, 97 and 99 %.
+    Coverage {
+        /// Random peers in the simulated network.
+        #[arg(long, default_value_t = 16_000)]
+        peers: usize,
+        /// Head counts to tabulate, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,250,500,1000,1500,2015,3000,5000")]
+        heads: Vec<usize>,
+        /// Random keys sampled.
+        #[arg(long, default_value_t = 4000)]
+        keys: usize,
+        /// The most heads the search for the 90/97/99 % counts tries.
+        #[arg(long, default_value_t = 20_000)]
+        max_heads: usize,
+        /// Candidates per index of the balanced schemes, comma-separated (2: the node's own).
+        #[arg(long, value_delimiter = ',', default_value = "2,8,32")]
+        candidates: Vec<u8>,
+        /// Seed of the simulation's random numbers (the same seed, the same network).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the chart (coverage against heads) to this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -244,6 +279,24 @@ fn main() -> ExitCode {
             clap_complete::generate(*shell, &mut Cli::command(), "hydra", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
+        Command::Sim {
+            command: SimCommand::Coverage { peers, heads, keys, max_heads, candidates, seed, svg },
+        } => {
+            if *peers < 20 || *keys == 0 || heads.is_empty() {
+                eprintln!("hydra sim coverage: --peers must be at least 20, --keys and --heads not empty");
+                return ExitCode::from(EXIT_FAILED);
+            }
+            let report = hydra::sim::coverage(*peers, heads, *keys, *max_heads, candidates, *seed);
+            print!("{}", report.table());
+            if let Some(path) = svg {
+                if let Err(e) = std::fs::write(path, report.svg()) {
+                    eprintln!("hydra sim coverage: write {}: {e}", path.display());
+                    return ExitCode::from(EXIT_FAILED);
+                }
+                println!("chart written to {}", path.display());
+            }
+            return ExitCode::SUCCESS;
+        }
     };
     let file = match load(args) {
         Ok(f) => f,
@@ -310,7 +363,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             }
         }
-        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Sim { .. } => unreachable!("handled above"),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

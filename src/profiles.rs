@@ -84,8 +84,8 @@ pub async fn heap_pprof() -> Result<Vec<u8>, ProfileError> {
             profile
         })
         .await
-            .map_err(|e| ProfileError::Failed(e.to_string()))?
-            .map_err(|e| ProfileError::Failed(format!("{e:#}")))
+        .map_err(|e| ProfileError::Failed(e.to_string()))?
+        .map_err(|e| ProfileError::Failed(format!("{e:#}")))
     }
     #[cfg(not(feature = "jemalloc"))]
     {

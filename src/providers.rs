@@ -408,7 +408,7 @@ impl ProviderManager {
         let inner = &self.inner;
         inner.store.refresh_pool_gauges();
         let parts = [
-            ("provider_cache", inner.reads.cache_usage().1, inner.cfg.cache_bytes as u64),
+            ("provider_cache", inner.reads.cache_usage().1, inner.cfg.cache_bytes),
             ("write_buffer", inner.buffer.bytes() as u64, inner.cfg.write_buffer_bytes as u64),
             ("address_book", inner.addr_book.weight(), ADDR_BOOK_BYTES),
             (

@@ -242,7 +242,13 @@ impl Store {
     }
 
     pub async fn get_value(&self, key: &[u8]) -> Result<Option<ValueRecord>, StoreError> {
-        call!(self, DbOp::GetValue, budget = 1, sqlite | s | s.get_value(key, now_ms()), postgres | p | p.get_value(key))
+        call!(
+            self,
+            DbOp::GetValue,
+            budget = 1,
+            sqlite | s | s.get_value(key, now_ms()),
+            postgres | p | p.get_value(key)
+        )
     }
 
     /// One garbage-collection round over every table, in bounded chunks (`chunk_rows` rows per

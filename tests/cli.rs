@@ -361,3 +361,45 @@ fn completions_are_printed_for_bash() {
         &script[..200.min(script.len())]
     );
 }
+
+/// `hydra sim coverage` (issue 13.4): the table, the searched head counts and the chart, on a
+/// small network. Coverage grows with heads for every scheme, and reaches 100 % for even
+/// spacing once there are as many heads as peers (every key's closest key is then a head).
+#[test]
+fn sim_coverage_prints_the_table_and_writes_the_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("coverage.svg");
+    let out = hydra()
+        .args(["sim", "coverage", "--peers", "1000", "--heads", "20,100,1000", "--keys", "400"])
+        .args(["--max-heads", "1000", "--candidates", "2,4", "--svg", svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let pct = |line: &str, col: usize| -> f64 {
+        line.split_whitespace().filter(|w| *w != "%").nth(col).unwrap().parse().unwrap()
+    };
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains('%'))
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    // Columns: balanced (2 candidates), best of 4, random, even.
+    for col in 1..=4 {
+        let covs: Vec<f64> = rows.iter().map(|r| pct(r, col)).collect();
+        assert!(covs.windows(2).all(|w| w[0] <= w[1]), "coverage grows with heads: {covs:?}\n{text}");
+        assert!(covs[0] > 0.0 && covs[0] < 100.0, "{text}");
+    }
+    assert_eq!(pct(rows[2], 4), 100.0, "1,000 evenly spaced heads among 1,000 peers: {text}");
+    for scheme in ["balanced", "best of 4", "random", "even"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(scheme)),
+            "heads needed for {scheme}: {text}"
+        );
+    }
+    assert!(text.contains("2015 heads, 16208 peers, 97.1 %"), "{text}");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.starts_with("<svg") && chart.matches("<polyline").count() == 4 && chart.contains("<circle")
+    );
+}

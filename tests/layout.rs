@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Lowest first. A module may use modules of earlier layers only (and itself).
 const LAYERS: &[&[&str]] = &[
     &["types", "sharded", "identity"],
-    &["config", "keys"],
+    &["config", "keys", "sim"],
     &["metrics"],
     &["load"],
     &["store", "profiles"],

@@ -61,7 +61,8 @@ async fn cached_answers_cost_what_the_cache_charges_for_them() {
     for i in 0..KEYS {
         for j in 0..(1 + i % 3) {
             let peer = peers[((i + j * 7) % 50) as usize];
-            let addrs = (0..(1 + j % 2)).map(|n| format!("/ip4/127.0.0.{}/tcp/{}", 1 + n, 4000 + j).parse().unwrap());
+            let addrs =
+                (0..(1 + j % 2)).map(|n| format!("/ip4/127.0.0.{}/tcp/{}", 1 + n, 4000 + j).parse().unwrap());
             m.add_provider(key(i), PeerRecord { peer, addrs: addrs.collect() }).unwrap();
         }
     }
@@ -80,7 +81,9 @@ async fn cached_answers_cost_what_the_cache_charges_for_them() {
     let (entries, weight) = m.cache_usage();
     let held = (LIVE.load(Ordering::Relaxed) - live_before) as f64;
     let charged = (weight - weight_before) as f64;
-    println!("{entries} cached answers: the allocator holds {held} bytes for them, the cache charged {charged}");
+    println!(
+        "{entries} cached answers: the allocator holds {held} bytes for them, the cache charged {charged}"
+    );
     assert!(entries as u32 >= KEYS, "every answer cached ({entries})");
     let ratio = held / charged;
     assert!((0.8..=1.25).contains(&ratio), "held / charged = {ratio:.2} ({held} / {charged} bytes)");

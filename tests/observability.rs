@@ -76,7 +76,9 @@ async fn promtool_accepts_the_scrape_the_rules_and_the_config() {
     let heads = head_addrs(&node);
     let client = RawClient::connect(&heads[..1]).await;
     let mut s = client.open(heads[0].0).await;
-    RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, &[9, 9, 9], &[])).await.unwrap();
+    RawClient::request(&mut s, &wire::encode_request(MessageType::GetProviders, &[9, 9, 9], &[]))
+        .await
+        .unwrap();
     let (status, scrape) = http_get(&node.http_addr().to_string(), "/metrics").await;
     assert_eq!(status, 200);
     // The byte-budgeted parts report what they hold, within their budgets.
