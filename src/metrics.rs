@@ -167,10 +167,13 @@ impl LoadMetrics {
 
 #[derive(Clone)]
 pub struct KadMetrics {
-    /// Requests by head, message type and outcome.
+    /// Requests by message type and outcome (all heads: per-head series would be ~30 per head,
+    /// 300,000 at 10,000 heads).
     pub requests: IntCounterVec,
-    /// The `requests` series by head, then message type × outcome (see [`KadMetrics::request`]).
-    request_series: Arc<Vec<Vec<IntCounter>>>,
+    /// The `requests` series by message type × outcome (see [`KadMetrics::request`]).
+    request_series: Arc<Vec<IntCounter>>,
+    /// Requests per head (one series per head: which head serves, which is cut off).
+    head_requests: Arc<Vec<IntCounter>>,
     /// Time from a decoded request to its reply written, by message type.
     pub request_duration: HistogramVec,
     /// Inbound stream events.
@@ -242,8 +245,8 @@ impl Metrics {
         let requests = reg(
             registry,
             IntCounterVec::new(
-                Opts::new("hydra_kad_requests_total", "Inbound DHT requests by head, type and outcome"),
-                &["head", "type", "outcome"],
+                Opts::new("hydra_kad_requests_total", "Inbound DHT requests by type and outcome (all heads)"),
+                &["type", "outcome"],
             )
             .unwrap(),
         );
@@ -296,20 +299,25 @@ impl Metrics {
             )
             .unwrap(),
         );
-        // Every (head, type, outcome) series, created up front and kept, so counting a request
-        // is an index, not a label lookup.
-        let request_series: Vec<Vec<IntCounter>> = (0..heads)
-            .map(|h| {
-                let h = h.to_string();
-                MessageType::ALL
-                    .iter()
-                    .flat_map(|t| {
-                        Outcome::ALL
-                            .map(|o| requests.with_label_values(&[h.as_str(), t.as_str(), o.as_str()]))
-                    })
-                    .collect()
-            })
+        // Every (type, outcome) series and every head's series, created up front and kept, so
+        // counting a request is an index, not a label lookup.
+        let request_series: Vec<IntCounter> = MessageType::ALL
+            .iter()
+            .flat_map(|t| Outcome::ALL.map(|o| requests.with_label_values(&[t.as_str(), o.as_str()])))
             .collect();
+        let head_requests_vec = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "hydra_head_requests_total",
+                    "Inbound DHT requests per head (every type and outcome)",
+                ),
+                &["head"],
+            )
+            .unwrap(),
+        );
+        let head_requests: Vec<IntCounter> =
+            (0..heads).map(|h| head_requests_vec.with_label_values(&[&h.to_string()])).collect();
         for t in MessageType::ALL {
             request_duration.with_label_values(&[t.as_str()]);
         }
@@ -519,6 +527,7 @@ impl Metrics {
             kad: KadMetrics {
                 requests,
                 request_series: Arc::new(request_series),
+                head_requests: Arc::new(head_requests),
                 request_duration,
                 streams,
                 active_streams,
@@ -687,7 +696,10 @@ impl KadMetrics {
     pub fn request(&self, head: usize, ty: MessageType, outcome: Outcome) {
         let t = MessageType::ALL.iter().position(|x| *x == ty).unwrap_or(0);
         let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
-        if let Some(c) = self.request_series.get(head).and_then(|s| s.get(t * Outcome::ALL.len() + o)) {
+        if let Some(c) = self.request_series.get(t * Outcome::ALL.len() + o) {
+            c.inc();
+        }
+        if let Some(c) = self.head_requests.get(head) {
             c.inc();
         }
     }
