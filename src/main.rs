@@ -93,8 +93,8 @@ enum Command {
 #[derive(Subcommand)]
 enum SimCommand {
     /// Share of random keys whose 20 closest peers include a head, against the number of heads,
-    /// for balanced (this node's) and random head IDs and for ideal even spacing; and the heads
-    /// needed for 90, 97 and 99 %.
+    /// for balanced head IDs (this node's identity schemes) and random ones and for ideal even
+    /// spacing; and the heads needed for 90, 97 and 99 %.
     Coverage {
         /// Random peers in the simulated network.
         #[arg(long, default_value_t = 16_000)]
@@ -108,7 +108,8 @@ enum SimCommand {
         /// The most heads the search for the 90/97/99 % counts tries.
         #[arg(long, default_value_t = 20_000)]
         max_heads: usize,
-        /// Candidates per index of the balanced schemes, comma-separated (2: the node's own).
+        /// Candidates per index of the balanced schemes, comma-separated (2: identity scheme v1,
+        /// 32: v2, what new fleets use).
         #[arg(long, value_delimiter = ',', default_value = "2,8,32")]
         candidates: Vec<u8>,
         /// Seed of the simulation's random numbers (the same seed, the same network).

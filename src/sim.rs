@@ -4,9 +4,10 @@
 //! as in [`identity::kad_key`]) plus `H` heads. A provider record of a key is stored on the key's
 //! `k` (20) closest peers by XOR distance, so the share of random keys whose `k` closest include a
 //! head — the **coverage** — is also the share of provider records that reach the fleet. Heads
-//! take either the node's balanced identities ([`identity::extend`], power of two choices) or
-//! random ones (candidate 0 of every index, [`identity::derive`], no balancing); a third series
-//! places keys exactly evenly (the ideal spacing, not identities) for reference.
+//! take the node's balanced identities ([`identity::extend_with`]: `v1 (2)` and `v2 (32)` are
+//! the identity schemes of [`identity::Scheme`], other counts are what-ifs) or random ones
+//! (candidate 0 of every index, [`identity::derive`], no balancing); a last series places keys
+//! exactly evenly (the ideal spacing, not identities) for reference.
 //!
 //! **Exact and fast.** A key is covered iff its closest head is closer than its `k`-th closest
 //! network peer (fewer than `k` peers are then closer than that head, so it ranks among the `k`
@@ -31,7 +32,7 @@ pub type Key = [u8; 32];
 /// How head identities are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
-    /// The node's sequence rule with this many candidates per index (2: the shipped one).
+    /// The node's sequence rule with this many candidates per index (2: scheme v1, 32: v2).
     Balanced(u8),
     /// One random identity per index.
     Random,
@@ -42,7 +43,8 @@ pub enum Scheme {
 impl Scheme {
     pub fn name(self) -> String {
         match self {
-            Scheme::Balanced(2) => "balanced".into(),
+            Scheme::Balanced(c) if c == identity::Scheme::V1.candidates() => format!("v1 ({c})"),
+            Scheme::Balanced(c) if c == identity::Scheme::V2.candidates() => format!("v2 ({c})"),
             Scheme::Balanced(c) => format!("best of {c}"),
             Scheme::Random => "random".into(),
             Scheme::Even => "even".into(),

@@ -384,14 +384,14 @@ fn sim_coverage_prints_the_table_and_writes_the_chart() {
         .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains('%'))
         .collect();
     assert_eq!(rows.len(), 3, "{text}");
-    // Columns: balanced (2 candidates), best of 4, random, even.
+    // Columns: v1 (2 candidates), best of 4, random, even.
     for col in 1..=4 {
         let covs: Vec<f64> = rows.iter().map(|r| pct(r, col)).collect();
         assert!(covs.windows(2).all(|w| w[0] <= w[1]), "coverage grows with heads: {covs:?}\n{text}");
         assert!(covs[0] > 0.0 && covs[0] < 100.0, "{text}");
     }
     assert_eq!(pct(rows[2], 4), 100.0, "1,000 evenly spaced heads among 1,000 peers: {text}");
-    for scheme in ["balanced", "best of 4", "random", "even"] {
+    for scheme in ["v1 (2)", "best of 4", "random", "even"] {
         assert!(
             text.lines().any(|l| l.trim_start().starts_with(scheme)),
             "heads needed for {scheme}: {text}"

@@ -70,11 +70,12 @@ fn local_heads(p: &Process) -> Vec<hydra::http::HeadInfo> {
     serde_json::from_str(&p.get("/v1/heads")).unwrap()
 }
 
-/// The first `n` identities of the balanced sequence of `SEED_HEX`, as peer IDs.
+/// The first `n` identities of the balanced sequence of `SEED_HEX` (a new fleet's scheme), as
+/// peer IDs.
 fn balanced_sequence(n: u32) -> Vec<String> {
     let seed = Seed::from_hex(SEED_HEX).unwrap();
     let mut trie = KeyTrie::default();
-    identity::extend(&seed, &mut trie, 0..n)
+    identity::extend(&seed, &mut trie, 0..n, identity::Scheme::CURRENT)
         .into_iter()
         .map(|i| i.keypair.public().to_peer_id().to_string())
         .collect()

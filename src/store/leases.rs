@@ -73,6 +73,27 @@ fn fingerprint(seed: &Seed) -> Vec<u8> {
     Sha256::digest([b"hydra seed fingerprint v1".as_slice(), &probe.to_bytes()].concat()).to_vec()
 }
 
+/// The fleet's identity scheme, recorded on first use: the current one for a fleet without
+/// identities, v1 for one whose identities an older release issued (it keeps its sequence).
+async fn identity_scheme<T: LeaseTx>(tx: &mut T, fresh: bool) -> Result<identity::Scheme, StoreError> {
+    use identity::Scheme;
+    match tx.meta("identity_scheme").await? {
+        Some(v) => {
+            let text = String::from_utf8_lossy(&v).into_owned();
+            text.trim().parse().ok().and_then(Scheme::from_version).ok_or_else(|| {
+                StoreError::Identity(format!(
+                    "this datastore's identity scheme {text:?} is newer than this release knows; upgrade hydra"
+                ))
+            })
+        }
+        None => {
+            let scheme = if fresh { Scheme::CURRENT } else { Scheme::V1 };
+            tx.set_meta("identity_scheme", scheme.version().to_string().as_bytes()).await?;
+            Ok(scheme)
+        }
+    }
+}
+
 pub(crate) async fn acquire<T: LeaseTx>(
     mut tx: T,
     node: &str,
@@ -94,6 +115,7 @@ pub(crate) async fn acquire<T: LeaseTx>(
         }
     }
     let ids = tx.identities().await?;
+    let scheme = identity_scheme(&mut tx, ids.is_empty()).await?;
     let leases = tx.leases().await?;
     let now = tx.now().await?;
     let indices: Vec<u32> = ids.iter().map(|(i, _, _)| *i).collect();
@@ -114,13 +136,13 @@ pub(crate) async fn acquire<T: LeaseTx>(
         let keys: Vec<[u8; 32]> =
             ids.iter().filter_map(|(_, _, k)| <[u8; 32]>::try_from(k.as_slice()).ok()).collect();
         let seed = seed.clone();
-        // Two candidate keys per new identity: CPU work, off the async workers.
+        // The scheme's candidate keys per new identity: CPU work, off the async workers.
         let issued = tokio::task::spawn_blocking(move || {
             let mut trie = KeyTrie::default();
             for k in keys {
                 trie.insert(k);
             }
-            identity::extend(&seed, &mut trie, next..next + count)
+            identity::extend(&seed, &mut trie, next..next + count, scheme)
                 .into_iter()
                 .map(|i| (i.index, i.choice, i.kad_key, i.keypair.public().to_peer_id().to_string()))
                 .collect::<Vec<_>>()

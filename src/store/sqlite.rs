@@ -741,4 +741,55 @@ mod tests {
             assert!(plan.contains("providers_sample") && !plan.contains("TEMP B-TREE"), "{plan}");
         }
     }
+
+    /// The identity scheme is recorded with a fleet's first identities (v2: 32 candidates); a
+    /// fleet whose identities predate the record keeps extending its sequence with v1's rule.
+    #[tokio::test]
+    async fn the_identity_scheme_is_recorded_and_older_fleets_keep_theirs() {
+        use crate::identity::{extend, kad_key, KeyTrie, Scheme, Seed};
+        let seed = std::sync::Arc::new(Seed::from_hex(&"5a".repeat(32)).unwrap());
+        let ttl = std::time::Duration::from_secs(60);
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite"), test_histogram()).await.unwrap();
+        s.migrate().await.unwrap();
+        let peers = |s: &SqliteStore| {
+            let s = s.clone();
+            async move { s.list_heads(0).await.unwrap().into_iter().map(|r| r.1).collect::<Vec<String>>() }
+        };
+        let expected = |keys: &[String], range: std::ops::Range<u32>, scheme| {
+            let mut trie = KeyTrie::default();
+            for p in keys {
+                trie.insert(kad_key(&p.parse().unwrap()));
+            }
+            extend(&seed, &mut trie, range, scheme)
+                .into_iter()
+                .map(|i| i.keypair.public().to_peer_id().to_string())
+                .collect::<Vec<_>>()
+        };
+
+        s.acquire_heads("a", "t1", 5, ttl, seed.clone()).await.unwrap();
+        let first = peers(&s).await;
+        assert_eq!(first, expected(&[], 0..5, Scheme::V2), "a new fleet is issued scheme v2");
+        let recorded: Vec<u8> =
+            sqlx::query_scalar("SELECT value FROM hydra_meta WHERE key = 'identity_scheme'")
+                .fetch_one(&s.readers)
+                .await
+                .unwrap();
+        assert_eq!(recorded, b"2");
+
+        // As if an older release had issued these five: no record of a scheme.
+        sqlx::query("DELETE FROM hydra_meta WHERE key = 'identity_scheme'").execute(&s.writer).await.unwrap();
+        s.acquire_heads("b", "t2", 5, ttl, seed.clone()).await.unwrap();
+        let all = peers(&s).await;
+        assert_eq!(all[..5], first[..], "existing identities never change");
+        assert_eq!(all[5..], expected(&first, 5..10, Scheme::V1)[..], "the older fleet keeps v1");
+
+        // A scheme this release does not know is refused, not guessed.
+        sqlx::query("UPDATE hydra_meta SET value = x'39' WHERE key = 'identity_scheme'")
+            .execute(&s.writer)
+            .await
+            .unwrap();
+        let err = s.acquire_heads("c", "t3", 1, ttl, seed.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("newer than this release"), "{err}");
+    }
 }
