@@ -167,13 +167,19 @@ pub fn largest_gap(keys: &[Key]) -> f64 {
 
 /// The fewest of `heads` (a prefix of one sequence) giving `target` coverage, if any do.
 pub fn heads_needed(net: &Network, heads: &[Key], target: f64) -> Option<usize> {
-    if net.coverage(&sorted(heads)) < target {
+    fewest(heads.len(), |h| net.coverage(&sorted(&heads[..h])) >= target)
+}
+
+/// The smallest `h` in `1..=max` with `enough(h)`, by bisection (`enough` must not turn false
+/// again as `h` grows); `None` if even `max` is not enough.
+fn fewest(max: usize, enough: impl Fn(usize) -> bool) -> Option<usize> {
+    if !enough(max) {
         return None;
     }
-    let (mut lo, mut hi) = (0, heads.len()); // coverage(lo) < target <= coverage(hi)
+    let (mut lo, mut hi) = (0, max); // enough(hi), and lo is not (or 0)
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        if net.coverage(&sorted(&heads[..mid])) >= target {
+        if enough(mid) {
             hi = mid;
         } else {
             lo = mid;
@@ -226,21 +232,7 @@ pub fn coverage(
             }
             for t in TARGETS {
                 // Even spacing is not a prefix sequence: bisect over whole placements.
-                let cov = |h: usize| net.coverage(&sorted(&head_keys(scheme, &seed, h)));
-                let found = if cov(max_heads) < t {
-                    None
-                } else {
-                    let (mut lo, mut hi) = (0, max_heads);
-                    while hi - lo > 1 {
-                        let mid = (lo + hi) / 2;
-                        if cov(mid) >= t {
-                            hi = mid
-                        } else {
-                            lo = mid
-                        }
-                    }
-                    Some(hi)
-                };
+                let found = fewest(max_heads, |h| net.coverage(&sorted(&head_keys(scheme, &seed, h))) >= t);
                 needed.push((scheme, t, found));
             }
             continue;
