@@ -182,7 +182,7 @@ struct AddrBytes;
 
 impl quick_cache::Weighter<PeerId, Arc<[libp2p::Multiaddr]>> for AddrBytes {
     fn weight(&self, _: &PeerId, addrs: &Arc<[libp2p::Multiaddr]>) -> u64 {
-        (64 + addrs.iter().map(|a| 48 + a.len()).sum::<usize>()) as u64
+        (64 + addrs.iter().map(crate::types::addr_bytes).sum::<usize>()) as u64
     }
 }
 
@@ -235,6 +235,16 @@ impl ProviderManager {
             hasher: Default::default(),
             cfg,
         });
+        // The byte budgets are fixed for the life of the manager: published once.
+        let limits = [
+            ("provider_cache", inner.cfg.cache_bytes),
+            ("write_buffer", inner.cfg.write_buffer_bytes as u64),
+            ("address_book", ADDR_BOOK_BYTES),
+            ("recent_writes", (inner.cfg.recent_writes_entries * RECENT_ENTRY_BYTES) as u64),
+        ];
+        for (part, bytes) in limits {
+            inner.metrics.memory_limit.with_label_values(&[part]).set(bytes as i64);
+        }
         let this = Self { inner };
         this.inner.tasks.spawn(this.clone().flusher());
         this.inner.tasks.spawn(this.clone().collector());
@@ -407,19 +417,14 @@ impl ProviderManager {
     pub fn refresh_gauges(&self) {
         let inner = &self.inner;
         inner.store.refresh_pool_gauges();
-        let parts = [
-            ("provider_cache", inner.reads.cache_usage().1, inner.cfg.cache_bytes),
-            ("write_buffer", inner.buffer.bytes() as u64, inner.cfg.write_buffer_bytes as u64),
-            ("address_book", inner.addr_book.weight(), ADDR_BOOK_BYTES),
-            (
-                "recent_writes",
-                (inner.recent.len() * RECENT_ENTRY_BYTES) as u64,
-                (inner.cfg.recent_writes_entries * RECENT_ENTRY_BYTES) as u64,
-            ),
+        let used = [
+            ("provider_cache", inner.reads.cache_usage().1),
+            ("write_buffer", inner.buffer.bytes() as u64),
+            ("address_book", inner.addr_book.weight()),
+            ("recent_writes", (inner.recent.len() * RECENT_ENTRY_BYTES) as u64),
         ];
-        for (part, used, limit) in parts {
-            inner.metrics.memory.with_label_values(&[part]).set(used as i64);
-            inner.metrics.memory_limit.with_label_values(&[part]).set(limit as i64);
+        for (part, bytes) in used {
+            inner.metrics.memory.with_label_values(&[part]).set(bytes as i64);
         }
     }
 

@@ -44,11 +44,17 @@ impl PeerRecord {
     /// `Arc<Vec<u8>>`). What byte budgets charge for it (`tests/memory_accounting.rs` checks
     /// this against the allocator).
     pub fn memory_bytes(&self) -> usize {
-        const ARC_VEC: usize = 16 + std::mem::size_of::<Vec<u8>>();
         std::mem::size_of::<Self>()
-            + self.addrs.capacity() * std::mem::size_of::<Multiaddr>()
-            + self.addrs.iter().map(|a| ARC_VEC + a.len()).sum::<usize>()
+            + (self.addrs.capacity() - self.addrs.len()) * std::mem::size_of::<Multiaddr>()
+            + self.addrs.iter().map(addr_bytes).sum::<usize>()
     }
+}
+
+/// Bytes one address costs where it is held: its slot in a list and its shared buffer (a
+/// `Multiaddr` is an `Arc<Vec<u8>>`: counts, vector, bytes), allocator overhead aside. Every byte
+/// budget that holds addresses charges this.
+pub fn addr_bytes(a: &Multiaddr) -> usize {
+    std::mem::size_of::<Multiaddr>() + 16 + std::mem::size_of::<Vec<u8>>() + a.len()
 }
 
 /// A PUT_VALUE / GET_VALUE record (`/pk/…` or `/ipns/…` keys).

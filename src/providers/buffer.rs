@@ -31,8 +31,7 @@ pub struct Pending {
 /// every address as if it were its own (allocation and bytes).
 fn entry_bytes(key: &ProviderKey, p: &Pending) -> usize {
     const ENTRY: usize = 160;
-    const PER_ADDR: usize = 48;
-    ENTRY + key.as_bytes().len() + p.addrs.iter().map(|a| PER_ADDR + a.len()).sum::<usize>()
+    ENTRY + key.as_bytes().len() + p.addrs.iter().map(crate::types::addr_bytes).sum::<usize>()
 }
 
 pub type Batch = HashMap<ProviderKey, HashMap<PeerId, Pending>>;
