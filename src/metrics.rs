@@ -220,8 +220,8 @@ pub struct ProviderMetrics {
     pub peers_estimate: Gauge,
     /// `degrade`: ADD_PROVIDER refreshes acknowledged without a write.
     pub refreshes_skipped: IntCounter,
-    /// Bytes held by each byte-budgeted part (`provider_cache`, `write_buffer`, `address_book`)
-    /// and each part's budget, set on each scrape.
+    /// Bytes held by each byte-budgeted part (`provider_cache`, `write_buffer`, `address_book`,
+    /// `recent_writes`), set on each scrape, and each part's budget, set at start.
     pub memory: IntGaugeVec,
     pub memory_limit: IntGaugeVec,
 }

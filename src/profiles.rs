@@ -46,7 +46,7 @@ pub fn heap_profiling_active() -> bool {
 }
 
 /// jemalloc's accounting, (stat, bytes): `allocated` (live objects), `active` (their pages),
-/// `resident`, `mapped`, `retained` (returned to the OS's page cache but still mapped) and
+/// `resident`, `mapped`, `retained` (returned to the OS, its address space kept) and
 /// `metadata`. Empty without the `jemalloc` feature or when jemalloc is not the allocator.
 pub fn allocator_stats() -> Vec<(&'static str, u64)> {
     #[cfg(feature = "jemalloc")]
