@@ -29,9 +29,9 @@ pub const HYDRA_FLEET: (usize, usize, f64) = (2015, 16_208, 0.971);
 
 pub type Key = [u8; 32];
 
-/// How head identities are chosen.
+/// How the simulated heads' keys are placed (the node's identity schemes among them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
+pub enum Placement {
     /// The node's sequence rule with this many candidates per index (2: scheme v1, 32: v2).
     Balanced(u8),
     /// One random identity per index.
@@ -40,14 +40,14 @@ pub enum Scheme {
     Even,
 }
 
-impl Scheme {
+impl Placement {
     pub fn name(self) -> String {
         match self {
-            Scheme::Balanced(c) if c == identity::Scheme::V1.candidates() => format!("v1 ({c})"),
-            Scheme::Balanced(c) if c == identity::Scheme::V2.candidates() => format!("v2 ({c})"),
-            Scheme::Balanced(c) => format!("best of {c}"),
-            Scheme::Random => "random".into(),
-            Scheme::Even => "even".into(),
+            Placement::Balanced(c) if c == identity::Scheme::V1.candidates() => format!("v1 ({c})"),
+            Placement::Balanced(c) if c == identity::Scheme::V2.candidates() => format!("v2 ({c})"),
+            Placement::Balanced(c) => format!("best of {c}"),
+            Placement::Random => "random".into(),
+            Placement::Even => "even".into(),
         }
     }
 }
@@ -128,16 +128,16 @@ pub fn closest(sorted: &[Key], t: &Key) -> Key {
 }
 
 /// The first `n` heads' Kademlia keys under `scheme`, in issue order.
-pub fn head_keys(scheme: Scheme, seed: &Seed, n: usize) -> Vec<Key> {
+pub fn head_keys(scheme: Placement, seed: &Seed, n: usize) -> Vec<Key> {
     match scheme {
-        Scheme::Balanced(c) => identity::extend_with(seed, &mut KeyTrie::default(), 0..n as u32, c)
+        Placement::Balanced(c) => identity::extend_with(seed, &mut KeyTrie::default(), 0..n as u32, c)
             .into_iter()
             .map(|i| i.kad_key)
             .collect(),
-        Scheme::Random => (0..n as u32)
+        Placement::Random => (0..n as u32)
             .map(|i| identity::kad_key(&identity::derive(seed, i, 0).public().to_peer_id()))
             .collect(),
-        Scheme::Even => (0..n)
+        Placement::Even => (0..n)
             .map(|i| {
                 // i × 2^256 / n, to 128 bits of precision (plenty for any n here).
                 let x = ((i as u128) << 64) / n as u128;
@@ -191,14 +191,14 @@ fn fewest(max: usize, enough: impl Fn(usize) -> bool) -> Option<usize> {
 /// One simulation's results.
 pub struct Report {
     /// The schemes simulated, in column order.
-    pub schemes: Vec<Scheme>,
+    pub schemes: Vec<Placement>,
     pub peers: usize,
     pub keys: usize,
     pub k: usize,
     /// (heads, scheme, coverage, largest gap × even spacing) for each asked head count.
-    pub rows: Vec<(usize, Scheme, f64, f64)>,
+    pub rows: Vec<(usize, Placement, f64, f64)>,
     /// (scheme, target, heads needed or `None` if more than `max_heads`).
-    pub needed: Vec<(Scheme, f64, Option<usize>)>,
+    pub needed: Vec<(Placement, f64, Option<usize>)>,
     pub max_heads: usize,
 }
 
@@ -220,12 +220,15 @@ pub fn coverage(
     let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed ^ 0x6865_6164);
     let seed = Seed::from_hex(&hex::encode(rng.gen::<[u8; 32]>())).expect("32 bytes of hex");
     let longest = heads.iter().copied().chain([max_heads]).max().unwrap_or(0);
-    let schemes: Vec<Scheme> =
-        candidates.iter().map(|&c| Scheme::Balanced(c)).chain([Scheme::Random, Scheme::Even]).collect();
+    let schemes: Vec<Placement> = candidates
+        .iter()
+        .map(|&c| Placement::Balanced(c))
+        .chain([Placement::Random, Placement::Even])
+        .collect();
     let mut rows = Vec::new();
     let mut needed = Vec::new();
     for &scheme in &schemes {
-        if scheme == Scheme::Even {
+        if scheme == Placement::Even {
             for &h in heads {
                 let ks = head_keys(scheme, &seed, h);
                 rows.push((h, scheme, net.coverage(&sorted(&ks)), largest_gap(&ks)));
@@ -250,7 +253,7 @@ pub fn coverage(
 }
 
 impl Report {
-    fn row(&self, h: usize, s: Scheme) -> Option<(f64, f64)> {
+    fn row(&self, h: usize, s: Placement) -> Option<(f64, f64)> {
         self.rows.iter().find(|r| r.0 == h && r.1 == s).map(|r| (r.2, r.3))
     }
 
@@ -273,7 +276,7 @@ impl Report {
             out,
             "(= the share of provider records, stored on a key's k closest, that reach a head)\n"
         );
-        let gapped: Vec<Scheme> = self.schemes.iter().copied().filter(|s| *s != Scheme::Even).collect();
+        let gapped: Vec<Placement> = self.schemes.iter().copied().filter(|s| *s != Placement::Even).collect();
         let _ = write!(out, "{:>7}", "heads");
         for s in &self.schemes {
             let _ = write!(out, "  {:>11}", s.name());
@@ -375,9 +378,9 @@ impl Report {
         const COLOURS: [&str; 6] = ["#1f77b4", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
         for (i, scheme) in self.schemes.iter().enumerate() {
             let colour = match scheme {
-                Scheme::Random => "#d62728",
-                Scheme::Even => "#2ca02c",
-                Scheme::Balanced(_) => COLOURS[i % COLOURS.len()],
+                Placement::Random => "#d62728",
+                Placement::Even => "#2ca02c",
+                Placement::Balanced(_) => COLOURS[i % COLOURS.len()],
             };
             let pts: Vec<String> = hs
                 .iter()
@@ -457,9 +460,9 @@ mod tests {
     #[test]
     fn even_spacing_has_no_gap_wider_than_its_step_and_balanced_beats_random() {
         let seed = Seed::from_hex(&"ab".repeat(32)).unwrap();
-        assert!((largest_gap(&head_keys(Scheme::Even, &seed, 1000)) - 1.0).abs() < 0.01);
-        let bal = largest_gap(&head_keys(Scheme::Balanced(2), &seed, 500));
-        let rnd = largest_gap(&head_keys(Scheme::Random, &seed, 500));
+        assert!((largest_gap(&head_keys(Placement::Even, &seed, 1000)) - 1.0).abs() < 0.01);
+        let bal = largest_gap(&head_keys(Placement::Balanced(2), &seed, 500));
+        let rnd = largest_gap(&head_keys(Placement::Random, &seed, 500));
         assert!(bal < rnd, "balanced {bal:.1} x, random {rnd:.1} x");
     }
 }
