@@ -35,9 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hydra::config::{AddressFilter, ConfigFile};
+use hydra::config::ConfigFile;
 use hydra_testkit::{create_database, PgCluster};
-use libp2p::{Multiaddr, PeerId};
 
 use futures::StreamExt as _;
 
@@ -114,24 +113,11 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("hydra-bench-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut file = match &o.config {
+    let file = match &o.config {
         Some(p) => ConfigFile::from_file(p)?,
         None => ConfigFile::default(),
     };
-    file.heads = o.heads;
-    file.listen_ip = "127.0.0.1".into();
-    file.port_base = 0;
-    file.http_listen = "127.0.0.1:0".into();
-    file.data_dir = dir.join("data");
-    file.database_url = url.clone();
-    file.quic = false;
-    file.bootstrap.clear();
-    file.node_name = "bench-load".into();
-    file.identity_seed_file = String::new();
-    file.routing.address_filter = AddressFilter::Any;
-    file.validate().context("node config")?;
-    let cfg_path = dir.join("hydra.toml");
-    std::fs::write(&cfg_path, toml::to_string(&file)?)?;
+    let cfg_path = crate::node::bench_config(file.clone(), o.heads, &dir, Some(&url), "bench-load")?;
     let l = &file.load;
     println!(
         "hydra-bench load: {} heads, {} clients, mix add/get/find {:?}, request timeout {:?}, \
@@ -152,14 +138,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         Duration::from_secs(120),
     )
     .await?;
-    let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&node.http, "/v1/heads").await?)?;
-    let heads: Vec<(PeerId, Multiaddr)> = heads
-        .into_iter()
-        .filter_map(|h| {
-            let tcp = h.addrs.iter().find(|a| a.contains("/tcp/"))?.parse().ok()?;
-            Some((h.peer_id.parse().ok()?, tcp))
-        })
-        .collect();
+    let heads = node.tcp_heads().await?;
     let mut clients = Vec::with_capacity(o.clients);
     for _ in 0..o.clients {
         clients.push(client(clients.len(), &heads).await?);
@@ -170,6 +149,8 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     let preloaded: Vec<Vec<u8>> = (0..o.preload).map(|_| random_key()).collect();
     let ctx = Arc::new(Ctx {
         heads,
+        by_key: false,
+        pool: None,
         clients,
         preloaded: Vec::new(),
         mix: [1, 0, 0],

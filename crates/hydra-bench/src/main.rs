@@ -3,6 +3,7 @@
 //! the commands that start a node (`load`, `startup`) first build the `hydra` binary of this
 //! checkout with the same profile (or use `HYDRA_BIN`).
 
+mod compare;
 mod cpu_quota;
 mod idle;
 mod load;
@@ -144,6 +145,63 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Side by side: hydra (embedded, PostgreSQL), stock rust-libp2p kad and js-libp2p kad-dht
+    /// under one workload, alternated A B C D A B C D (docs/benchmarks.md "Side by side").
+    Compare {
+        /// Servers, in the order they alternate: hydra, hydra-pg, rust-kad, js.
+        #[arg(long, value_delimiter = ',', default_value = "hydra,hydra-pg,rust-kad,js")]
+        servers: Vec<String>,
+        /// Heads (nodes) per server process: scale points.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        heads: Vec<usize>,
+        /// Provider records each server holds before measuring: scale points.
+        #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+        records: Vec<u64>,
+        /// Client identities, each from its own loopback address and connected to every head.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Request mix: percentages of ADD_PROVIDER, GET_PROVIDERS, FIND_NODE.
+        #[arg(long, value_delimiter = ',', default_value = "30,50,20")]
+        mix: Vec<u32>,
+        /// Offered rate (requests/s, open loop), the same for every server.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15)]
+        step_seconds: u64,
+        /// Rounds of A B C D.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Stream modes: fresh (a stream per request), reused (streams kept per client and head).
+        #[arg(long, value_delimiter = ',', default_value = "fresh,reused")]
+        streams: Vec<String>,
+        /// Overload curves instead: each server alone under `--node-cpu-quota`, 0.5C … 10C of its
+        /// own capacity (first of --heads and --records).
+        #[arg(long)]
+        overload: bool,
+        /// Share of one core each server gets in `--overload` (cgroup CPU quota, 10 ms period).
+        #[arg(long)]
+        node_cpu_quota: Option<f64>,
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,5,10")]
+        multiples: Vec<f64>,
+        #[arg(long, default_value_t = 100.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 10)]
+        search_seconds: u64,
+        /// The latency target that defines capacity: p99 of answered GET_PROVIDERS.
+        #[arg(long, default_value_t = 50)]
+        p99_target_ms: u64,
+        /// Write the overload chart (SVG) here.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
+    /// The reference stock rust-libp2p kad server `compare` runs (not hydra; see its source).
+    #[command(hide = true)]
+    StockRustKad {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value_t = 0)]
+        records: u64,
+    },
     /// Garbage collection: its rate, alone and under writes, and its cost to concurrent writes.
     Gc {
         #[arg(long, env = "HYDRA_BENCH_DATABASE_URL")]
@@ -246,6 +304,56 @@ fn main() -> ExitCode {
                 runs: (*runs).max(1),
             }))
         }
+        Command::Compare {
+            servers,
+            heads,
+            records,
+            clients,
+            mix,
+            rate,
+            step_seconds,
+            rounds,
+            streams,
+            overload,
+            node_cpu_quota,
+            multiples,
+            start_rate,
+            search_seconds,
+            p99_target_ms,
+            svg,
+        } => (|| {
+            let mix = <[u32; 3]>::try_from(mix.as_slice())
+                .map_err(|_| anyhow::anyhow!("--mix takes three numbers: add,get,find"))?;
+            let servers = servers.iter().map(|s| compare::Kind::parse(s)).collect::<anyhow::Result<_>>()?;
+            let reuse = streams
+                .iter()
+                .map(|s| match s.as_str() {
+                    "fresh" => Ok(false),
+                    "reused" => Ok(true),
+                    _ => Err(anyhow::anyhow!("--streams takes fresh and/or reused, got {s:?}")),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let secs = std::time::Duration::from_secs;
+            rt.block_on(compare::compare(compare::CompareOpts {
+                servers,
+                heads: heads.iter().map(|h| (*h).max(1)).collect(),
+                records: records.clone(),
+                clients: (*clients).max(1),
+                mix,
+                rate: *rate,
+                step: secs(*step_seconds),
+                rounds: (*rounds).max(1),
+                reuse,
+                overload: *overload,
+                node_cpu_quota: *node_cpu_quota,
+                multiples: multiples.clone(),
+                start_rate: *start_rate,
+                search_step: secs(*search_seconds),
+                p99_target: std::time::Duration::from_millis(*p99_target_ms),
+                svg: svg.clone(),
+            }))
+        })(),
+        Command::StockRustKad { nodes, records } => rt.block_on(compare::stock_kad::serve((*nodes).max(1), *records)),
         Command::Gc { database_url, rows, writes, runs } => rt.block_on(store::gc(store::GcBenchOpts {
             database_url: database_url.clone(),
             rows: *rows,

@@ -58,6 +58,34 @@ pub(crate) fn loopback_run_args(
     base.iter().chain(&rest).chain(extra).map(|s| s.to_string()).collect()
 }
 
+/// Write the config of a benchmark node into `dir` (`dir/hydra.toml`; returned): `base` with
+/// `heads` heads on 127.0.0.1 (ephemeral ports, TCP only, no bootstrap, any address kept), its
+/// data in `dir/data`, PostgreSQL at `database_url` or else the embedded store.
+pub(crate) fn bench_config(
+    mut file: hydra::config::ConfigFile,
+    heads: usize,
+    dir: &Path,
+    database_url: Option<&str>,
+    node_name: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    file.heads = heads;
+    file.listen_ip = "127.0.0.1".into();
+    file.port_base = 0;
+    file.http_listen = "127.0.0.1:0".into();
+    file.data_dir = dir.join("data");
+    file.database_url = database_url.unwrap_or_default().to_string();
+    file.quic = false;
+    file.bootstrap.clear();
+    file.node_name = node_name.into();
+    file.identity_seed_file = String::new();
+    file.routing.address_filter = hydra::config::AddressFilter::Any;
+    file.validate().context("node config")?;
+    let path = dir.join("hydra.toml");
+    std::fs::write(&path, toml::to_string(&file)?)?;
+    Ok(path)
+}
+
 /// A `hydra run` child process: its HTTP address, and its logs drained so it never blocks.
 pub(crate) struct NodeProcess {
     child: tokio::process::Child,
@@ -123,6 +151,18 @@ impl NodeProcess {
             }
         });
         Ok(Self { child, pid, http, drain, tier_log })
+    }
+
+    /// Every head's peer ID and TCP address (`/v1/heads`).
+    pub async fn tcp_heads(&self) -> anyhow::Result<Vec<(libp2p::PeerId, libp2p::Multiaddr)>> {
+        let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&self.http, "/v1/heads").await?)?;
+        Ok(heads
+            .into_iter()
+            .filter_map(|h| {
+                let tcp = h.addrs.iter().find(|a| a.contains("/tcp/"))?.parse().ok()?;
+                Some((h.peer_id.parse().ok()?, tcp))
+            })
+            .collect())
     }
 
     /// Tier changes logged since the last call.

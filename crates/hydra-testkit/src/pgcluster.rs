@@ -141,12 +141,21 @@ impl PgCluster {
     /// started later inherit it from the postmaster. Returns how many processes were changed
     /// (0 when not permitted, e.g. raising priority without root).
     pub fn set_priority(&self, nice: i32) -> usize {
+        self.pids()
+            .into_iter()
+            // SAFETY: setpriority only reads its arguments.
+            .filter(|pid| unsafe { libc::setpriority(libc::PRIO_PROCESS, *pid, nice) } == 0)
+            .count()
+    }
+
+    /// The postmaster's PID and its children's (backends, background workers), now.
+    pub fn pids(&self) -> Vec<u32> {
         let pid_file = self.dir.join("data").join("postmaster.pid");
         let Some(master) = std::fs::read_to_string(pid_file)
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
         else {
-            return 0;
+            return Vec::new();
         };
         let mut pids = vec![master];
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -159,10 +168,7 @@ impl PgCluster {
                 pids.push(pid);
             }
         }
-        pids.into_iter()
-            // SAFETY: setpriority only reads its arguments.
-            .filter(|pid| unsafe { libc::setpriority(libc::PRIO_PROCESS, *pid, nice) } == 0)
-            .count()
+        pids
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {

@@ -109,6 +109,11 @@ const ADD_SAMPLE: usize = 300;
 
 pub(crate) struct Ctx {
     pub(crate) heads: Vec<(PeerId, Multiaddr)>,
+    /// Requests for a key go to its home head ([`crate::compare::home`]) instead of a random one:
+    /// servers that keep one store per node find a record only on the node that received it.
+    pub(crate) by_key: bool,
+    /// Reuse streams (one pool per client and head) instead of a fresh stream per request.
+    pub(crate) pool: Option<StreamPool>,
     pub(crate) clients: Vec<Client>,
     pub(crate) preloaded: Vec<Vec<u8>>,
     pub(crate) mix: [u32; 3],
@@ -140,6 +145,20 @@ impl Ctx {
     }
 }
 
+/// Idle streams of each (client, head), for clients that reuse streams as go-libp2p does.
+#[derive(Default)]
+pub(crate) struct StreamPool(Mutex<std::collections::HashMap<(usize, PeerId), Vec<libp2p::Stream>>>);
+
+impl StreamPool {
+    fn take(&self, client: usize, head: PeerId) -> Option<libp2p::Stream> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&(client, head))?.pop()
+    }
+
+    fn put(&self, client: usize, head: PeerId, s: libp2p::Stream) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry((client, head)).or_default().push(s);
+    }
+}
+
 /// How one request ended.
 pub(crate) enum Answer {
     /// A reply with what a full answer holds (providers, closer peers); ADD_PROVIDER: sent.
@@ -150,10 +169,18 @@ pub(crate) enum Answer {
     Refused,
 }
 
-/// One request on a fresh stream, as `client` (index into `ctx.clients`) to `head`.
+/// One request as `client` (index into `ctx.clients`) to `head`: on a fresh stream, or on an
+/// idle one of the pool when `ctx.pool` is set (a stream that fails is dropped, not returned).
 pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, key: &[u8]) -> Answer {
     let c = &ctx.clients[client];
-    let Ok(mut s) = c.control.clone().open_stream(head, KAD_PROTOCOL).await else { return Answer::Refused };
+    let pooled = ctx.pool.as_ref().and_then(|p| p.take(client, head));
+    let mut s = match pooled {
+        Some(s) => s,
+        None => match c.control.clone().open_stream(head, KAD_PROTOCOL).await {
+            Ok(s) => s,
+            Err(_) => return Answer::Refused,
+        },
+    };
     let body = match op {
         Op::Add => wire::encode_request(MessageType::AddProvider, key, std::slice::from_ref(&c.record)),
         Op::Get => wire::encode_request(MessageType::GetProviders, key, &[]),
@@ -163,11 +190,20 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
         return Answer::Refused;
     }
     if op == Op::Add {
+        if let Some(p) = &ctx.pool {
+            p.put(client, head, s);
+            return Answer::Full;
+        }
         return if s.close().await.is_ok() { Answer::Full } else { Answer::Refused };
     }
     let Ok(Some(len)) = wire::read_length(&mut s).await else { return Answer::Refused };
     let Ok(reply) = wire::read_body(&mut s, len).await else { return Answer::Refused };
-    let _ = s.close().await;
+    match &ctx.pool {
+        Some(p) => p.put(client, head, s),
+        None => {
+            let _ = s.close().await;
+        }
+    }
     let Ok(msg) = wire::decode_message(&reply) else { return Answer::Refused };
     let full = match op {
         Op::Get => !msg.provider_peers.is_empty(),
@@ -180,11 +216,15 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
     }
 }
 
-/// One request on a fresh stream from a random client to a random head.
+/// One request from a random client to a random head (or the key's home head, `ctx.by_key`).
 pub(crate) async fn request(ctx: &Ctx, op: Op, key: &[u8]) -> Answer {
     let client = rand::random::<usize>() % ctx.clients.len();
-    let head = ctx.heads[rand::random::<usize>() % ctx.heads.len()].0;
-    request_as(ctx, client, head, op, key).await
+    let head = if ctx.by_key {
+        crate::compare::home(key, ctx.heads.len())
+    } else {
+        rand::random::<usize>() % ctx.heads.len()
+    };
+    request_as(ctx, client, ctx.heads[head].0, op, key).await
 }
 
 /// Issue requests at `rate`/s for `dur` (open loop), then wait for stragglers (bounded).
