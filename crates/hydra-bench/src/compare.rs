@@ -35,7 +35,7 @@ use futures::StreamExt as _;
 use hydra::config::ConfigFile;
 use hydra::store::{ms_after, now_ms, ProviderWrite, Store};
 use hydra::types::ProviderKey;
-use hydra_testkit::{create_database, PgCluster};
+use hydra_testkit::{create_database_from, PgCluster};
 use libp2p::{Multiaddr, PeerId};
 use tokio::io::AsyncBufReadExt as _;
 
@@ -218,6 +218,10 @@ struct Sitting {
     pg: Option<Arc<PgCluster>>,
     dir: PathBuf,
     started: usize,
+    /// Preloaded hydra stores by record count, copied for every start (preloading 10⁶ records
+    /// takes minutes): an embedded store's file, and a PostgreSQL template database.
+    sqlite_templates: std::collections::HashMap<u64, PathBuf>,
+    pg_templates: std::collections::HashMap<u64, String>,
 }
 
 impl Sitting {
@@ -228,16 +232,22 @@ impl Sitting {
         let server = match kind {
             Kind::Hydra | Kind::HydraPg => {
                 let dir = self.dir.join(format!("{}-{}", kind.name(), self.started));
-                let url = match kind {
+                let cfg = match kind {
                     Kind::HydraPg => {
+                        let template = self.pg_template(records).await?;
                         let pg = self.pg.as_ref().context("PostgreSQL")?;
                         let db = format!("hydra_compare_{}_{}", std::process::id(), self.started);
-                        Some(create_database(&pg.url("postgres"), &db).await?)
+                        let url = create_database_from(&pg.url("postgres"), &db, Some(&template)).await?;
+                        crate::node::bench_config(ConfigFile::default(), heads, &dir, Some(&url), "compare")?
                     }
-                    _ => None,
+                    _ => {
+                        let template = self.sqlite_template(records).await?;
+                        let cfg = crate::node::bench_config(ConfigFile::default(), heads, &dir, None, "compare")?;
+                        std::fs::create_dir_all(dir.join("data"))?;
+                        std::fs::copy(&template, dir.join("data").join("hydra.sqlite"))?;
+                        cfg
+                    }
                 };
-                let cfg = crate::node::bench_config(ConfigFile::default(), heads, &dir, url.as_deref(), "compare")?;
-                preload_hydra(&cfg, records).await?;
                 let node = NodeProcess::spawn(
                     &self.hydra,
                     &["run".into(), "--config".into(), cfg.display().to_string()],
@@ -284,14 +294,43 @@ impl Sitting {
         );
         Ok(server)
     }
+
+    /// An embedded store holding `records` preloaded records (made once per count).
+    async fn sqlite_template(&mut self, records: u64) -> anyhow::Result<PathBuf> {
+        if let Some(p) = self.sqlite_templates.get(&records) {
+            return Ok(p.clone());
+        }
+        let t0 = Instant::now();
+        let dir = self.dir.join(format!("template-{records}"));
+        let cfg = crate::node::bench_config(ConfigFile::default(), 1, &dir, None, "template")?;
+        preload_hydra(&cfg, records).await?;
+        let file = dir.join("data").join("hydra.sqlite");
+        println!("  (embedded store with {records} records written in {:.1} s)", t0.elapsed().as_secs_f64());
+        self.sqlite_templates.insert(records, file.clone());
+        Ok(file)
+    }
+
+    /// A PostgreSQL database holding `records` preloaded records (made once per count).
+    async fn pg_template(&mut self, records: u64) -> anyhow::Result<String> {
+        if let Some(t) = self.pg_templates.get(&records) {
+            return Ok(t.clone());
+        }
+        let t0 = Instant::now();
+        let pg = self.pg.as_ref().context("PostgreSQL")?;
+        let name = format!("hydra_compare_template_{records}");
+        let url = create_database_from(&pg.url("postgres"), &name, None).await?;
+        let dir = self.dir.join(format!("template-pg-{records}"));
+        let cfg = crate::node::bench_config(ConfigFile::default(), 1, &dir, Some(&url), "template")?;
+        preload_hydra(&cfg, records).await?;
+        println!("  (PostgreSQL database with {records} records written in {:.1} s)", t0.elapsed().as_secs_f64());
+        self.pg_templates.insert(records, name.clone());
+        Ok(name)
+    }
 }
 
 /// Write `records` preloaded provider records into the store of the node config at `cfg` (in this
-/// process, before the node starts: set-up, not measurement).
+/// process, before the node starts: set-up, not measurement); with 0, only the schema.
 async fn preload_hydra(cfg: &std::path::Path, records: u64) -> anyhow::Result<()> {
-    if records == 0 {
-        return Ok(());
-    }
     let conf = ConfigFile::from_file(cfg)?.validate()?;
     let metrics = hydra::metrics::Metrics::new(&prometheus::Registry::new(), 1);
     let store = Store::open(&conf.store, &conf.postgres, metrics.datastore.clone()).await?;
@@ -451,7 +490,7 @@ async fn sitting(o: &CompareOpts) -> anyhow::Result<Sitting> {
     let dir = std::env::temp_dir().join(format!("hydra-bench-compare-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    Ok(Sitting { hydra, pg, dir, started: 0 })
+    Ok(Sitting { hydra, pg, dir, started: 0, sqlite_templates: Default::default(), pg_templates: Default::default() })
 }
 
 fn versions() -> String {

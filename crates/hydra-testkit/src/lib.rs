@@ -7,4 +7,4 @@ pub mod net;
 pub mod pgcluster;
 
 pub use net::{bound_swarm, BoundTcp};
-pub use pgcluster::{create_database, free_port_base, PgCluster};
+pub use pgcluster::{create_database, create_database_from, free_port_base, PgCluster};

@@ -233,15 +233,23 @@ impl Drop for PgCluster {
 
 /// Create a new, empty database on the server at `admin_url` and return its URL.
 pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    create_database_from(admin_url, name, None).await
+}
+
+/// Create database `name` as a copy of `template` (nobody may be connected to it), or empty.
+pub async fn create_database_from(admin_url: &str, name: &str, template: Option<&str>) -> anyhow::Result<String> {
     let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
         .await
         .with_context(|| format!("connect to {}", describe(admin_url)))?;
     tokio::spawn(conn);
     // Identifiers cannot be bound; the name is ours and restricted to [a-z0-9_].
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        bail!("database name {name:?} must be [a-z0-9_]");
+    for n in std::iter::once(name).chain(template) {
+        if !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            bail!("database name {n:?} must be [a-z0-9_]");
+        }
     }
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.context("create database")?;
+    let from = template.map(|t| format!(" TEMPLATE {t}")).unwrap_or_default();
+    client.batch_execute(&format!("CREATE DATABASE {name}{from}")).await.context("create database")?;
     // Rebuild the URL with the new database name.
     let base = admin_url.split('?').next().unwrap_or(admin_url);
     let without_db = match base.rfind('/') {
