@@ -53,9 +53,17 @@ pub(crate) async fn connect(
     .await
     .with_context(|| format!("client {src} did not connect to every head in time"))?;
     let control = swarm.behaviour().new_control();
+    // A head that closes an idle connection (no stream open for its idle timeout, e.g. between
+    // the turns of `compare`) is dialled again, as a client that still needs it would.
+    let addrs: std::collections::HashMap<PeerId, Multiaddr> =
+        heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let task = tokio::spawn(async move {
         loop {
-            swarm.select_next_some().await;
+            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = swarm.select_next_some().await {
+                if let Some(a) = addrs.get(&peer_id) {
+                    let _ = swarm.dial(a.clone());
+                }
+            }
         }
     });
     Ok((peer, control, task))
@@ -170,50 +178,57 @@ pub(crate) enum Answer {
 }
 
 /// One request as `client` (index into `ctx.clients`) to `head`: on a fresh stream, or on an
-/// idle one of the pool when `ctx.pool` is set (a stream that fails is dropped, not returned).
+/// idle one of the pool when `ctx.pool` is set. A pooled stream that fails before a reply (the
+/// server closed it while it was idle) is dropped and the request sent once more on a fresh one.
 pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, key: &[u8]) -> Answer {
+    if let Some(s) = ctx.pool.as_ref().and_then(|p| p.take(client, head)) {
+        if let Some(answer) = request_on(ctx, client, head, s, op, key).await {
+            return answer;
+        }
+    }
+    match ctx.clients[client].control.clone().open_stream(head, KAD_PROTOCOL).await {
+        Ok(s) => request_on(ctx, client, head, s, op, key).await.unwrap_or(Answer::Refused),
+        Err(_) => Answer::Refused,
+    }
+}
+
+/// One request on stream `s`; `None` when the stream failed before any reply arrived.
+async fn request_on(
+    ctx: &Ctx,
+    client: usize,
+    head: PeerId,
+    mut s: libp2p::Stream,
+    op: Op,
+    key: &[u8],
+) -> Option<Answer> {
     let c = &ctx.clients[client];
-    let pooled = ctx.pool.as_ref().and_then(|p| p.take(client, head));
-    let mut s = match pooled {
-        Some(s) => s,
-        None => match c.control.clone().open_stream(head, KAD_PROTOCOL).await {
-            Ok(s) => s,
-            Err(_) => return Answer::Refused,
-        },
-    };
     let body = match op {
         Op::Add => wire::encode_request(MessageType::AddProvider, key, std::slice::from_ref(&c.record)),
         Op::Get => wire::encode_request(MessageType::GetProviders, key, &[]),
         Op::Find => wire::encode_request(MessageType::FindNode, key, &[]),
     };
-    if wire::write_frame(&mut s, &body).await.is_err() {
-        return Answer::Refused;
-    }
+    wire::write_frame(&mut s, &body).await.ok()?;
     if op == Op::Add {
         if let Some(p) = &ctx.pool {
             p.put(client, head, s);
-            return Answer::Full;
+            return Some(Answer::Full);
         }
-        return if s.close().await.is_ok() { Answer::Full } else { Answer::Refused };
+        return Some(if s.close().await.is_ok() { Answer::Full } else { Answer::Refused });
     }
-    let Ok(Some(len)) = wire::read_length(&mut s).await else { return Answer::Refused };
-    let Ok(reply) = wire::read_body(&mut s, len).await else { return Answer::Refused };
+    let len = wire::read_length(&mut s).await.ok()??;
+    let Ok(reply) = wire::read_body(&mut s, len).await else { return Some(Answer::Refused) };
     match &ctx.pool {
         Some(p) => p.put(client, head, s),
         None => {
             let _ = s.close().await;
         }
     }
-    let Ok(msg) = wire::decode_message(&reply) else { return Answer::Refused };
+    let Ok(msg) = wire::decode_message(&reply) else { return Some(Answer::Refused) };
     let full = match op {
         Op::Get => !msg.provider_peers.is_empty(),
         _ => !msg.closer_peers.is_empty(),
     };
-    if full {
-        Answer::Full
-    } else {
-        Answer::Partial
-    }
+    Some(if full { Answer::Full } else { Answer::Partial })
 }
 
 /// One request from a random client to a random head (or the key's home head, `ctx.by_key`).
