@@ -156,14 +156,8 @@ async fn a_js_peer_provides_through_one_process_and_finds_through_another() {
     let (la, lb) =
         (fleet.launch("a", "127.0.0.2", 3, 0, da.path()), fleet.launch("b", "127.0.0.3", 3, 0, db.path()));
     let (a, b) = (la.started(), lb.started());
-    let js = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    if !js.join("node_modules/@libp2p/kad-dht").exists() {
-        let ok = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&js)
-            .status();
-        assert!(ok.is_ok_and(|s| s.success()), "npm ci in tests/js failed");
-    }
+    let js = hydra_testkit::js_dir();
+    hydra_testkit::ensure_js_deps().expect("the pinned js packages (Node.js and npm installed)");
     let out = tokio::process::Command::new("node")
         .args(["interop.mjs", "cross", "50"])
         .env("HEADS", a.get("/v1/heads"))

@@ -18,36 +18,20 @@ both_backends!(
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{metric, Backend};
 use hydra::net::wire::MessageType;
 
-static NPM: Mutex<()> = Mutex::new(());
 /// One js scenario at a time: each starts several js-libp2p processes, and in parallel on two
 /// cores they starve each other and the node.
 static JS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js")
-}
+use hydra_testkit::js_dir;
 
 /// Install the pinned js packages once (serialised across the tests of this binary).
 fn ensure_js_deps() {
-    let _guard = NPM.lock().unwrap_or_else(|e| e.into_inner());
-    let installed = ["@libp2p/kad-dht", "ipns", "@helia/delegated-routing-v1-http-api-client"]
-        .iter()
-        .all(|p| js_dir().join("node_modules").join(p).exists());
-    if installed {
-        return;
-    }
-    let status = std::process::Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(js_dir())
-        .status()
-        .expect("npm is installed (the interop tests need Node.js and npm)");
-    assert!(status.success(), "npm ci in tests/js failed");
+    hydra_testkit::ensure_js_deps().expect("the pinned js packages (Node.js and npm installed)");
 }
 
 #[derive(serde::Deserialize, Debug)]

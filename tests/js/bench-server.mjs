@@ -75,10 +75,21 @@ for (let start = 0; start < records; start += BATCH) {
   await Promise.all(batch)
 }
 
+// js-libp2p rate-limits inbound connections per source address (all of these come from
+// 127.0.0.1), so a refused dial is retried after a pause.
+async function dialRetrying (from, to) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await from.dial(to.getMultiaddrs()[0], { signal: AbortSignal.timeout(10000) })
+    } catch (err) {
+      if (attempt >= 20) throw err
+      await new Promise(resolve => setTimeout(resolve, 250))
+    }
+  }
+}
 for (let i = 0; i < nodes && nodes > 1; i++) {
   for (let d = 1; d <= Math.min(3, nodes - 1); d++) {
-    const peer = all[(i + d) % nodes]
-    await all[i].dial(peer.getMultiaddrs()[0], { signal: AbortSignal.timeout(10000) })
+    await dialRetrying(all[i], all[(i + d) % nodes])
   }
 }
 const end = Date.now() + 20000

@@ -270,10 +270,8 @@ impl Sitting {
                 Server { kind, heads, pid: child.id().context("pid")?, proc: Proc::Child(child), pg: None }
             }
             Kind::Js => {
-                let js = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/js"));
-                if !js.join("node_modules/@libp2p/kad-dht").exists() {
-                    bail!("js-libp2p is not installed: run `npm ci` in {}", js.display());
-                }
+                hydra_testkit::ensure_js_deps()?;
+                let js = hydra_testkit::js_dir();
                 let mut cmd = tokio::process::Command::new("node");
                 cmd.current_dir(&js)
                     .arg("--max-old-space-size=8192")
@@ -407,7 +405,28 @@ fn cpu_of(pids: &[u32]) -> std::collections::HashMap<u32, f64> {
     pids.iter().filter_map(|p| Some((*p, cpu_seconds(&p.to_string())?))).collect()
 }
 
+/// Wait (≤ 60 s) until the machine is quiet — under 25 % busy over half a second — so that a
+/// server still working off its backlog from its own turn (js-libp2p does, for seconds) does not
+/// share the cores with the next one measured. Returns how long it waited.
+async fn quiet() -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        let a = machine_jiffies();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match (a, machine_jiffies()) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 && (b1 - b0) * 4 < t1 - t0 => break,
+            (None, _) | (_, None) => break,
+            _ => {}
+        }
+    }
+    t0.elapsed()
+}
+
 async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Measured {
+    let waited = quiet().await;
+    if waited > Duration::from_secs(2) {
+        println!("    (waited {:.1} s for the machine to be quiet)", waited.as_secs_f64());
+    }
     let cpu0 = cpu_of(&server.pids());
     let machine0 = machine_jiffies();
     let tally = Arc::new(Tally::default());
@@ -421,6 +440,11 @@ async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Meas
     };
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
     let found = check_found(server, &load.finder, sample).await;
+    if let Proc::Hydra(node) = &server.proc {
+        for c in node.tier_changes() {
+            println!("         {} {c}", server.kind.name());
+        }
+    }
     let kept = if found.1 == 0 { 1.0 } else { found.0 as f64 / found.1 as f64 };
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     let sent = n(&tally.sent);
