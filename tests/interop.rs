@@ -16,7 +16,6 @@ both_backends!(
     ipns_records_of_the_ipns_package_are_validated_at_both_doors
 );
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 

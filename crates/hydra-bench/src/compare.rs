@@ -243,8 +243,7 @@ impl Sitting {
                     _ => {
                         let template = self.sqlite_template(records).await?;
                         let cfg = crate::node::bench_config(ConfigFile::default(), heads, &dir, None, "compare")?;
-                        std::fs::create_dir_all(dir.join("data"))?;
-                        std::fs::copy(&template, dir.join("data").join("hydra.sqlite"))?;
+                        copy_sqlite(&template, &dir.join("data"))?;
                         cfg
                     }
                 };
@@ -324,6 +323,20 @@ impl Sitting {
         self.pg_templates.insert(records, name.clone());
         Ok(name)
     }
+}
+
+/// Copy the closed embedded store `file` into directory `to`: the database file and its
+/// write-ahead log when one was left (committed rows may still be only in the log).
+fn copy_sqlite(file: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let name = file.file_name().context("a file name")?.to_string_lossy().into_owned();
+    for suffix in ["", "-wal"] {
+        let from = file.with_file_name(format!("{name}{suffix}"));
+        if from.exists() {
+            std::fs::copy(&from, to.join(format!("{name}{suffix}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// Write `records` preloaded provider records into the store of the node config at `cfg` (in this
