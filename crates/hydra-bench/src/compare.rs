@@ -170,13 +170,7 @@ async fn spawn_listing(
     mut cmd: tokio::process::Command,
     timeout: Duration,
 ) -> anyhow::Result<(tokio::process::Child, Vec<(PeerId, Multiaddr)>)> {
-    // SAFETY: setpriority is async-signal-safe and touches only the child being started.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setpriority(libc::PRIO_PROCESS, 0, -10);
-            Ok(())
-        });
-    }
+    crate::node::outrank_generator(&mut cmd);
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -447,10 +441,7 @@ async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Meas
     let cpu1 = cpu_of(&server.pids());
     // Processes present at both ends (a PostgreSQL backend that came or went is left out).
     let cpu: f64 = cpu1.iter().filter_map(|(p, c1)| Some(c1 - cpu0.get(p)?)).sum();
-    let busy_pct = match (machine0, machine_jiffies()) {
-        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64,
-        _ => f64::NAN,
-    };
+    let busy_pct = crate::node::busy_pct_since(machine0).unwrap_or(f64::NAN);
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
     let found = check_found(server, &load.finder, sample).await;
     if let Proc::Hydra(node) = &server.proc {

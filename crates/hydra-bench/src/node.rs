@@ -58,6 +58,27 @@ pub(crate) fn loopback_run_args(
     base.iter().chain(&rest).chain(extra).map(|s| s.to_string()).collect()
 }
 
+/// Start `cmd` at a higher CPU priority than the generator (when allowed: as root), so on a
+/// shared machine the generator, not the server under test, falls behind — as if the clients
+/// were other machines. The generator reports the rate it really sent.
+pub(crate) fn outrank_generator(cmd: &mut tokio::process::Command) {
+    // SAFETY: setpriority is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, -10);
+            Ok(())
+        });
+    }
+}
+
+/// The machine's busy share (%, all cores) since `start` (a [`machine_jiffies`] reading).
+pub(crate) fn busy_pct_since(start: Option<(u64, u64)>) -> Option<f64> {
+    match (start, machine_jiffies()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 * 100.0 / (t1 - t0) as f64),
+        _ => None,
+    }
+}
+
 /// Write the config of a benchmark node into `dir` (`dir/hydra.toml`; returned): `base` with
 /// `heads` heads on 127.0.0.1 (ephemeral ports, TCP only, no bootstrap, any address kept), its
 /// data in `dir/data`, PostgreSQL at `database_url` or else the embedded store.
@@ -100,16 +121,7 @@ impl NodeProcess {
     /// Start `<hydra> <args>` (JSON logs) and wait up to `timeout` for "node started".
     pub(crate) async fn spawn(hydra: &Path, args: &[String], timeout: Duration) -> anyhow::Result<Self> {
         let mut cmd = tokio::process::Command::new(hydra);
-        // The node runs at a higher CPU priority than the generator (when allowed: as root), so
-        // on a shared machine the generator, not the node, falls behind — as if the clients were
-        // other machines. The generator reports the rate it really sent.
-        // SAFETY: setpriority is async-signal-safe and touches only the child being started.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setpriority(libc::PRIO_PROCESS, 0, -10);
-                Ok(())
-            });
-        }
+        outrank_generator(&mut cmd);
         let mut child = cmd
             .args(args)
             .args(["--log-format", "json"])

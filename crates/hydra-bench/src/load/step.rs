@@ -238,10 +238,7 @@ pub(crate) async fn run_step(
     let status: serde_json::Value = serde_json::from_str(&http_get(&node.http, "/v1/status").await?)?;
     let cpu = node.cpu_seconds().unwrap_or(0.0) - cpu0;
     let gen_cpu = cpu_seconds("self").unwrap_or(0.0) - gen0;
-    let machine_busy_pct = match (machine0, machine_jiffies()) {
-        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64,
-        _ => 0.0,
-    };
+    let machine_busy_pct = crate::node::busy_pct_since(machine0).unwrap_or(0.0);
     let s = *samples.lock().unwrap_or_else(|e| e.into_inner());
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
