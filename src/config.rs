@@ -279,7 +279,8 @@ pub struct ProvidersSection {
     /// …or when its oldest entry is this old.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Batched write statements in flight at once.
+    /// Batched write statements in flight at once (on PostgreSQL; the embedded store has one writer
+    /// connection and runs one).
     pub max_flushes_in_flight: usize,
     /// Datastore reads in flight at once; beyond it a read is shed (closer peers only).
     pub max_reads_in_flight: usize,

@@ -9,7 +9,7 @@
 //! **Writes.** `add_provider` buffers the record in one of [`buffer::SHARDS`] shards keyed by
 //! (key, provider), so repeated announcements coalesce. A shard is flushed as one batched write
 //! when it holds `flush_batch` entries or its oldest entry is `flush_interval` old; at most
-//! `max_flushes_in_flight` flushes run at once. At `write_buffer_entries` (pending plus being
+//! `max_flushes_in_flight` flushes run at once (one on the embedded store, which has one writer). At `write_buffer_entries` (pending plus being
 //! written) `add_provider` is refused and counted: memory never grows past it.
 //!
 //! **Crash loss.** Accepted records still buffered are lost on a crash: at most
@@ -154,6 +154,9 @@ struct Inner {
     buffer: Arc<WriteBuffer>,
     reads: Arc<Reads>,
     flush_permits: Arc<Semaphore>,
+    /// The permits `flush_permits` holds: `max_flushes_in_flight`, or fewer if the backend writes
+    /// with fewer connections ([`Store::max_parallel_writes`]).
+    flush_slots: usize,
     value_permits: Semaphore,
     flush_wanted: Notify,
     /// After a failed flush, the flusher waits before the next attempt.
@@ -218,12 +221,16 @@ impl ProviderManager {
             cancel.clone(),
         );
         tasks.spawn(batcher);
+        let flushes = store
+            .max_parallel_writes()
+            .map_or(cfg.max_flushes_in_flight, |n| n.min(cfg.max_flushes_in_flight));
         let inner = Arc::new(Inner {
             store,
             per_reply,
             buffer,
             reads,
-            flush_permits: Arc::new(Semaphore::new(cfg.max_flushes_in_flight)),
+            flush_permits: Arc::new(Semaphore::new(flushes)),
+            flush_slots: flushes,
             value_permits: Semaphore::new(cfg.max_read_queries),
             flush_wanted: Notify::new(),
             backoff: Backoff::default(),
@@ -439,7 +446,7 @@ impl ProviderManager {
             self.flush_shard(idx).await;
         }
         // Every flush holds a permit; owning all of them means none is running.
-        let all = self.inner.cfg.max_flushes_in_flight as u32;
+        let all = self.inner.flush_slots as u32;
         if let Ok(p) = self.inner.flush_permits.acquire_many(all).await {
             drop(p);
         }

@@ -194,6 +194,17 @@ impl Store {
         &self.budget
     }
 
+    /// Write statements the backend can run at once, if it has such a limit: the embedded store
+    /// has a single writer connection, so a second batch in flight would only queue on it — and
+    /// its wait would read as connection-pool distress (`pool_wait_p99_ms`) to the load tiers
+    /// while the datastore is idle. PostgreSQL writes in parallel (`providers.max_flushes_in_flight`).
+    pub fn max_parallel_writes(&self) -> Option<usize> {
+        match self.backend {
+            Backend::Sqlite(_) => Some(1),
+            Backend::Postgres(_) => None,
+        }
+    }
+
     /// Upsert a batch of provider records and their addresses: two statements, metered by the
     /// caller ([`Self::budget`]).
     pub async fn put_providers(&self, rows: &[ProviderWrite]) -> Result<(), StoreError> {

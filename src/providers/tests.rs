@@ -158,6 +158,39 @@ async fn a_read_racing_a_flush_still_sees_the_write() {
     m.shutdown().await;
 }
 
+// The embedded store has one writer connection: batches flushed in parallel would only queue
+// for it, and that queueing reads as connection-pool distress to the load tiers (it sent an idle
+// node into `degrade` in the comparison benchmark). Sixteen shards fill at once; with the
+// default four flushes in flight each batch would wait ~1.5 batch times for the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_writes_one_batch_at_a_time_so_no_flush_waits_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ProvidersSection { flush_batch: 500, ..small(40_000) };
+    assert_eq!(cfg.max_flushes_in_flight, 4, "the default this test is about");
+    let (m, metrics) = manager(dir.path(), cfg).await;
+    let p = libp2p::PeerId::random();
+    for i in 0..32_000u32 {
+        m.add_provider(key(i), rec(p)).unwrap();
+    }
+    m.flush().await;
+    let (waits, waited) =
+        (metrics.datastore.pool_wait.get_sample_count(), metrics.datastore.pool_wait.get_sample_sum());
+    let batches = metrics.datastore.duration.with_label_values(&["put_providers"]).get_sample_count();
+    let written = metrics.datastore.duration.with_label_values(&["put_providers"]).get_sample_sum();
+    assert!(batches >= 16, "{batches} batches");
+    // Acquiring the idle writer costs a ping (well under a millisecond); waiting for another
+    // batch costs that batch's write.
+    let mean_wait = waited / waits as f64;
+    assert!(
+        mean_wait < 0.25 * written / batches as f64,
+        "mean pool wait {:.2} ms against {:.2} ms per batch written: flushes queued for the writer",
+        mean_wait * 1e3,
+        written / batches as f64 * 1e3
+    );
+    assert_eq!(m.get_providers(&key(31_999)).await.unwrap(), vec![rec(p)]);
+    m.shutdown().await;
+}
+
 #[tokio::test]
 async fn degraded_adds_skip_refreshes_far_from_expiry_and_cached_reads_never_query() {
     let dir = tempfile::tempdir().unwrap();

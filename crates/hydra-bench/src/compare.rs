@@ -40,7 +40,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::io::AsyncBufReadExt as _;
 
 use crate::cpu_quota::CpuQuota;
-use crate::load::client::{client, drive, percentile_ms, request_as, Answer, Ctx, StreamPool, Tally};
+use crate::load::client::{client, drive, percentile_ms, request_as, Answer, Client, Ctx, StreamPool, Tally};
 use crate::load::Op;
 use crate::node::{cpu_seconds, machine_jiffies, NodeProcess};
 
@@ -48,7 +48,8 @@ use crate::node::{cpu_seconds, machine_jiffies, NodeProcess};
 /// derived the same way by the js server.
 pub(crate) fn preload_key(i: u64) -> Vec<u8> {
     use sha2::Digest as _;
-    let digest = sha2::Sha256::new().chain_update(b"hydra-bench-compare").chain_update(i.to_le_bytes()).finalize();
+    let digest =
+        sha2::Sha256::new().chain_update(b"hydra-bench-compare").chain_update(i.to_le_bytes()).finalize();
     let mut k = vec![0x12, 0x20];
     k.extend_from_slice(&digest);
     k
@@ -236,7 +237,8 @@ impl Sitting {
                     }
                     _ => {
                         let template = self.sqlite_template(records).await?;
-                        let cfg = crate::node::bench_config(ConfigFile::default(), heads, &dir, None, "compare")?;
+                        let cfg =
+                            crate::node::bench_config(ConfigFile::default(), heads, &dir, None, "compare")?;
                         copy_sqlite(&template, &dir.join("data"))?;
                         cfg
                     }
@@ -258,7 +260,13 @@ impl Sitting {
             }
             Kind::RustKad => {
                 let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-                cmd.args(["stock-rust-kad", "--nodes", &heads.to_string(), "--records", &records.to_string()]);
+                cmd.args([
+                    "stock-rust-kad",
+                    "--nodes",
+                    &heads.to_string(),
+                    "--records",
+                    &records.to_string(),
+                ]);
                 let (child, heads) = spawn_listing(cmd, preload_timeout).await?;
                 Server { kind, heads, pid: child.id().context("pid")?, proc: Proc::Child(child), pg: None }
             }
@@ -313,7 +321,10 @@ impl Sitting {
         let dir = self.dir.join(format!("template-pg-{records}"));
         let cfg = crate::node::bench_config(ConfigFile::default(), 1, &dir, Some(&url), "template")?;
         preload_hydra(&cfg, records).await?;
-        println!("  (PostgreSQL database with {records} records written in {:.1} s)", t0.elapsed().as_secs_f64());
+        println!(
+            "  (PostgreSQL database with {records} records written in {:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
         self.pg_templates.insert(records, name.clone());
         Ok(name)
     }
@@ -368,14 +379,28 @@ struct Load {
     finder: Ctx,
 }
 
-async fn connect_load(server: &Server, o: &CompareOpts, records: u64, reuse: bool) -> anyhow::Result<Load> {
+/// The connected identities of one server's load: its clients and the finder.
+struct Conns {
+    clients: Arc<Vec<Client>>,
+    finder: Arc<Vec<Client>>,
+}
+
+/// Connect the clients and the finder to every head of `server`, once per scale point: both
+/// stream modes drive the same connections (reconnecting 33 identities to 100 busy js nodes took
+/// longer than a client waits).
+async fn connect_clients(server: &Server, o: &CompareOpts) -> anyhow::Result<Conns> {
     let mut clients = Vec::with_capacity(o.clients);
     for i in 0..o.clients {
         clients.push(client(i, &server.heads).await?);
     }
     let finder = client(o.clients, &server.heads).await?;
+    Ok(Conns { clients: Arc::new(clients), finder: Arc::new(vec![finder]) })
+}
+
+fn load_on(server: &Server, conns: &Conns, o: &CompareOpts, records: u64, reuse: bool) -> Load {
     // Known keys: a sample of the preloaded ones (GET_PROVIDERS asks only these).
-    let preloaded = (0..records.min(100_000)).map(|i| preload_key(i * (records / records.min(100_000).max(1)))).collect();
+    let preloaded =
+        (0..records.min(100_000)).map(|i| preload_key(i * (records / records.min(100_000).max(1)))).collect();
     let ctx = |clients, preloaded, pool| Ctx {
         heads: server.heads.clone(),
         by_key: true,
@@ -387,10 +412,10 @@ async fn connect_load(server: &Server, o: &CompareOpts, records: u64, reuse: boo
         in_flight: AtomicUsize::new(0),
         max_in_flight: 50_000,
     };
-    Ok(Load {
-        ctx: Arc::new(ctx(clients, preloaded, reuse.then(StreamPool::default))),
-        finder: ctx(vec![finder], Vec::new(), None),
-    })
+    Load {
+        ctx: Arc::new(ctx(conns.clients.clone(), preloaded, reuse.then(StreamPool::default))),
+        finder: ctx(conns.finder.clone(), Vec::new(), None),
+    }
 }
 
 /// One measured step on one server.
@@ -518,7 +543,14 @@ async fn sitting(o: &CompareOpts) -> anyhow::Result<Sitting> {
     let dir = std::env::temp_dir().join(format!("hydra-bench-compare-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    Ok(Sitting { hydra, pg, dir, started: 0, sqlite_templates: Default::default(), pg_templates: Default::default() })
+    Ok(Sitting {
+        hydra,
+        pg,
+        dir,
+        started: 0,
+        sqlite_templates: Default::default(),
+        pg_templates: Default::default(),
+    })
 }
 
 fn versions() -> String {
@@ -558,11 +590,13 @@ pub(crate) async fn compare(o: CompareOpts) -> anyhow::Result<()> {
             for &k in &o.servers {
                 servers.push(s.start(k, heads, records).await?);
             }
+            let mut conns = Vec::new();
+            for srv in &servers {
+                conns.push(connect_clients(srv, &o).await?);
+            }
             for &reuse in &o.reuse {
-                let mut loads = Vec::new();
-                for srv in &servers {
-                    loads.push(connect_load(srv, &o, records, reuse).await?);
-                }
+                let loads: Vec<Load> =
+                    servers.iter().zip(&conns).map(|(srv, c)| load_on(srv, c, &o, records, reuse)).collect();
                 let mut results: Vec<Vec<Measured>> = vec![Vec::new(); servers.len()];
                 for round in 0..o.rounds {
                     for (i, srv) in servers.iter().enumerate() {
@@ -612,8 +646,7 @@ fn print_table(servers: &[Server], results: &[Vec<Measured>], reuse: bool) {
     );
     println!("  |---|---|---|---|---|---|---|---|---|");
     for (i, srv) in servers.iter().enumerate() {
-        let (found, total) =
-            results[i].iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1));
+        let (found, total) = results[i].iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1));
         let cpu = med(i, |m| m.cpu_ms_per_1k);
         println!(
             "  | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {found}/{total} |",
@@ -661,7 +694,7 @@ async fn overload(o: &CompareOpts, s: &mut Sitting) -> anyhow::Result<()> {
     let mut curves = Vec::new();
     for &kind in &o.servers {
         let srv = s.start(kind, heads, records).await?;
-        let load = connect_load(&srv, o, records, false).await?;
+        let load = load_on(&srv, &connect_clients(&srv, o).await?, o, records, false);
         let quota = CpuQuota::create(q)?;
         quota.add(srv.pid)?;
         let mut rate = o.start_rate;
@@ -715,7 +748,10 @@ async fn overload(o: &CompareOpts, s: &mut Sitting) -> anyhow::Result<()> {
         srv.stop().await;
         curves.push((kind, c, points));
     }
-    println!("\n| server | C (req/s) | {} |", o.multiples.iter().map(|m| format!("{m}C")).collect::<Vec<_>>().join(" | "));
+    println!(
+        "\n| server | C (req/s) | {} |",
+        o.multiples.iter().map(|m| format!("{m}C")).collect::<Vec<_>>().join(" | ")
+    );
     println!("|---|---|{}", "---|".repeat(o.multiples.len()));
     for (kind, c, points) in &curves {
         let cells: Vec<String> =
@@ -775,9 +811,15 @@ fn overload_svg(quota: f64, curves: &[(Kind, f64, Vec<(f64, Measured)>)]) -> Str
     const COLOURS: [&str; 4] = ["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728"];
     for (i, (kind, c, points)) in curves.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> =
-            points.iter().map(|(mult, mm)| format!("{:.1},{:.1}", x_of(*mult), y_of(mm.goodput / c))).collect();
-        let _ = writeln!(s, r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#, pts.join(" "));
+        let pts: Vec<String> = points
+            .iter()
+            .map(|(mult, mm)| format!("{:.1},{:.1}", x_of(*mult), y_of(mm.goodput / c)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            pts.join(" ")
+        );
         let ly = m + 14.0 + 16.0 * i as f64;
         let _ = writeln!(
             s,

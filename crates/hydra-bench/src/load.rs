@@ -151,7 +151,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         heads,
         by_key: false,
         pool: None,
-        clients,
+        clients: Arc::new(clients),
         preloaded: Vec::new(),
         mix: [1, 0, 0],
         timeout: o.request_timeout,

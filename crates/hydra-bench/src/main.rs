@@ -353,7 +353,9 @@ fn main() -> ExitCode {
                 svg: svg.clone(),
             }))
         })(),
-        Command::StockRustKad { nodes, records } => rt.block_on(compare::stock_kad::serve((*nodes).max(1), *records)),
+        Command::StockRustKad { nodes, records } => {
+            rt.block_on(compare::stock_kad::serve((*nodes).max(1), *records))
+        }
         Command::Gc { database_url, rows, writes, runs } => rt.block_on(store::gc(store::GcBenchOpts {
             database_url: database_url.clone(),
             rows: *rows,

@@ -167,7 +167,8 @@ impl NodeProcess {
 
     /// Every head's peer ID and TCP address (`/v1/heads`).
     pub async fn tcp_heads(&self) -> anyhow::Result<Vec<(libp2p::PeerId, libp2p::Multiaddr)>> {
-        let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(&self.http, "/v1/heads").await?)?;
+        let heads: Vec<hydra::http::HeadInfo> =
+            serde_json::from_str(&http_get(&self.http, "/v1/heads").await?)?;
         Ok(heads
             .into_iter()
             .filter_map(|h| {

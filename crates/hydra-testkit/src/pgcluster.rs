@@ -237,7 +237,11 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
 }
 
 /// Create database `name` as a copy of `template` (nobody may be connected to it), or empty.
-pub async fn create_database_from(admin_url: &str, name: &str, template: Option<&str>) -> anyhow::Result<String> {
+pub async fn create_database_from(
+    admin_url: &str,
+    name: &str,
+    template: Option<&str>,
+) -> anyhow::Result<String> {
     let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
         .await
         .with_context(|| format!("connect to {}", describe(admin_url)))?;

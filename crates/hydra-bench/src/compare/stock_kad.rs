@@ -50,7 +50,10 @@ fn swarm(key: identity::Keypair) -> anyhow::Result<libp2p::Swarm<Stock>> {
             kad.set_mode(Some(kad::Mode::Server));
             Stock {
                 kad,
-                identify: identify::Behaviour::new(identify::Config::new("/ipfs/id/1.0.0".into(), key.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/ipfs/id/1.0.0".into(),
+                    key.public(),
+                )),
                 ping: ping::Behaviour::default(),
             }
         })?

@@ -59,7 +59,9 @@ pub(crate) async fn connect(
         heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let task = tokio::spawn(async move {
         loop {
-            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = swarm.select_next_some().await {
+            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
+                swarm.select_next_some().await
+            {
                 if let Some(a) = addrs.get(&peer_id) {
                     let _ = swarm.dial(a.clone());
                 }
@@ -122,7 +124,8 @@ pub(crate) struct Ctx {
     pub(crate) by_key: bool,
     /// Reuse streams (one pool per client and head) instead of a fresh stream per request.
     pub(crate) pool: Option<StreamPool>,
-    pub(crate) clients: Vec<Client>,
+    /// Shared, so that loads with and without a stream pool can drive the same connections.
+    pub(crate) clients: Arc<Vec<Client>>,
     pub(crate) preloaded: Vec<Vec<u8>>,
     pub(crate) mix: [u32; 3],
     pub(crate) timeout: Duration,
