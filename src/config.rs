@@ -58,6 +58,11 @@ pub struct ConfigFile {
     /// Also listen on QUIC (UDP, same port number as TCP). Each QUIC endpoint costs memory for
     /// its receive buffers; see docs/benchmarks.md.
     pub quic: bool,
+    /// Runtime worker threads (0: one per core). Fewer workers wake each other less: one worker
+    /// served the same load with about a fifth less CPU per request than two on two cores
+    /// (docs/benchmarks.md), at the price of the node's peak being one core (plus the embedded
+    /// store's threads). Read at start-up only.
+    pub worker_threads: usize,
     /// Bootstrap peers as multiaddrs ending in `/p2p/<peer id>`. Empty by default.
     pub bootstrap: Vec<String>,
     /// `postgres://…` selects PostgreSQL (fleet store); empty selects the embedded SQLite store.
@@ -345,6 +350,7 @@ impl Default for ConfigFile {
             metrics_listen: String::new(),
             routing_listen: String::new(),
             quic: true,
+            worker_threads: 0,
             bootstrap: Vec::new(),
             database_url: String::new(),
             log_format: LogFormat::Text,

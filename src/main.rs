@@ -313,8 +313,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let workers = cfg.worker_threads;
     let rt = || {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            b.worker_threads(workers);
+        }
+        b.enable_all().build().map_err(|e| {
             eprintln!("hydra: cannot start the runtime: {e}");
             ExitCode::FAILURE
         })

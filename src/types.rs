@@ -185,7 +185,8 @@ impl Tier {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PerSignal {
-    /// p99 of datastore lookups and writes (`get_providers`, `put_providers`) over the window, ms.
+    /// p99 of datastore lookups (`get_providers`) over the window, ms. Not of the buffered writes:
+    /// their backlog is `write_buffer_fill_ratio`.
     pub datastore_p99_ms: f64,
     /// p99 of the wait for a pooled datastore connection over the window, ms.
     pub pool_wait_p99_ms: f64,

@@ -56,6 +56,8 @@ pub struct Config {
     pub routing_listen: Option<SocketAddr>,
     pub routing_api: RoutingApiSection,
     pub quic: bool,
+    /// Runtime worker threads; 0: one per core.
+    pub worker_threads: usize,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub store: StoreKind,
     pub log_format: LogFormat,
@@ -77,6 +79,12 @@ impl ConfigFile {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         if !(1..=10_000).contains(&self.heads) {
             return Err(invalid("heads", format!("must be between 1 and 10000, got {}", self.heads)));
+        }
+        if self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                format!("must be at most 1024 (0: one per core), got {}", self.worker_threads),
+            ));
         }
         let listen_ip: IpAddr = self
             .listen_ip
@@ -255,6 +263,7 @@ impl ConfigFile {
             routing_listen,
             routing_api: self.routing_api.clone(),
             quic: self.quic,
+            worker_threads: self.worker_threads,
             bootstrap,
             store,
             log_format: self.log_format,

@@ -66,6 +66,8 @@ pub(crate) fn home(key: &[u8], n: usize) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Hydra,
+    /// hydra on the embedded store with one runtime worker (`worker_threads = 1`).
+    Hydra1w,
     HydraPg,
     RustKad,
     Js,
@@ -75,16 +77,18 @@ impl Kind {
     pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
             "hydra" => Self::Hydra,
+            "hydra-1w" => Self::Hydra1w,
             "hydra-pg" => Self::HydraPg,
             "rust-kad" => Self::RustKad,
             "js" => Self::Js,
-            _ => bail!("unknown server {s:?} (hydra, hydra-pg, rust-kad, js)"),
+            _ => bail!("unknown server {s:?} (hydra, hydra-1w, hydra-pg, rust-kad, js)"),
         })
     }
 
     fn name(self) -> &'static str {
         match self {
             Self::Hydra => "hydra",
+            Self::Hydra1w => "hydra-1w",
             Self::HydraPg => "hydra-pg",
             Self::RustKad => "rust-kad",
             Self::Js => "js",
@@ -93,7 +97,7 @@ impl Kind {
 
     /// Servers whose heads share one store: a record is found on any head.
     fn shared_store(self) -> bool {
-        matches!(self, Self::Hydra | Self::HydraPg)
+        matches!(self, Self::Hydra | Self::Hydra1w | Self::HydraPg)
     }
 }
 
@@ -225,7 +229,7 @@ impl Sitting {
         let t0 = Instant::now();
         let preload_timeout = Duration::from_secs(120 + records / 2_000);
         let server = match kind {
-            Kind::Hydra | Kind::HydraPg => {
+            Kind::Hydra | Kind::Hydra1w | Kind::HydraPg => {
                 let dir = self.dir.join(format!("{}-{}", kind.name(), self.started));
                 let cfg = match kind {
                     Kind::HydraPg => {
@@ -237,8 +241,9 @@ impl Sitting {
                     }
                     _ => {
                         let template = self.sqlite_template(records).await?;
-                        let cfg =
-                            crate::node::bench_config(ConfigFile::default(), heads, &dir, None, "compare")?;
+                        let workers = if kind == Kind::Hydra1w { 1 } else { 0 };
+                        let file = ConfigFile { worker_threads: workers, ..ConfigFile::default() };
+                        let cfg = crate::node::bench_config(file, heads, &dir, None, "compare")?;
                         copy_sqlite(&template, &dir.join("data"))?;
                         cfg
                     }

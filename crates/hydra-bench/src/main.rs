@@ -148,8 +148,9 @@ enum Command {
     /// Side by side: hydra (embedded, PostgreSQL), stock rust-libp2p kad and js-libp2p kad-dht
     /// under one workload, alternated A B C D A B C D (docs/benchmarks.md "Side by side").
     Compare {
-        /// Servers, in the order they alternate: hydra, hydra-pg, rust-kad, js.
-        #[arg(long, value_delimiter = ',', default_value = "hydra,hydra-pg,rust-kad,js")]
+        /// Servers, in the order they alternate: hydra, hydra-1w (embedded, `worker_threads = 1`),
+        /// hydra-pg, rust-kad, js.
+        #[arg(long, value_delimiter = ',', default_value = "hydra,hydra-1w,hydra-pg,rust-kad,js")]
         servers: Vec<String>,
         /// Heads (nodes) per server process: scale points.
         #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
