@@ -405,7 +405,7 @@ async fn connect_clients(server: &Server, o: &CompareOpts) -> anyhow::Result<Con
 fn load_on(server: &Server, conns: &Conns, o: &CompareOpts, records: u64, reuse: bool) -> Load {
     // Known keys: a sample of the preloaded ones (GET_PROVIDERS asks only these).
     let preloaded =
-        (0..records.min(100_000)).map(|i| preload_key(i * (records / records.min(100_000).max(1)))).collect();
+        (0..records.min(100_000)).map(|i| preload_key(i * (records / records.clamp(1, 100_000)))).collect();
     let ctx = |clients, preloaded, pool| Ctx {
         heads: server.heads.clone(),
         by_key: true,
@@ -771,7 +771,10 @@ async fn overload(o: &CompareOpts, s: &mut Sitting) -> anyhow::Result<()> {
 }
 
 /// Goodput ÷ C against offered ÷ C (log scale), one line per server: an SVG document.
-fn overload_svg(quota: f64, curves: &[(Kind, f64, Vec<(f64, Measured)>)]) -> String {
+/// One server's overload curve: its kind, its C, and (offered multiple of C, measured) per step.
+type Curve = (Kind, f64, Vec<(f64, Measured)>);
+
+fn overload_svg(quota: f64, curves: &[Curve]) -> String {
     use std::fmt::Write as _;
     let (w, h, m) = (720.0, 420.0, 60.0);
     let x_of = |mult: f64| m + (w - 2.0 * m) * (mult.max(0.1).log10() + 1.0) / 3.0; // 0.1 … 100
