@@ -105,8 +105,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
-        let readers = SqlitePoolOptions::new().max_connections(READERS).connect_with(opts).await?;
+        // No ping before each use (sqlx's default): a connection to a local file cannot go stale
+        // the way a network one can, a failing statement reports its own error, and the ping is
+        // a round trip to the connection's thread — two thread wake-ups — per datastore call.
+        let pool = || SqlitePoolOptions::new().test_before_acquire(false);
+        let writer = pool().max_connections(1).connect_with(opts.clone()).await?;
+        let readers = pool().max_connections(READERS).connect_with(opts).await?;
         Ok(Self { writer, readers, pool_wait })
     }
 

@@ -68,6 +68,8 @@ pub(crate) enum Kind {
     Hydra,
     /// hydra on the embedded store with one runtime worker (`worker_threads = 1`).
     Hydra1w,
+    /// hydra on the embedded store, run from `--baseline-bin` (an earlier build).
+    HydraBase,
     HydraPg,
     RustKad,
     Js,
@@ -78,10 +80,11 @@ impl Kind {
         Ok(match s {
             "hydra" => Self::Hydra,
             "hydra-1w" => Self::Hydra1w,
+            "hydra-base" => Self::HydraBase,
             "hydra-pg" => Self::HydraPg,
             "rust-kad" => Self::RustKad,
             "js" => Self::Js,
-            _ => bail!("unknown server {s:?} (hydra, hydra-1w, hydra-pg, rust-kad, js)"),
+            _ => bail!("unknown server {s:?} (hydra, hydra-1w, hydra-base, hydra-pg, rust-kad, js)"),
         })
     }
 
@@ -89,6 +92,7 @@ impl Kind {
         match self {
             Self::Hydra => "hydra",
             Self::Hydra1w => "hydra-1w",
+            Self::HydraBase => "hydra-base",
             Self::HydraPg => "hydra-pg",
             Self::RustKad => "rust-kad",
             Self::Js => "js",
@@ -97,7 +101,7 @@ impl Kind {
 
     /// Servers whose heads share one store: a record is found on any head.
     fn shared_store(self) -> bool {
-        matches!(self, Self::Hydra | Self::Hydra1w | Self::HydraPg)
+        matches!(self, Self::Hydra | Self::Hydra1w | Self::HydraBase | Self::HydraPg)
     }
 }
 
@@ -121,6 +125,8 @@ pub(crate) struct CompareOpts {
     pub search_step: Duration,
     pub p99_target: Duration,
     pub svg: Option<PathBuf>,
+    /// The binary `hydra-base` runs.
+    pub baseline_bin: Option<PathBuf>,
 }
 
 /// A running server: its process, the PIDs whose CPU counts as its own, its heads.
@@ -214,6 +220,8 @@ fn parse_heads(json: &str) -> anyhow::Result<Vec<(PeerId, Multiaddr)>> {
 /// What one sitting shares between servers: the hydra binary, PostgreSQL, a scratch directory.
 struct Sitting {
     hydra: PathBuf,
+    /// The binary `hydra-base` runs.
+    baseline: Option<PathBuf>,
     pg: Option<Arc<PgCluster>>,
     dir: PathBuf,
     started: usize,
@@ -229,7 +237,7 @@ impl Sitting {
         let t0 = Instant::now();
         let preload_timeout = Duration::from_secs(120 + records / 2_000);
         let server = match kind {
-            Kind::Hydra | Kind::Hydra1w | Kind::HydraPg => {
+            Kind::Hydra | Kind::Hydra1w | Kind::HydraBase | Kind::HydraPg => {
                 let dir = self.dir.join(format!("{}-{}", kind.name(), self.started));
                 let cfg = match kind {
                     Kind::HydraPg => {
@@ -248,8 +256,13 @@ impl Sitting {
                         cfg
                     }
                 };
+                let bin = if kind == Kind::HydraBase {
+                    self.baseline.as_ref().context("hydra-base needs --baseline-bin")?
+                } else {
+                    &self.hydra
+                };
                 let node = NodeProcess::spawn(
-                    &self.hydra,
+                    bin,
                     &["run".into(), "--config".into(), cfg.display().to_string()],
                     Duration::from_secs(120),
                 )
@@ -550,6 +563,7 @@ async fn sitting(o: &CompareOpts) -> anyhow::Result<Sitting> {
     std::fs::create_dir_all(&dir)?;
     Ok(Sitting {
         hydra,
+        baseline: o.baseline_bin.clone(),
         pg,
         dir,
         started: 0,

@@ -149,7 +149,7 @@ enum Command {
     /// under one workload, alternated A B C D A B C D (docs/benchmarks.md "Side by side").
     Compare {
         /// Servers, in the order they alternate: hydra, hydra-1w (embedded, `worker_threads = 1`),
-        /// hydra-pg, rust-kad, js.
+        /// hydra-pg, rust-kad, js; also hydra-base (embedded, `--baseline-bin`).
         #[arg(long, value_delimiter = ',', default_value = "hydra,hydra-1w,hydra-pg,rust-kad,js")]
         servers: Vec<String>,
         /// Heads (nodes) per server process: scale points.
@@ -194,6 +194,10 @@ enum Command {
         /// Write the overload chart (SVG) here.
         #[arg(long)]
         svg: Option<std::path::PathBuf>,
+        /// The `hydra` binary the `hydra-base` server runs (e.g. one built from an earlier
+        /// commit): a change measured side by side against what it changes.
+        #[arg(long)]
+        baseline_bin: Option<std::path::PathBuf>,
     },
     /// The reference stock rust-libp2p kad server `compare` runs (not hydra; see its source).
     #[command(hide = true)]
@@ -322,6 +326,7 @@ fn main() -> ExitCode {
             search_seconds,
             p99_target_ms,
             svg,
+            baseline_bin,
         } => (|| {
             let mix = <[u32; 3]>::try_from(mix.as_slice())
                 .map_err(|_| anyhow::anyhow!("--mix takes three numbers: add,get,find"))?;
@@ -352,6 +357,7 @@ fn main() -> ExitCode {
                 search_step: secs(*search_seconds),
                 p99_target: std::time::Duration::from_millis(*p99_target_ms),
                 svg: svg.clone(),
+                baseline_bin: baseline_bin.clone(),
             }))
         })(),
         Command::StockRustKad { nodes, records } => {
