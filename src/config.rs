@@ -59,8 +59,8 @@ pub struct ConfigFile {
     /// its receive buffers; see docs/benchmarks.md.
     pub quic: bool,
     /// Runtime worker threads (0: one per core). Fewer workers wake each other less: one worker
-    /// served the same load with about a fifth less CPU per request than two on two cores
-    /// (docs/benchmarks.md), at the price of the node's peak being one core (plus the embedded
+    /// served the same load with 8–18 % less CPU per request than two on two cores
+    /// (docs/profile.md), at the price of the node's peak being one core (plus the embedded
     /// store's threads). Read at start-up only.
     pub worker_threads: usize,
     /// Bootstrap peers as multiaddrs ending in `/p2p/<peer id>`. Empty by default.

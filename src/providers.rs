@@ -9,8 +9,9 @@
 //! **Writes.** `add_provider` buffers the record in one of [`buffer::SHARDS`] shards keyed by
 //! (key, provider), so repeated announcements coalesce. A shard is flushed as one batched write
 //! when it holds `flush_batch` entries or its oldest entry is `flush_interval` old; at most
-//! `max_flushes_in_flight` flushes run at once (one on the embedded store, which has one writer). At `write_buffer_entries` (pending plus being
-//! written) `add_provider` is refused and counted: memory never grows past it.
+//! `max_flushes_in_flight` flushes run at once (one on the embedded store, which has one
+//! writer). At `write_buffer_entries` (pending plus being written) `add_provider` is refused and
+//! counted: memory never grows past it.
 //!
 //! **Crash loss.** Accepted records still buffered are lost on a crash: at most
 //! `write_buffer_entries`, in steady state about `flush_interval` worth of announcements. A
