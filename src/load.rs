@@ -3,7 +3,7 @@
 //! Owns the load tier ([`Tier`], computed by [`tier::decide`] in the [`LoadControl`] controller
 //! task from [`Signals`] sampled every `load.sample_interval`), what each tier does
 //! ([`Policy`] — the one table the request path asks), the datastore statement budget
-//! ([`StatementBudget`]), admission of new streams by rate ([`Admission`]), per-peer rate limits ([`peers`]) and reloading `[load]` without a
+//! ([`StatementBudget`]), admission of new streams by rate ([`Admission`]), per-peer fair shares ([`peers`]) and reloading `[load]` without a
 //! restart ([`Reloader`]).
 //!
 //! It reads signals through [`SignalSource`] and the metrics registry; it never calls the
@@ -17,8 +17,9 @@
 //! | `refuse` | cached answer, else closer peers only | buffered (the buffer's bound sheds), fresh refreshes not rewritten | served | accepted |
 //! | `peak` | cached answer, else closer peers only | dropped | served | reset at the handler |
 //!
-//! Per-peer rates apply from `degrade` up (cost × `degrade_per_peer_cost`, cached answers free),
-//! and in `normal` only while statements wait for the budget.
+//! Per-peer fair shares apply from `degrade` up (peers share the statement budget ÷
+//! `degrade_per_peer_cost`; cached answers free), and in `normal` only while statements wait for
+//! the budget (then they share the budget).
 //!
 //! A tier is **entered** as soon as any signal reaches that tier's threshold (escalation is
 //! immediate: the datastore must be protected now, not after a dwell), and **left** only when
@@ -31,9 +32,9 @@
 //!
 //! Two rate limits (governor) apply in every tier: a per-process budget of datastore statements
 //! per second (the hard ceiling), which makes flushes and lookups wait — so batches grow and the
-//! buffer and lookup queue fill, which raises the tier — and a per-peer rate of
-//! datastore-touching requests, kept in a map of at most `max_tracked_peers` peers (peers beyond
-//! it share one bucket).
+//! buffer and lookup queue fill, which raises the tier — and, while short of capacity, a per-peer
+//! fair share of datastore statements, kept in a map of at most `max_tracked_peers` peers (peers
+//! beyond it share one bucket).
 
 pub mod admission;
 pub mod budget;

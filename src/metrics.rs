@@ -131,6 +131,8 @@ pub struct LoadMetrics {
     pub signals: GaugeVec,
     pub thresholds: GaugeVec,
     pub tracked_peers: IntGauge,
+    /// The per-peer fair share of the datastore, statements/s (-1: no limit in force).
+    pub peer_share: Gauge,
     /// Time statements waited for the datastore statement budget.
     pub budget_wait: Histogram,
     /// `[load]` reloads by result.
@@ -653,6 +655,14 @@ impl LoadMetrics {
                 IntGauge::new("hydra_load_tracked_peers", "Peers with their own per-peer rate bucket")
                     .unwrap(),
             ),
+            peer_share: reg(
+                registry,
+                Gauge::new(
+                    "hydra_load_peer_share_statements_per_second",
+                    "Each peer's fair share of datastore statements per second while the node is short of capacity (-1: no per-peer limit in force)",
+                )
+                .unwrap(),
+            ),
             budget_wait: reg(
                 registry,
                 Histogram::with_opts(
@@ -686,6 +696,7 @@ impl LoadMetrics {
             ),
         };
         m.admission_rate.set(-1);
+        m.peer_share.set(-1.0);
         m.set_thresholds(&LoadSection::default());
         m
     }

@@ -197,6 +197,12 @@ pub struct ProviderManager {
 }
 
 impl ProviderManager {
+    /// Datastore statements one buffered announcement costs: its part of a full flush (a
+    /// flush is 2 statements for up to `flush_batch` entries).
+    pub fn statements_per_write(&self) -> f64 {
+        2.0 / self.inner.cfg.flush_batch.max(1) as f64
+    }
+
     /// Start the manager and its background tasks (flusher, lookup batcher, GC, counts).
     /// `per_reply` caps the providers one read answers; the datastore is asked for
     /// `cfg.sample_per_key` (at least `per_reply`), from which each read samples.

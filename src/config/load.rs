@@ -41,12 +41,18 @@ pub struct LoadSection {
     /// `datastore_statements_per_second` also set, the lower of the two). 0: no fleet ceiling.
     /// Set it to the database's capacity once, the same in every process.
     pub fleet_datastore_statements_per_second: u32,
-    /// Datastore-touching requests (GET_PROVIDERS, ADD_PROVIDER, GET_VALUE, PUT_VALUE) one peer
-    /// may make per second over all heads; 0: no limit.
+    /// Per-peer limits apply only while the node is short of capacity; then every peer gets a
+    /// fair share of the datastore statements available (the statement budget, ÷
+    /// `degrade_per_peer_cost` from `degrade` up), re-computed every sample so that a peer asking
+    /// less leaves the rest to the others and a lone peer may take it all. This is the least
+    /// share, statements per second over all heads, however many peers ask (and every peer's
+    /// share when there is no statement budget); 0: no per-peer limits. A lookup (GET_PROVIDERS
+    /// missing the cache, GET_VALUE, PUT_VALUE) costs 1 statement, an ADD_PROVIDER its part of
+    /// a flush (2 / `providers.flush_batch`); cached answers are free.
     pub per_peer_requests_per_second: u32,
-    /// Requests one peer may make in a burst.
+    /// Statements one peer may spend in a burst (at most one second of its share).
     pub per_peer_burst: u32,
-    /// In `degrade` and above one request costs this many of a peer's requests.
+    /// In `degrade` and above peers share the statement budget divided by this.
     pub degrade_per_peer_cost: u32,
     /// Peers with their own rate bucket (memory bound); beyond it new peers share one bucket.
     pub max_tracked_peers: usize,
@@ -84,7 +90,7 @@ impl Default for LoadSection {
             force_tier: None,
             datastore_statements_per_second: 2000,
             fleet_datastore_statements_per_second: 0,
-            per_peer_requests_per_second: 200,
+            per_peer_requests_per_second: 5,
             per_peer_burst: 400,
             degrade_per_peer_cost: 4,
             max_tracked_peers: 100_000,
@@ -116,9 +122,7 @@ impl LoadSection {
         }
         positive("load.max_tracked_peers", self.max_tracked_peers)?;
         positive("load.degrade_per_peer_cost", self.degrade_per_peer_cost as usize)?;
-        if self.per_peer_requests_per_second > 0 && self.per_peer_burst < self.degrade_per_peer_cost {
-            return Err(invalid("load.per_peer_burst", "must be at least load.degrade_per_peer_cost"));
-        }
+        positive("load.per_peer_burst", self.per_peer_burst as usize)?;
         let tiers = [("degrade", &self.degrade), ("refuse", &self.refuse), ("peak", &self.peak)];
         for (tier, t) in tiers {
             for (signal, v) in t.values() {

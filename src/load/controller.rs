@@ -2,7 +2,6 @@
 //! live `[load]` settings) and the task that samples signals, decides and publishes the tier.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -125,16 +124,32 @@ impl LoadControl {
         Policy::of(tier).per_peer_limits || self.budget.is_exhausted()
     }
 
-    /// Whether `peer` may make one more datastore-touching request now. Always, unless
-    /// [`Self::peer_limits_active`]; then where the tier's policy raises the cost a request costs
-    /// `degrade_per_peer_cost` cells, so the per-peer rate is divided by it.
-    pub fn allow_peer(&self, peer: &PeerId, tier: Tier) -> bool {
+    /// Whether `peer` may spend `statements` more of the datastore now. Always, unless
+    /// [`Self::peer_limits_active`]; then the peer is held to its fair share ([`super::peers`]).
+    pub fn allow_peer(&self, peer: &PeerId, tier: Tier, statements: f64) -> bool {
         if !self.peer_limits_active(tier) {
             return true;
         }
         let Some(limiter) = &*self.peers.load() else { return true };
-        let cost = if Policy::of(tier).raised_peer_cost { limiter.degrade_cost } else { NonZeroU32::MIN };
-        matches!(limiter.limiter.check_key_n(peer, cost), Ok(Ok(())))
+        limiter.check(peer, statements, limiter.now())
+    }
+
+    /// What peers share now, statements per second: the statement budget, divided by
+    /// `degrade_per_peer_cost` where the tier raises the cost. Without a budget there is
+    /// nothing to share and every peer gets the least share, `per_peer_requests_per_second`.
+    fn available_to_peers(&self, cfg: &LoadSection, tier: Tier) -> f64 {
+        let budget = self.budget_for(cfg);
+        if budget == 0 {
+            return f64::from(cfg.per_peer_requests_per_second);
+        }
+        let cost = if Policy::of(tier).raised_peer_cost { cfg.degrade_per_peer_cost.max(1) } else { 1 };
+        f64::from(budget) / f64::from(cost)
+    }
+
+    /// The per-peer share in force, statements per second (None: limits not active or off).
+    pub fn peer_share(&self) -> Option<f64> {
+        let share = self.peers.load().as_ref()?.share();
+        share.is_finite().then_some(share)
     }
 
     /// Replace the `[load]` settings (already validated) without a restart.
@@ -365,8 +380,15 @@ impl LoadControl {
             self.set_admission_rate(&mut rate, &mut streams, &s, &cfg);
             self.metrics.set_signals(&s);
             if let Some(p) = &*self.peers.load() {
+                let tier = self.tier();
+                let share = p.update_share(
+                    self.available_to_peers(&cfg, tier),
+                    self.peer_limits_active(tier),
+                    p.now(),
+                );
+                self.metrics.peer_share.set(if share.is_finite() { share } else { -1.0 });
                 if now.duration_since(last_prune) >= Duration::from_secs(10) || p.store.is_full() {
-                    p.limiter.retain_recent();
+                    p.prune();
                     last_prune = now;
                 }
                 self.metrics.tracked_peers.set(p.store.len() as i64);
@@ -385,26 +407,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn per_peer_limits_hold_and_memory_is_bounded() {
+    fn per_peer_limits_apply_only_under_contention_and_memory_is_bounded() {
         let c = LoadSection {
             per_peer_requests_per_second: 1,
             per_peer_burst: 4,
-            degrade_per_peer_cost: 4,
             max_tracked_peers: 32,
+            datastore_statements_per_second: 40,
             ..LoadSection::default()
         };
         let metrics = crate::metrics::Metrics::new(&prometheus::Registry::new(), 1).load;
-        let load = LoadControl::new(c, Arc::new(StatementBudget::default()), metrics);
+        let load = LoadControl::new(c.clone(), Arc::new(StatementBudget::default()), metrics);
         let p = PeerId::random();
-        let allowed = (0..10).filter(|_| load.allow_peer(&p, Tier::Normal)).count();
-        assert_eq!(allowed, 10, "normal tier, budget not exhausted: no peer is limited");
-        let q = PeerId::random();
-        assert!(load.allow_peer(&q, Tier::Degrade), "degrade: one request costs the whole burst…");
-        assert!(!load.allow_peer(&q, Tier::Degrade), "…so the next one waits");
-        // A flood of fresh peer IDs: the map stays bounded, the overflow bucket limits them.
-        let flood: usize = (0..10_000).filter(|_| load.allow_peer(&PeerId::random(), Tier::Refuse)).count();
-        let store = &load.peers.load_full().unwrap().store;
-        assert!(store.len() <= 32, "{} peers tracked", store.len());
+        let allowed = (0..1000).filter(|_| load.allow_peer(&p, Tier::Normal, 1.0)).count();
+        assert_eq!(allowed, 1000, "normal tier, budget not exhausted: no peer is limited");
+        assert_eq!(load.available_to_peers(&c, Tier::Normal), 40.0);
+        assert_eq!(load.available_to_peers(&c, Tier::Degrade), 10.0, "÷ degrade_per_peer_cost");
+        // Contention: the share is set; a flood of fresh peer IDs keeps the map bounded and the
+        // overflow bucket limits them.
+        let limiter = load.peers.load_full().unwrap();
+        limiter.update_share(1.0, true, limiter.now());
+        assert_eq!(load.peer_share(), Some(1.0));
+        let flood: usize =
+            (0..10_000).filter(|_| load.allow_peer(&PeerId::random(), Tier::Refuse, 1.0)).count();
+        assert!(limiter.store.len() <= 32, "{} peers tracked", limiter.store.len());
         assert!(flood < 32 + 10, "{flood} requests of new peers allowed");
     }
 }

@@ -27,13 +27,13 @@ pub struct Policy {
     /// An ADD_PROVIDER refreshing a record this process wrote that still has more than
     /// `load.degrade_skip_refresh_if_remaining` to live is acknowledged without a write.
     pub skip_fresh_refreshes: bool,
-    /// Per-peer rates of datastore-touching requests apply (`load.per_peer_*`). Off in `normal`:
+    /// Per-peer fair shares of datastore statements apply (`load.per_peer_*`). Off in `normal`:
     /// a node with spare capacity answers every peer in full — to a DHT client a shed
     /// GET_PROVIDERS is indistinguishable from "nobody provides this". (They also apply in
     /// `normal` while statements wait for the datastore budget: [`crate::load::LoadControl::allow_peer`].)
     /// Cached answers are free: never limited.
     pub per_peer_limits: bool,
-    /// One datastore-touching request costs `load.degrade_per_peer_cost` of the peer's rate.
+    /// Peers share the statement budget divided by `load.degrade_per_peer_cost`.
     pub raised_peer_cost: bool,
     /// New inbound kad streams are accepted; when false the handler resets them. Open streams
     /// keep being served.

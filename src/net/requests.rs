@@ -98,7 +98,7 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
     let refused = || {
         if !policy.datastore {
             Some(ShedReason::Tier)
-        } else if !svc.load.allow_peer(&peer, tier) {
+        } else if !svc.load.allow_peer(&peer, tier, 1.0) {
             Some(ShedReason::PeerRate)
         } else {
             None
@@ -114,7 +114,7 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
         }
         Request::GetProviders { key } => {
             let far = || !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE);
-            let allow = || svc.load.allow_peer(&peer, tier);
+            let allow = || svc.load.allow_peer(&peer, tier, 1.0);
             let served = providers_in_tier(&svc.providers, &svc.load, policy, &key, far, allow).await;
             let (mut providers, outcome) = match served {
                 Ok(p) => (p, Outcome::Ok),
@@ -136,7 +136,7 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
             // wait for the statement budget): a slow datastore is no reason to lose them.
             let refused = if !policy.buffer_writes {
                 Some(ShedReason::Tier)
-            } else if !svc.load.allow_peer(&peer, tier) {
+            } else if !svc.load.allow_peer(&peer, tier, svc.providers.statements_per_write()) {
                 Some(ShedReason::PeerRate)
             } else {
                 None

@@ -121,7 +121,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     let l = &file.load;
     println!(
         "hydra-bench load: {} heads, {} clients, mix add/get/find {:?}, request timeout {:?}, \
-         statement budget {}/s, per-peer {}/s",
+         statement budget {}/s, least per-peer share {}/s",
         o.heads,
         o.clients,
         o.mix,
