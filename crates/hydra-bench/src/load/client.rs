@@ -43,15 +43,39 @@ pub(crate) async fn connect(
     for (p, a) in heads {
         swarm.dial(a.clone().with(Protocol::P2p(*p)))?;
     }
-    tokio::time::timeout(Duration::from_secs(60), async {
+    // A refused or failed dial is retried after a pause: a busy server (100 js-libp2p nodes in one
+    // Node.js process) fails some of a client's 100 simultaneous handshakes.
+    let addr_of: std::collections::HashMap<PeerId, Multiaddr> = heads.iter().cloned().collect();
+    let mut retry = tokio::time::interval(Duration::from_millis(500));
+    let mut failed: HashSet<PeerId> = HashSet::new();
+    let connected = tokio::time::timeout(Duration::from_secs(120), async {
         while !want.is_empty() {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
-                want.remove(&peer_id);
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        want.remove(&peer_id);
+                    }
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } if want.contains(&p) => {
+                        failed.insert(p);
+                    }
+                    _ => {}
+                },
+                _ = retry.tick() => {
+                    for p in failed.drain() {
+                        if want.contains(&p) && !swarm.is_connected(&p) {
+                            swarm.dial(addr_of[&p].clone().with(Protocol::P2p(p)))?;
+                        }
+                    }
+                }
             }
         }
+        anyhow::Ok(())
     })
-    .await
-    .with_context(|| format!("client {src} did not connect to every head in time"))?;
+    .await;
+    connected
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+        .with_context(|| format!("client {src} did not connect to {} of the heads in time", want.len()))?;
     let control = swarm.behaviour().new_control();
     // A head that closes an idle connection (no stream open for its idle timeout, e.g. between
     // the turns of `compare`) is dialled again, as a client that still needs it would.
