@@ -40,12 +40,13 @@ pub(crate) async fn connect(
     let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
     let peer = *swarm.local_peer_id();
     let mut want: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
-    for (p, a) in heads {
-        swarm.dial(a.clone().with(Protocol::P2p(*p)))?;
+    let addrs: std::collections::HashMap<PeerId, Multiaddr> =
+        heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
+    for a in addrs.values() {
+        swarm.dial(a.clone())?;
     }
     // A refused or failed dial is retried after a pause: a busy server (100 js-libp2p nodes in one
     // Node.js process) fails some of a client's 100 simultaneous handshakes.
-    let addr_of: std::collections::HashMap<PeerId, Multiaddr> = heads.iter().cloned().collect();
     let mut retry = tokio::time::interval(Duration::from_millis(500));
     let mut failed: HashSet<PeerId> = HashSet::new();
     let connected = tokio::time::timeout(Duration::from_secs(120), async {
@@ -63,7 +64,7 @@ pub(crate) async fn connect(
                 _ = retry.tick() => {
                     for p in failed.drain() {
                         if want.contains(&p) && !swarm.is_connected(&p) {
-                            swarm.dial(addr_of[&p].clone().with(Protocol::P2p(p)))?;
+                            swarm.dial(addrs[&p].clone())?;
                         }
                     }
                 }
@@ -79,8 +80,6 @@ pub(crate) async fn connect(
     let control = swarm.behaviour().new_control();
     // A head that closes an idle connection (no stream open for its idle timeout, e.g. between
     // the turns of `compare`) is dialled again, as a client that still needs it would.
-    let addrs: std::collections::HashMap<PeerId, Multiaddr> =
-        heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let task = tokio::spawn(async move {
         loop {
             if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
