@@ -412,9 +412,11 @@ struct Conns {
 async fn connect_clients(server: &Server, o: &CompareOpts) -> anyhow::Result<Conns> {
     let mut clients = Vec::with_capacity(o.clients);
     for i in 0..o.clients {
-        clients.push(client(i, &server.heads).await?);
+        clients
+            .push(client(i, &server.heads).await.with_context(|| format!("server {}", server.kind.name()))?);
     }
-    let finder = client(o.clients, &server.heads).await?;
+    let finder =
+        client(o.clients, &server.heads).await.with_context(|| format!("server {}", server.kind.name()))?;
     Ok(Conns { clients: Arc::new(clients), finder: Arc::new(vec![finder]) })
 }
 

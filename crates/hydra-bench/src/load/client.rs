@@ -49,6 +49,8 @@ pub(crate) async fn connect(
     // Node.js process) fails some of a client's 100 simultaneous handshakes.
     let mut retry = tokio::time::interval(Duration::from_millis(500));
     let mut failed: HashSet<PeerId> = HashSet::new();
+    // The last error of each head still missing, for the message if the deadline passes.
+    let mut errors: std::collections::HashMap<PeerId, String> = std::collections::HashMap::new();
     let connected = tokio::time::timeout(Duration::from_secs(120), async {
         while !want.is_empty() {
             tokio::select! {
@@ -56,7 +58,8 @@ pub(crate) async fn connect(
                     SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                         want.remove(&peer_id);
                     }
-                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } if want.contains(&p) => {
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } if want.contains(&p) => {
+                        errors.insert(p, error.to_string());
                         failed.insert(p);
                     }
                     _ => {}
@@ -73,10 +76,19 @@ pub(crate) async fn connect(
         anyhow::Ok(())
     })
     .await;
-    connected
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r)
-        .with_context(|| format!("client {src} did not connect to {} of the heads in time", want.len()))?;
+    connected.map_err(anyhow::Error::from).and_then(|r| r).with_context(|| {
+        let mut seen: Vec<&String> = want.iter().filter_map(|p| errors.get(p)).collect();
+        seen.sort();
+        seen.dedup();
+        let never = want.iter().filter(|p| !errors.contains_key(p)).count();
+        format!(
+            "client {src} did not connect to {} of the {} heads in time ({never} without a dial error; \
+                 errors: {:?})",
+            want.len(),
+            heads.len(),
+            seen.iter().take(3).collect::<Vec<_>>()
+        )
+    })?;
     let control = swarm.behaviour().new_control();
     // A head that closes an idle connection (no stream open for its idle timeout, e.g. between
     // the turns of `compare`) is dialled again, as a client that still needs it would.
