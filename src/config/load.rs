@@ -28,6 +28,11 @@ pub struct LoadSection {
     /// this many operations: a p99 of a few is their maximum (one cold connection), and so few
     /// requests cannot overload the datastore. 0: every window counts.
     pub min_latency_samples: u64,
+    /// Latency signals leave out the worst span of this length in their window: one stall of the
+    /// datastore (a WAL checkpoint's fsync; every reader blocked for a moment) sheds nothing,
+    /// latency lasting longer does. Less than half of `window`; 0: nothing left out.
+    #[serde(with = "humantime_serde")]
+    pub latency_stall_tolerance: Duration,
     /// Pin the tier ("normal", "degrade", "refuse", "peak") instead of computing it: for
     /// emergencies and drills. Absent: computed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,6 +92,7 @@ impl Default for LoadSection {
             min_dwell: Duration::from_secs(15),
             exit_ratio: 0.7,
             min_latency_samples: 100,
+            latency_stall_tolerance: Duration::from_secs(2),
             force_tier: None,
             datastore_statements_per_second: 2000,
             fleet_datastore_statements_per_second: 0,
@@ -113,6 +119,9 @@ impl LoadSection {
         nonzero_duration("load.stream_queue_max_wait", self.stream_queue_max_wait)?;
         if self.window < self.sample_interval * 2 {
             return Err(invalid("load.window", "must be at least two sample intervals"));
+        }
+        if self.latency_stall_tolerance * 2 >= self.window {
+            return Err(invalid("load.latency_stall_tolerance", "must be less than half of load.window"));
         }
         if !(self.exit_ratio > 0.0 && self.exit_ratio < 1.0) {
             return Err(invalid(

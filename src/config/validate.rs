@@ -355,6 +355,11 @@ mod tests {
         assert!(e.unwrap_err().to_string().starts_with("load.degrade.write_buffer_fill_ratio:"));
         let e = ConfigFile::from_toml("[load]\nexit_ratio = 1.0\n").unwrap().validate().unwrap_err();
         assert!(e.to_string().starts_with("load.exit_ratio:"), "{e}");
+        let e = ConfigFile::from_toml("[load]\nlatency_stall_tolerance = \"5s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("load.latency_stall_tolerance:"), "{e}");
         let f = ConfigFile::from_toml("[load]\nforce_tier = \"refuse\"\n").unwrap();
         assert_eq!(f.validate().unwrap().load.force_tier, Some(crate::types::Tier::Refuse));
         assert!(ConfigFile::from_toml("[load]\nforce_tier = \"panic\"\n").is_err());

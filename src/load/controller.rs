@@ -307,6 +307,10 @@ impl LoadControl {
         let slots =
             |c: &LoadSection| (c.window.as_secs_f64() / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
         let mut windows: Vec<Window> = LATENCY_OPS.iter().map(|_| Window::new(slots(&cfg))).collect();
+        // Sample intervals a latency signal leaves out (`load.latency_stall_tolerance`).
+        let stall = |c: &LoadSection| {
+            (c.latency_stall_tolerance.as_secs_f64() / c.sample_interval.as_secs_f64()).ceil() as usize
+        };
         let mut pool_wait = Window::new(slots(&cfg));
         let mut errors = RatioWindow::new(slots(&cfg));
         // The lag signal reacts within a second: CPU overload builds up in seconds, not windows.
@@ -344,8 +348,8 @@ impl LoadControl {
                 // node into `degrade`; a write backlog shows as `write_buffer_fill_ratio`, failed
                 // writes as `datastore_error_ratio`. Write and value latencies are shown in
                 // `/v1/status`. Windows with too few operations to have a p99 signal nothing.
-                datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples) * 1e3,
-                pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples) * 1e3,
+                datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples, stall(&cfg)) * 1e3,
+                pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples, stall(&cfg)) * 1e3,
                 datastore_error_ratio: errors.ratio(cfg.min_latency_samples),
                 write_buffer_fill_ratio: ratio(source.write_buffer()),
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),

@@ -29,6 +29,7 @@ impl Window {
     }
 
     /// Observations in the window.
+    #[cfg(test)]
     pub(crate) fn count(&self) -> u64 {
         match (self.samples.front(), self.samples.back()) {
             (Some(old), Some(new)) => new.last().unwrap_or(&0).saturating_sub(*old.last().unwrap_or(&0)),
@@ -39,40 +40,71 @@ impl Window {
     /// The `q` quantile of the window as a tier signal: 0 with fewer than `min` observations. A
     /// p99 of a handful of operations is their maximum — one cold connection or one slow fsync —
     /// and a datastore that few requests reach is not overloaded by them.
-    pub(crate) fn signal(&self, q: f64, min: u64) -> f64 {
-        if self.count() < min {
-            0.0
-        } else {
-            self.quantile(q)
+    ///
+    /// The worst `stall` consecutive sample intervals are left out (the span whose removal gives
+    /// the lowest quantile): one stall — a WAL checkpoint's fsync, every reader blocked at once
+    /// — is a handful of slow operations in one moment, and in a window that is mostly idle (the
+    /// first second of load after a quiet spell) a handful is over 1 %. Latency that lasts
+    /// longer than the span shows; with it all in the span, the rest of the window holds too
+    /// few observations and signals nothing yet. 0: nothing left out.
+    pub(crate) fn signal(&self, q: f64, min: u64, stall: usize) -> f64 {
+        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+        let all = delta(new, old);
+        let intervals = self.samples.len() - 1;
+        if stall == 0 {
+            return if *all.last().unwrap_or(&0) < min { 0.0 } else { quantile_of(&all, &self.bounds, q) };
         }
+        if intervals <= stall {
+            return 0.0;
+        }
+        (0..=intervals - stall)
+            .map(|j| {
+                let span = delta(&self.samples[j + stall], &self.samples[j]);
+                let rest: Vec<u64> = all.iter().zip(&span).map(|(a, s)| a.saturating_sub(*s)).collect();
+                if *rest.last().unwrap_or(&0) < min {
+                    0.0
+                } else {
+                    quantile_of(&rest, &self.bounds, q)
+                }
+            })
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// The `q` quantile (0..1) of the observations in the window, in the histogram's unit,
     /// interpolated within its bucket as Prometheus' `histogram_quantile` does; 0 without any.
     pub(crate) fn quantile(&self, q: f64) -> f64 {
         let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
-        let delta: Vec<u64> = new.iter().zip(old).map(|(n, o)| n.saturating_sub(*o)).collect();
-        let total = *delta.last().unwrap_or(&0);
-        if total == 0 {
-            return 0.0;
-        }
-        let rank = q * total as f64;
-        let mut prev_count = 0u64;
-        let mut prev_bound = 0.0;
-        for (i, &c) in delta.iter().enumerate() {
-            if c as f64 >= rank {
-                let Some(&bound) = self.bounds.get(i) else {
-                    return prev_bound; // in the +Inf bucket: the largest finite bound
-                };
-                let in_bucket = (c - prev_count) as f64;
-                let frac = if in_bucket > 0.0 { (rank - prev_count as f64) / in_bucket } else { 1.0 };
-                return prev_bound + (bound - prev_bound) * frac;
-            }
-            prev_count = c;
-            prev_bound = self.bounds.get(i).copied().unwrap_or(prev_bound);
-        }
-        prev_bound
+        quantile_of(&delta(new, old), &self.bounds, q)
     }
+}
+
+/// Cumulative bucket counts observed between two samples.
+fn delta(new: &[u64], old: &[u64]) -> Vec<u64> {
+    new.iter().zip(old).map(|(n, o)| n.saturating_sub(*o)).collect()
+}
+
+/// The `q` quantile of cumulative bucket counts (the last one +Inf) with these upper bounds.
+fn quantile_of(delta: &[u64], bounds: &[f64], q: f64) -> f64 {
+    let total = *delta.last().unwrap_or(&0);
+    if total == 0 {
+        return 0.0;
+    }
+    let rank = q * total as f64;
+    let mut prev_count = 0u64;
+    let mut prev_bound = 0.0;
+    for (i, &c) in delta.iter().enumerate() {
+        if c as f64 >= rank {
+            let Some(&bound) = bounds.get(i) else {
+                return prev_bound; // in the +Inf bucket: the largest finite bound
+            };
+            let in_bucket = (c - prev_count) as f64;
+            let frac = if in_bucket > 0.0 { (rank - prev_count as f64) / in_bucket } else { 1.0 };
+            return prev_bound + (bound - prev_bound) * frac;
+        }
+        prev_count = c;
+        prev_bound = bounds.get(i).copied().unwrap_or(prev_bound);
+    }
+    prev_bound
 }
 
 /// The recent ratio of two counters (failed / all operations) over a sliding window of samples.
@@ -217,6 +249,72 @@ mod tests {
         assert_eq!(RatioWindow::new(3).ratio(0), 0.0);
     }
 
+    /// One interval of observations: `fast` at 1 ms, `slow` at 300 ms.
+    fn interval(h: &prometheus::Histogram, w: &mut Window, fast: usize, slow: usize) {
+        (0..fast).for_each(|_| h.observe(0.001));
+        (0..slow).for_each(|_| h.observe(0.3));
+        w.push(h);
+    }
+
+    fn latency_histogram() -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("t", "t").buckets(vec![0.0005, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_stall_is_left_out_and_lasting_latency_is_not() {
+        // 41 samples = 40 intervals of 250 ms (a 10 s window); a 2 s tolerance is 8 intervals.
+        let (h, mut w) = (latency_histogram(), Window::new(41));
+        w.push(&h);
+        for i in 0..40 {
+            // Light steady load, 5 lookups per interval, and one stall: 8 slow in one interval.
+            interval(&h, &mut w, 5, if i == 20 { 8 } else { 0 });
+        }
+        assert!(w.signal(0.99, 100, 0) > 0.1, "without the tolerance the stall is the p99");
+        assert!(w.signal(0.99, 100, 8) <= 0.001, "{}", w.signal(0.99, 100, 8));
+        // The same stall straddling two intervals.
+        let (h, mut w) = (latency_histogram(), Window::new(41));
+        w.push(&h);
+        for i in 0..40 {
+            interval(&h, &mut w, 5, if i == 20 || i == 21 { 4 } else { 0 });
+        }
+        assert!(w.signal(0.99, 100, 8) <= 0.001);
+        // Latency lasting 5 s (20 intervals, a third slow in each) shows.
+        let (h, mut w) = (latency_histogram(), Window::new(41));
+        w.push(&h);
+        for i in 0..40 {
+            interval(&h, &mut w, 5, if i >= 20 { 2 } else { 0 });
+        }
+        assert!(w.signal(0.99, 100, 8) > 0.25, "{}", w.signal(0.99, 100, 8));
+    }
+
+    #[test]
+    fn a_stall_in_the_first_second_after_a_quiet_spell_signals_nothing() {
+        // Idle for 9 s, then 150 lookups in one second, 8 of them stalled: 5 % of the window.
+        let (h, mut w) = (latency_histogram(), Window::new(41));
+        w.push(&h);
+        for _ in 0..36 {
+            w.push(&h);
+        }
+        interval(&h, &mut w, 30, 8);
+        for _ in 0..3 {
+            interval(&h, &mut w, 40, 0);
+        }
+        assert!(w.signal(0.99, 100, 0) > 0.1, "the stall is the window's p99");
+        assert_eq!(w.signal(0.99, 100, 8), 0.0, "all of it within 2 s: too few left to be a signal");
+        // Load goes on, fast: still nothing; slow for longer than the tolerance: a signal.
+        for _ in 0..8 {
+            interval(&h, &mut w, 40, 0);
+        }
+        assert!(w.signal(0.99, 100, 8) <= 0.001);
+        for _ in 0..12 {
+            interval(&h, &mut w, 40, 2);
+        }
+        assert!(w.signal(0.99, 100, 8) > 0.25);
+    }
+
     #[test]
     fn window_quantiles_follow_recent_observations_only() {
         let h = prometheus::Histogram::with_opts(
@@ -238,8 +336,8 @@ mod tests {
         let p99 = w.quantile(0.99);
         assert!(p99 > 0.001 && p99 <= 0.01, "{p99}");
         assert_eq!(w.count(), 100);
-        assert_eq!(w.signal(0.99, 100), p99);
-        assert_eq!(w.signal(0.99, 101), 0.0, "too few observations to be a signal");
+        assert_eq!(w.signal(0.99, 100, 0), p99);
+        assert_eq!(w.signal(0.99, 101, 0), 0.0, "too few observations to be a signal");
         assert_eq!(Window::new(3).quantile(0.99), 0.0);
     }
 }

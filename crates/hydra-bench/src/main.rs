@@ -169,7 +169,7 @@ enum Command {
         rate: f64,
         #[arg(long, default_value_t = 15)]
         step_seconds: u64,
-        /// Rounds of A B C D.
+        /// Rounds of A B C D (with --overload: rounds of each server's multiples; medians reported).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
         /// Stream modes: fresh (a stream per request), reused (streams kept per client and head).
