@@ -341,6 +341,7 @@ impl LoadControl {
                 })
                 .collect();
             let ratio = |(n, max): (usize, usize)| if max == 0 { 0.0 } else { n as f64 / max as f64 };
+            let stall_intervals = stall(&cfg);
             let s = Signals {
                 // The tier follows the latency clients wait for: lookups. Writes are buffered
                 // (nobody waits for a batch), so a slow one is no distress by itself — on the
@@ -348,8 +349,8 @@ impl LoadControl {
                 // node into `degrade`; a write backlog shows as `write_buffer_fill_ratio`, failed
                 // writes as `datastore_error_ratio`. Write and value latencies are shown in
                 // `/v1/status`. Windows with too few operations to have a p99 signal nothing.
-                datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples, stall(&cfg)) * 1e3,
-                pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples, stall(&cfg)) * 1e3,
+                datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
+                pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
                 datastore_error_ratio: errors.ratio(cfg.min_latency_samples),
                 write_buffer_fill_ratio: ratio(source.write_buffer()),
                 reads_in_flight_ratio: ratio(source.reads_in_flight()),

@@ -50,9 +50,11 @@ impl Window {
     pub(crate) fn signal(&self, q: f64, min: u64, stall: usize) -> f64 {
         let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
         let all = delta(new, old);
+        let of =
+            |d: &[u64]| if *d.last().unwrap_or(&0) < min { 0.0 } else { quantile_of(d, &self.bounds, q) };
         let intervals = self.samples.len() - 1;
         if stall == 0 {
-            return if *all.last().unwrap_or(&0) < min { 0.0 } else { quantile_of(&all, &self.bounds, q) };
+            return of(&all);
         }
         if intervals <= stall {
             return 0.0;
@@ -60,12 +62,7 @@ impl Window {
         (0..=intervals - stall)
             .map(|j| {
                 let span = delta(&self.samples[j + stall], &self.samples[j]);
-                let rest: Vec<u64> = all.iter().zip(&span).map(|(a, s)| a.saturating_sub(*s)).collect();
-                if *rest.last().unwrap_or(&0) < min {
-                    0.0
-                } else {
-                    quantile_of(&rest, &self.bounds, q)
-                }
+                of(&all.iter().zip(&span).map(|(a, s)| a.saturating_sub(*s)).collect::<Vec<u64>>())
             })
             .fold(f64::INFINITY, f64::min)
     }
