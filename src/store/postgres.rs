@@ -139,8 +139,15 @@ impl PgStore {
         // Bounds on the client side too: a database that silently stops answering (network
         // black hole) must not hold a flush, a lookup or a lease renewal for minutes.
         let io_deadline = cfg.statement_timeout + Duration::from_secs(5);
+        // And on the server's side: a transaction whose client stopped between statements (a
+        // frozen or partitioned process) is aborted after the same deadline. A lease transaction
+        // holds the fleet's lease lock, so an abandoned one would stop every process's renewals.
         pg_config
-            .options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()))
+            .options(format!(
+                "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+                cfg.statement_timeout.as_millis(),
+                io_deadline.as_millis()
+            ))
             .connect_timeout(Duration::from_secs(5))
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
@@ -653,5 +660,39 @@ impl PgStore {
                 ))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transaction_left_idle_is_aborted_and_releases_its_locks() {
+        let cluster = hydra_testkit::PgCluster::start(false).unwrap();
+        let url = hydra_testkit::create_database(&cluster.url("postgres"), "idle_tx").await.unwrap();
+        let cfg = PostgresSection { statement_timeout: Duration::from_millis(100), ..Default::default() };
+        let store = PgStore::connect(
+            &url,
+            &cfg,
+            prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("w", "w")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut held = store.conn().await.unwrap();
+        let row = held.query_one("SHOW idle_in_transaction_session_timeout", &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "5100ms");
+        // A lease transaction whose process stops answering between statements.
+        let tx = held.transaction().await.unwrap();
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await.unwrap();
+        let other = store.conn().await.unwrap();
+        let try_lock = || async {
+            let r = other.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&HEADS_LOCK_KEY]).await;
+            r.unwrap().get::<_, bool>(0)
+        };
+        assert!(!try_lock().await, "held by the open transaction");
+        tokio::time::sleep(Duration::from_millis(5600)).await;
+        assert!(try_lock().await, "the server aborted the idle transaction and released its lock");
+        assert!(tx.execute("SELECT 1", &[]).await.is_err(), "its session was ended");
     }
 }
