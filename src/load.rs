@@ -26,7 +26,8 @@
 //! every signal is below `exit_ratio` × its threshold for that tier *and* the tier has been held
 //! for `min_dwell`, one tier at a time. Hysteresis plus dwell keep it from flapping. Latency
 //! signals leave out the worst `latency_stall_tolerance` of their window, so that one stall of
-//! the datastore, a moment in which every reader waits, is not taken for an overload.
+//! the datastore, a moment in which every reader waits, is not taken for an overload; for the
+//! same reason a queue's fill signals only what it held over the last second.
 //!
 //! Under CPU distress (the runtime lag at or above `degrade.runtime_lag_ms`) new inbound streams
 //! are admitted by rate ([`admission`]) and the rest reset in the muxer before negotiation; open

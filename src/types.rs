@@ -193,6 +193,9 @@ pub struct PerSignal {
     /// Failed / all datastore lookups and writes over the window (0..1): a datastore that fails
     /// fast leaves latency low, so failures are a signal of their own.
     pub datastore_error_ratio: f64,
+    /// The queue fills below are each the lowest sampled over the last second: a queue a burst
+    /// filled and that drained within it is no distress (`load::signals::FillWindow`).
+    ///
     /// Write-behind buffer entries / `providers.write_buffer_entries` (0..1).
     pub write_buffer_fill_ratio: f64,
     /// Keys queued for or in a lookup / `providers.max_reads_in_flight` (0..1).

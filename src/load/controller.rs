@@ -16,7 +16,7 @@ use super::admission::{Admission, RateControl, RateInput};
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
-use super::signals::{rss_bytes, LagWindow, RatioWindow, SignalSource, Window};
+use super::signals::{rss_bytes, FillWindow, LagWindow, RatioWindow, SignalSource, Window};
 use super::tier::decide;
 use crate::config::LoadSection;
 use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
@@ -316,6 +316,9 @@ impl LoadControl {
         // The lag signal reacts within a second: CPU overload builds up in seconds, not windows.
         let lag_slots = |c: &LoadSection| (1.0 / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
         let mut lag = LagWindow::new(lag_slots(&cfg));
+        // Queue fills count when held for that second too (`FillWindow`): write buffer, reads
+        // in flight, intake.
+        let mut fills: [FillWindow; 3] = std::array::from_fn(|_| FillWindow::new(lag_slots(&cfg)));
         let mut rate = RateControl::default();
         let mut streams = (Instant::now(), self.admission.counts());
         let mut since = Instant::now();
@@ -333,6 +336,13 @@ impl LoadControl {
                 hot.iter().map(|op| datastore.duration.with_label_values(&[op]).get_sample_count()).sum(),
             );
             lag.push(self.metrics.runtime_lag.get_sample_count());
+            for (w, queue) in fills.iter_mut().zip([
+                source.write_buffer(),
+                source.reads_in_flight(),
+                source.inbound_queue(),
+            ]) {
+                w.push(queue);
+            }
             let latency: HashMap<&'static str, LatencyPair> = windows
                 .iter()
                 .zip(LATENCY_OPS)
@@ -340,7 +350,6 @@ impl LoadControl {
                     (op.as_str(), LatencyPair { p95: w.quantile(0.95) * 1e3, p99: w.quantile(0.99) * 1e3 })
                 })
                 .collect();
-            let ratio = |(n, max): (usize, usize)| if max == 0 { 0.0 } else { n as f64 / max as f64 };
             let stall_intervals = stall(&cfg);
             let s = Signals {
                 // The tier follows the latency clients wait for: lookups. Writes are buffered
@@ -352,9 +361,9 @@ impl LoadControl {
                 datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
                 pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
                 datastore_error_ratio: errors.ratio(cfg.min_latency_samples),
-                write_buffer_fill_ratio: ratio(source.write_buffer()),
-                reads_in_flight_ratio: ratio(source.reads_in_flight()),
-                inbound_queue_fill_ratio: ratio(source.inbound_queue()),
+                write_buffer_fill_ratio: fills[0].sustained(),
+                reads_in_flight_ratio: fills[1].sustained(),
+                inbound_queue_fill_ratio: fills[2].sustained(),
                 rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
                 runtime_lag_ms: lag.mean_lag_ms(),
             };
@@ -370,6 +379,9 @@ impl LoadControl {
                     }
                     errors.len = slots(&new_cfg).max(2);
                     lag.len = lag_slots(&new_cfg).max(2);
+                    for w in &mut fills {
+                        w.len = lag_slots(&new_cfg);
+                    }
                 }
                 cfg = new_cfg;
             }
