@@ -454,6 +454,9 @@ struct Measured {
     failed: u64,
     found: (usize, usize),
     busy_pct: f64,
+    /// The server's CPU while its clients were connected but sent nothing, ms per second (its
+    /// background work: timers, maintenance), measured just before the load.
+    idle_ms_per_s: f64,
 }
 
 fn cpu_of(pids: &[u32]) -> std::collections::HashMap<u32, f64> {
@@ -497,7 +500,10 @@ async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Meas
     if waited > Duration::from_secs(2) {
         println!("    (waited {:.1} s for the machine to be quiet)", waited.as_secs_f64());
     }
+    let idle0 = cpu_of(&server.pids());
+    tokio::time::sleep(IDLE_SPAN).await;
     let cpu0 = cpu_of(&server.pids());
+    let idle: f64 = cpu0.iter().filter_map(|(p, c1)| Some(c1 - idle0.get(p)?)).sum();
     let machine0 = machine_jiffies();
     let tally = Arc::new(Tally::default());
     drive(&load.ctx, rate, dur, &tally).await;
@@ -527,8 +533,12 @@ async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Meas
         failed: tally.failed.load(Ordering::Relaxed),
         found,
         busy_pct,
+        idle_ms_per_s: idle * 1e3 / IDLE_SPAN.as_secs_f64(),
     }
 }
+
+/// How long [`measure`] reads a server's idle CPU before loading it.
+const IDLE_SPAN: Duration = Duration::from_secs(2);
 
 /// The sampled new records, asked by the finder identity: on their home node for stock servers,
 /// on the next head for hydra (any head answers from the shared store).
@@ -644,7 +654,7 @@ pub(crate) async fn compare(o: CompareOpts) -> anyhow::Result<()> {
                         pause_others(&servers, i, false);
                         println!(
                             "    round {} {:<8} goodput {:>6.0}/s  p50 {:>6.1} ms  p99 {:>7.1} ms  cpu {:>6.1} ms/1k  \
-                             found {}/{}  refused {:.0}/s  timeouts {}  busy {:.0} %",
+                             found {}/{}  refused {:.0}/s  timeouts {}  busy {:.0} %  idle {:.1} ms/s",
                             round + 1,
                             srv.kind.name(),
                             m.goodput,
@@ -655,7 +665,8 @@ pub(crate) async fn compare(o: CompareOpts) -> anyhow::Result<()> {
                             m.found.1,
                             m.rejected,
                             m.failed,
-                            m.busy_pct
+                            m.busy_pct,
+                            m.idle_ms_per_s
                         );
                         results[i].push(m);
                     }
@@ -682,15 +693,15 @@ fn print_table(servers: &[Server], results: &[Vec<Measured>], reuse: bool) {
         results.first().map_or(0, Vec::len)
     );
     println!(
-        "  | server | goodput/s | p50 ms | p99 ms | GET p99 ms | server CPU ms per 1k requests | ÷ {} | peak RSS MiB | found again |",
+        "  | server | goodput/s | p50 ms | p99 ms | GET p99 ms | server CPU ms per 1k requests | ÷ {} | idle CPU ms/s | peak RSS MiB | found again |",
         servers[base].kind.name()
     );
-    println!("  |---|---|---|---|---|---|---|---|---|");
+    println!("  |---|---|---|---|---|---|---|---|---|---|");
     for (i, srv) in servers.iter().enumerate() {
         let (found, total) = results[i].iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1));
         let cpu = med(i, |m| m.cpu_ms_per_1k);
         println!(
-            "  | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {found}/{total} |",
+            "  | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.0} | {found}/{total} |",
             srv.kind.name(),
             med(i, |m| m.goodput),
             med(i, |m| m.p50),
@@ -698,6 +709,7 @@ fn print_table(servers: &[Server], results: &[Vec<Measured>], reuse: bool) {
             med(i, |m| m.get_p99),
             cpu,
             cpu / base_cpu,
+            med(i, |m| m.idle_ms_per_s),
             srv.peak_rss_mib(),
         );
     }
@@ -843,8 +855,10 @@ fn median_of(ms: &[Measured]) -> Measured {
         cpu_ms_per_1k: med(|m| m.cpu_ms_per_1k),
         rejected: med(|m| m.rejected),
         failed: median(ms.iter().map(|m| m.failed as f64).collect()) as u64,
-        found: ms.last().map(|m| m.found).unwrap_or_default(),
+        // Every round's sample counts (as in the side-by-side tables).
+        found: ms.iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1)),
         busy_pct: med(|m| m.busy_pct),
+        idle_ms_per_s: med(|m| m.idle_ms_per_s),
     }
 }
 
