@@ -79,7 +79,7 @@ fn compare_drives_all_four_servers_and_finds_what_it_announced() {
                 .unwrap_or_else(|| panic!("no {server} row after {streams}:\n{out}"));
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
             let goodput: f64 = cells[2].parse().unwrap();
-            let (found, sent) = cells[9].split_once('/').unwrap();
+            let (found, sent) = cells[10].split_once('/').unwrap();
             let (found, sent): (f64, f64) = (found.parse().unwrap(), sent.parse().unwrap());
             assert!(goodput > 50.0, "{server}, {streams}: {row}\n{out}");
             assert!(sent > 0.0 && found >= 0.9 * sent, "{server}, {streams}: records lost: {row}\n{out}");
