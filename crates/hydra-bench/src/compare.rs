@@ -698,7 +698,7 @@ fn print_table(servers: &[Server], results: &[Vec<Measured>], reuse: bool) {
     );
     println!("  |---|---|---|---|---|---|---|---|---|---|");
     for (i, srv) in servers.iter().enumerate() {
-        let (found, total) = results[i].iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1));
+        let (found, total) = found_in(&results[i]);
         let cpu = med(i, |m| m.cpu_ms_per_1k);
         println!(
             "  | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.0} | {found}/{total} |",
@@ -843,6 +843,11 @@ async fn capacity(kind: Kind, srv: &Server, load: &Load, o: &CompareOpts) -> Opt
     Some(pass)
 }
 
+/// (found, sought) summed over measurements: every round's sample counts.
+fn found_in(ms: &[Measured]) -> (usize, usize) {
+    ms.iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1))
+}
+
 /// The median of each figure over the rounds of one point.
 fn median_of(ms: &[Measured]) -> Measured {
     let med = |f: fn(&Measured) -> f64| median(ms.iter().map(f).collect());
@@ -856,7 +861,7 @@ fn median_of(ms: &[Measured]) -> Measured {
         rejected: med(|m| m.rejected),
         failed: median(ms.iter().map(|m| m.failed as f64).collect()) as u64,
         // Every round's sample counts (as in the side-by-side tables).
-        found: ms.iter().fold((0, 0), |(f, t), m| (f + m.found.0, t + m.found.1)),
+        found: found_in(ms),
         busy_pct: med(|m| m.busy_pct),
         idle_ms_per_s: med(|m| m.idle_ms_per_s),
     }
