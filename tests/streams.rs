@@ -173,6 +173,15 @@ async fn the_per_ip_connection_cap_refuses_before_the_handshake_and_frees_on_clo
     let a = Ipv4Addr::new(127, 0, 0, 7);
     let (held, n) = dial_from(a, &heads).await;
     assert_eq!(n, 2, "two connections from 127.0.0.7, one per head");
+    // A dialer's handshake ends before the listener's (it sends Noise's last message and
+    // assumes yamux), so wait until both heads have counted theirs: otherwise the third dial
+    // can reach head 0 while head 1 is still handshaking, take the second place, and have the
+    // cap refuse head 1's instead.
+    let start = std::time::Instant::now();
+    while metric(&node, "hydra_head_connections", &[]) < 2.0 {
+        assert!(start.elapsed() < WAIT, "the heads never counted the two connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (_refused, n) = dial_from(a, &heads[..1]).await;
     assert_eq!(n, 0, "a third from the same address is refused, whatever the identity");
     assert!(metric(&node, "hydra_kad_connections_denied_total", &[]) >= 1.0);
