@@ -72,10 +72,6 @@ fn xor(a: &Key, b: &Key) -> Key {
     std::array::from_fn(|i| a[i] ^ b[i])
 }
 
-fn bit(k: &Key, b: usize) -> bool {
-    k[b / 8] & (0x80 >> (b % 8)) != 0
-}
-
 impl Network {
     /// `peers` random peers and `keys` random keys, from `rng_seed`.
     pub fn new(peers: usize, keys: usize, k: usize, rng_seed: u64) -> Self {
@@ -106,25 +102,9 @@ impl Network {
     }
 }
 
-/// The key of `sorted` closest to `t` by XOR distance: down the trie, into the half that shares
-/// `t`'s next bit whenever it is not empty.
+/// The key of `sorted` closest to `t` by XOR distance (the routing snapshots' trie descent).
 pub fn closest(sorted: &[Key], t: &Key) -> Key {
-    let (mut lo, mut hi) = (0, sorted.len());
-    for b in 0..256 {
-        if hi - lo <= 1 {
-            break;
-        }
-        // [lo, hi) shares bits 0..b, so it is split in two by bit b.
-        let mid = lo + sorted[lo..hi].partition_point(|k| !bit(k, b));
-        if bit(t, b) {
-            if mid < hi {
-                lo = mid;
-            }
-        } else if mid > lo {
-            hi = mid;
-        }
-    }
-    sorted[lo]
+    sorted[crate::net::routing::prefix_run(sorted, |k| &k[..], t, 1).start]
 }
 
 /// The first `n` heads' Kademlia keys under `scheme`, in issue order.

@@ -8,11 +8,16 @@
 //! A snapshot also holds the process's [`Siblings`] — its other heads, one list shared by all —
 //! so every head answers with its siblings as DHT servers without them ever entering kad's
 //! routing tables (which would make every head dial every other: N² connections).
+//!
+//! Both lists are sorted by Kademlia key, so an answer walks the implicit binary trie of the keys
+//! ([`prefix_run`]) instead of scanning them: its cost grows with the logarithm of the heads
+//! and peers, not with their number (issue 13: 10,000 heads in one process).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use libp2p::kad::KBucketKey;
+use libp2p::kad::{KBucketDistance, KBucketKey};
 use libp2p::{Multiaddr, PeerId};
 
 use super::addrs::admit;
@@ -56,11 +61,43 @@ impl Siblings {
         heads: impl IntoIterator<Item = (PeerId, Arc<ArcSwap<Vec<Multiaddr>>>)>,
         filter: AddressFilter,
     ) -> Arc<Self> {
-        let entries: Vec<Sibling> =
+        let mut entries: Vec<Sibling> =
             heads.into_iter().map(|(p, addrs)| Sibling { key: KBucketKey::from(p), addrs }).collect();
+        entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
         let ids = entries.iter().map(|e| *e.key.preimage()).collect();
         Arc::new(Self { entries, ids, filter })
     }
+}
+
+/// Bit `b` of a key, 0 being the most significant.
+fn bit(key: &[u8], b: usize) -> bool {
+    key[b / 8] & (0x80 >> (b % 8)) != 0
+}
+
+/// In `sorted` (ascending by `key`), a run that holds the `k` entries closest to `t` by XOR
+/// distance (all of `sorted` if it has at most `k`), found by descending the implicit binary trie
+/// of the keys: one binary search per level, into the half that shares `t`'s next bit while that
+/// half still holds `k` entries (or past an empty half). Every entry outside the run differs from
+/// `t` in an earlier bit than every entry inside, so it is farther. The run holds about `k` to
+/// `2k` entries for keys spread as hashes are; `t` has as many bits as the keys.
+pub fn prefix_run<T>(sorted: &[T], key: impl Fn(&T) -> &[u8], t: &[u8], k: usize) -> Range<usize> {
+    let (mut lo, mut hi) = (0, sorted.len());
+    for b in 0..t.len() * 8 {
+        if hi - lo <= k.max(1) {
+            break;
+        }
+        // [lo, hi) agrees on bits 0..b, so bit b splits it in two.
+        let mid = lo + sorted[lo..hi].partition_point(|e| !bit(key(e), b));
+        let near = if bit(t, b) { mid..hi } else { lo..mid };
+        if near.is_empty() {
+            continue; // all of [lo, hi) is in the other half: descend there
+        }
+        if near.len() < k {
+            break; // the k closest are the near half and the nearest of the other
+        }
+        (lo, hi) = (near.start, near.end);
+    }
+    lo..hi
 }
 
 /// A closer-peer candidate: from the routing table, or a sibling head.
@@ -97,14 +134,13 @@ pub struct RoutingSnapshot {
 
 impl RoutingSnapshot {
     pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>, siblings: Arc<Siblings>) -> Self {
-        Self {
-            entries: peers
-                .into_iter()
-                .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains(p))
-                .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
-                .collect(),
-            siblings,
-        }
+        let mut entries: Vec<Entry> = peers
+            .into_iter()
+            .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains(p))
+            .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
+            .collect();
+        entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
+        Self { entries, siblings }
     }
 
     /// Peers in the head's own routing table (siblings not counted).
@@ -116,43 +152,54 @@ impl RoutingSnapshot {
         self.entries.is_empty()
     }
 
+    /// The up to `n` candidates (table and siblings) closest to `target`, closest first: the
+    /// nearest of each list's [`prefix_run`], merged.
+    fn nearest(&self, target: &KBucketKey<Vec<u8>>, n: usize) -> Vec<(KBucketDistance, Candidate<'_>)> {
+        let t = target.hashed_bytes();
+        let filter = self.siblings.filter;
+        let table = &self.entries[prefix_run(&self.entries, |e| e.key.hashed_bytes(), t, n)];
+        let sibs = &self.siblings.entries[prefix_run(&self.siblings.entries, |s| s.key.hashed_bytes(), t, n)];
+        let mut cands: Vec<(KBucketDistance, Candidate<'_>)> = table
+            .iter()
+            .map(Candidate::Table)
+            .chain(sibs.iter().map(|s| Candidate::Sibling(s, filter)))
+            .map(|c| (c.key().distance(target), c))
+            .collect();
+        if cands.len() > n && n > 0 {
+            cands.select_nth_unstable_by(n - 1, |a, b| a.0.cmp(&b.0));
+        }
+        cands.truncate(n);
+        cands.sort_by_key(|c| c.0);
+        cands
+    }
+
     /// Whether `me` is among the `k` peers closest to `target` that this snapshot knows (the
     /// routing table and the siblings): go-libp2p-kad-dht PR #730's rule for which keys a
     /// loaded node still serves from its datastore.
     pub fn is_among_closest(&self, target: &[u8], me: &PeerId, k: usize) -> bool {
         let target = KBucketKey::new(target.to_vec());
         let mine = KBucketKey::from(*me).distance(&target);
+        // If k peers are closer than `me`, they are the k closest other than `me`: among the
+        // k + 1 closest.
         let closer = self
-            .entries
+            .nearest(&target, k + 1)
             .iter()
-            .map(|e| &e.key)
-            .chain(self.siblings.entries.iter().map(|s| &s.key))
-            .filter(|key| key.preimage() != me && key.distance(&target) < mine)
-            .take(k)
+            .filter(|(d, c)| c.key().preimage() != me && *d < mine)
             .count();
         closer < k
     }
 
     /// The up to `k` peers closest to `target` (raw key bytes, hashed as Kademlia does),
-    /// excluding `exclude` (the requester and the head itself). O(n) selection, then a sort of k.
+    /// excluding `exclude` (the requester and the head itself).
     pub fn closest(&self, target: &[u8], k: usize, exclude: &[PeerId]) -> Vec<PeerRecord> {
         let target = KBucketKey::new(target.to_vec());
-        let filter = self.siblings.filter;
-        let mut cands: Vec<(libp2p::kad::KBucketDistance, Candidate<'_>)> = self
-            .entries
-            .iter()
-            .map(Candidate::Table)
-            .chain(self.siblings.entries.iter().map(|s| Candidate::Sibling(s, filter)))
-            .filter(|c| !exclude.contains(c.key().preimage()))
-            .map(|c| (c.key().distance(&target), c))
-            .collect();
-        if cands.len() > k && k > 0 {
-            cands.select_nth_unstable_by(k - 1, |a, b| a.0.cmp(&b.0));
-            cands.truncate(k);
-        }
-        cands.sort_by_key(|c| c.0);
-        cands.truncate(k);
-        cands.into_iter().map(|(_, c)| c.record()).filter(|r| !r.addrs.is_empty()).collect()
+        self.nearest(&target, k + exclude.len())
+            .into_iter()
+            .filter(|(_, c)| !exclude.contains(c.key().preimage()))
+            .take(k)
+            .map(|(_, c)| c.record())
+            .filter(|r| !r.addrs.is_empty())
+            .collect()
     }
 }
 
@@ -246,6 +293,82 @@ mod tests {
         assert!(snap.is_among_closest(&target, &sorted[19], 20));
         assert!(!snap.is_among_closest(&target, &sorted[20], 20));
         assert!(!snap.is_among_closest(&target, &sorted[59], 20));
+    }
+
+    /// The k closest by a full sort, against the run's: the run must hold all of them, for
+    /// spread keys and for clustered ones (shared prefixes, an empty half at the top, a
+    /// target inside or outside the cluster), for every k around the population size.
+    #[test]
+    fn the_prefix_run_holds_the_k_closest() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let xor = |a: &[u8; 32], b: &[u8; 32]| -> [u8; 32] { std::array::from_fn(|i| a[i] ^ b[i]) };
+        for n in [0usize, 1, 2, 5, 19, 20, 21, 40, 300, 3000] {
+            for clustered in [false, true] {
+                let mut keys: Vec<[u8; 32]> = (0..n)
+                    .map(|_| {
+                        let mut k: [u8; 32] = rng.gen();
+                        if clustered {
+                            k[0] = 0x5a; // one 8-bit prefix, and bit 0 clear for all
+                            k[1] &= 0x0f;
+                        }
+                        k
+                    })
+                    .collect();
+                keys.sort();
+                for _ in 0..20 {
+                    let mut t: [u8; 32] = rng.gen();
+                    if clustered && rng.gen_bool(0.5) {
+                        t[0] = 0x5a;
+                    }
+                    let mut by_distance = keys.clone();
+                    by_distance.sort_by_cached_key(|key| xor(key, &t));
+                    for k in [1usize, 2, 20, n.saturating_sub(1), n, n + 1] {
+                        let run = prefix_run(&keys, |k| &k[..], &t, k);
+                        let want = &by_distance[..k.min(n)];
+                        let mut got = keys[run.clone()].to_vec();
+                        assert!(got.len() >= k.min(n), "n {n} k {k}: run {run:?} too short");
+                        // And it is a descent, not a scan: about k to 2k entries.
+                        if k >= 1 && n >= 8 * k {
+                            assert!(
+                                run.len() <= 8 * k,
+                                "n {n} k {k} clustered {clustered}: a run of {}",
+                                run.len()
+                            );
+                        }
+                        got.sort_by_cached_key(|key| xor(key, &t));
+                        assert_eq!(&got[..k.min(n)], want, "n {n} k {k} clustered {clustered}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_siblings_and_peers_answer_like_a_full_sort() {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let heads: Vec<PeerId> = (0..2_000).map(|_| PeerId::random()).collect();
+        let peers: Vec<PeerId> = (0..3_000).map(|_| PeerId::random()).collect();
+        let siblings = Siblings::new(
+            heads.iter().map(|p| (*p, Arc::new(ArcSwap::from_pointee(vec![addr.clone()])))),
+            AddressFilter::Any,
+        );
+        let snap = RoutingSnapshot::new(peers.iter().map(|p| (*p, vec![addr.clone()])), siblings);
+        let everyone: Vec<PeerId> = heads.iter().chain(&peers).copied().collect();
+        for i in 0..100u32 {
+            let target = i.to_be_bytes().to_vec();
+            let t = KBucketKey::new(target.clone());
+            let mut all = everyone.clone();
+            all.sort_by_cached_key(|p| KBucketKey::from(*p).distance(&t));
+            let exclude = [all[0], all[3]];
+            let got: Vec<PeerId> =
+                snap.closest(&target, K_VALUE, &exclude).into_iter().map(|r| r.peer).collect();
+            let want: Vec<PeerId> =
+                all.iter().filter(|p| !exclude.contains(p)).take(K_VALUE).copied().collect();
+            assert_eq!(got, want);
+            assert!(snap.is_among_closest(&target, &all[19], K_VALUE));
+            assert!(!snap.is_among_closest(&target, &all[20], K_VALUE));
+        }
     }
 
     // The addresses are only classified by the filter, never dialled.

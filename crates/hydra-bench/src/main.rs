@@ -8,6 +8,7 @@ mod cpu_quota;
 mod idle;
 mod load;
 mod node;
+mod routing;
 mod sampling;
 mod startup;
 mod store;
@@ -143,6 +144,19 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         lookups: usize,
         #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Closer peers as heads grow: a head's answer from its snapshot (routing table plus every
+    /// sibling head), the trie walk against a full scan of the same candidates.
+    Routing {
+        #[arg(long, value_delimiter = ',', default_value = "4,100,1000,10000")]
+        heads: Vec<usize>,
+        /// Peers in the head's routing table (issue 13 measures with 20,000).
+        #[arg(long, default_value_t = 20_000)]
+        peers: usize,
+        #[arg(long, default_value_t = 2_000)]
+        queries: usize,
+        #[arg(long, default_value_t = 5)]
         runs: usize,
     },
     /// Side by side: hydra (embedded, PostgreSQL), stock rust-libp2p kad and js-libp2p kad-dht
@@ -299,6 +313,12 @@ fn main() -> ExitCode {
                 probes: *probes,
             }))
         }
+        Command::Routing { heads, peers, queries, runs } => routing::routing(routing::RoutingOpts {
+            heads: heads.clone(),
+            peers: *peers,
+            queries: (*queries).max(1),
+            runs: (*runs).max(1),
+        }),
         Command::Sampling { database_url, keys, popular, writes, lookups, runs } => {
             rt.block_on(sampling::sampling(sampling::SamplingOpts {
                 database_url: database_url.clone(),
