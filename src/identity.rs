@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Write as _;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
@@ -147,6 +148,37 @@ impl KeyTrie {
             None => 0,
         }
     }
+}
+
+/// Bit `b` of a key, 0 being the most significant.
+fn bit(key: &[u8], b: usize) -> bool {
+    key[b / 8] & (0x80 >> (b % 8)) != 0
+}
+
+/// In `sorted` (ascending by `key`), a run that holds the `k` entries closest to `t` by XOR
+/// distance (all of `sorted` if it has at most `k`), found by descending the implicit binary trie
+/// of the keys: one binary search per level, into the half that shares `t`'s next bit while that
+/// half still holds `k` entries (or past an empty half). Every entry outside the run differs from
+/// `t` in an earlier bit than every entry inside, so it is farther. The run holds about `k` to
+/// `2k` entries for keys spread as hashes are; `t` has as many bits as the keys.
+pub fn prefix_run<T>(sorted: &[T], key: impl Fn(&T) -> &[u8], t: &[u8], k: usize) -> Range<usize> {
+    let (mut lo, mut hi) = (0, sorted.len());
+    for b in 0..t.len() * 8 {
+        if hi - lo <= k.max(1) {
+            break;
+        }
+        // [lo, hi) agrees on bits 0..b, so bit b splits it in two.
+        let mid = lo + sorted[lo..hi].partition_point(|e| !bit(key(e), b));
+        let near = if bit(t, b) { mid..hi } else { lo..mid };
+        if near.is_empty() {
+            continue; // all of [lo, hi) is in the other half: descend there
+        }
+        if near.len() < k {
+            break; // the k closest are the near half and the nearest of the other
+        }
+        (lo, hi) = (near.start, near.end);
+    }
+    lo..hi
 }
 
 /// A newly issued identity.
@@ -453,5 +485,54 @@ mod tests {
             .collect();
         let p = plan("a", "new-run", 2, now, &ids, &released);
         assert_eq!((p.assigned, p.conflicts), (vec![(0, 0), (1, 1)], 0));
+    }
+
+    /// The k closest by a full sort, against the run's: the run must hold all of them, for
+    /// spread keys and for clustered ones (shared prefixes, an empty half at the top, a
+    /// target inside or outside the cluster), for every k around the population size.
+    #[test]
+    fn the_prefix_run_holds_the_k_closest() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let xor = |a: &[u8; 32], b: &[u8; 32]| -> [u8; 32] { std::array::from_fn(|i| a[i] ^ b[i]) };
+        for n in [0usize, 1, 2, 5, 19, 20, 21, 40, 300, 3000] {
+            for clustered in [false, true] {
+                let mut keys: Vec<[u8; 32]> = (0..n)
+                    .map(|_| {
+                        let mut k: [u8; 32] = rng.gen();
+                        if clustered {
+                            k[0] = 0x5a; // one 8-bit prefix, and bit 0 clear for all
+                            k[1] &= 0x0f;
+                        }
+                        k
+                    })
+                    .collect();
+                keys.sort();
+                for _ in 0..20 {
+                    let mut t: [u8; 32] = rng.gen();
+                    if clustered && rng.gen_bool(0.5) {
+                        t[0] = 0x5a;
+                    }
+                    let mut by_distance = keys.clone();
+                    by_distance.sort_by_cached_key(|key| xor(key, &t));
+                    for k in [1usize, 2, 20, n.saturating_sub(1), n, n + 1] {
+                        let run = prefix_run(&keys, |k| &k[..], &t, k);
+                        let want = &by_distance[..k.min(n)];
+                        let mut got = keys[run.clone()].to_vec();
+                        assert!(got.len() >= k.min(n), "n {n} k {k}: run {run:?} too short");
+                        // And it is a descent, not a scan: about k to 2k entries.
+                        if k >= 1 && n >= 8 * k {
+                            assert!(
+                                run.len() <= 8 * k,
+                                "n {n} k {k} clustered {clustered}: a run of {}",
+                                run.len()
+                            );
+                        }
+                        got.sort_by_cached_key(|key| xor(key, &t));
+                        assert_eq!(&got[..k.min(n)], want, "n {n} k {k} clustered {clustered}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -104,7 +104,7 @@ impl Network {
 
 /// The key of `sorted` closest to `t` by XOR distance (the routing snapshots' trie descent).
 pub fn closest(sorted: &[Key], t: &Key) -> Key {
-    sorted[crate::net::routing::prefix_run(sorted, |k| &k[..], t, 1).start]
+    sorted[identity::prefix_run(sorted, |k| &k[..], t, 1).start]
 }
 
 /// The first `n` heads' Kademlia keys under `scheme`, in issue order.

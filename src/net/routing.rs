@@ -10,10 +10,9 @@
 //! routing tables (which would make every head dial every other: N² connections).
 //!
 //! Both lists are sorted by Kademlia key, so an answer walks the implicit binary trie of the keys
-//! ([`prefix_run`]) instead of scanning them: its cost grows with the logarithm of the heads
+//! ([`crate::identity::prefix_run`]) instead of scanning them: its cost grows with the logarithm of the heads
 //! and peers, not with their number (issue 13: 10,000 heads in one process).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,6 +21,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::addrs::admit;
 use crate::config::AddressFilter;
+use crate::identity::prefix_run;
 use crate::types::PeerRecord;
 
 /// Kademlia replication parameter: closer-peer replies carry at most this many peers.
@@ -67,37 +67,6 @@ impl Siblings {
         let ids = entries.iter().map(|e| *e.key.preimage()).collect();
         Arc::new(Self { entries, ids, filter })
     }
-}
-
-/// Bit `b` of a key, 0 being the most significant.
-fn bit(key: &[u8], b: usize) -> bool {
-    key[b / 8] & (0x80 >> (b % 8)) != 0
-}
-
-/// In `sorted` (ascending by `key`), a run that holds the `k` entries closest to `t` by XOR
-/// distance (all of `sorted` if it has at most `k`), found by descending the implicit binary trie
-/// of the keys: one binary search per level, into the half that shares `t`'s next bit while that
-/// half still holds `k` entries (or past an empty half). Every entry outside the run differs from
-/// `t` in an earlier bit than every entry inside, so it is farther. The run holds about `k` to
-/// `2k` entries for keys spread as hashes are; `t` has as many bits as the keys.
-pub fn prefix_run<T>(sorted: &[T], key: impl Fn(&T) -> &[u8], t: &[u8], k: usize) -> Range<usize> {
-    let (mut lo, mut hi) = (0, sorted.len());
-    for b in 0..t.len() * 8 {
-        if hi - lo <= k.max(1) {
-            break;
-        }
-        // [lo, hi) agrees on bits 0..b, so bit b splits it in two.
-        let mid = lo + sorted[lo..hi].partition_point(|e| !bit(key(e), b));
-        let near = if bit(t, b) { mid..hi } else { lo..mid };
-        if near.is_empty() {
-            continue; // all of [lo, hi) is in the other half: descend there
-        }
-        if near.len() < k {
-            break; // the k closest are the near half and the nearest of the other
-        }
-        (lo, hi) = (near.start, near.end);
-    }
-    lo..hi
 }
 
 /// A closer-peer candidate: from the routing table, or a sibling head.
@@ -293,55 +262,6 @@ mod tests {
         assert!(snap.is_among_closest(&target, &sorted[19], 20));
         assert!(!snap.is_among_closest(&target, &sorted[20], 20));
         assert!(!snap.is_among_closest(&target, &sorted[59], 20));
-    }
-
-    /// The k closest by a full sort, against the run's: the run must hold all of them, for
-    /// spread keys and for clustered ones (shared prefixes, an empty half at the top, a
-    /// target inside or outside the cluster), for every k around the population size.
-    #[test]
-    fn the_prefix_run_holds_the_k_closest() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-        let xor = |a: &[u8; 32], b: &[u8; 32]| -> [u8; 32] { std::array::from_fn(|i| a[i] ^ b[i]) };
-        for n in [0usize, 1, 2, 5, 19, 20, 21, 40, 300, 3000] {
-            for clustered in [false, true] {
-                let mut keys: Vec<[u8; 32]> = (0..n)
-                    .map(|_| {
-                        let mut k: [u8; 32] = rng.gen();
-                        if clustered {
-                            k[0] = 0x5a; // one 8-bit prefix, and bit 0 clear for all
-                            k[1] &= 0x0f;
-                        }
-                        k
-                    })
-                    .collect();
-                keys.sort();
-                for _ in 0..20 {
-                    let mut t: [u8; 32] = rng.gen();
-                    if clustered && rng.gen_bool(0.5) {
-                        t[0] = 0x5a;
-                    }
-                    let mut by_distance = keys.clone();
-                    by_distance.sort_by_cached_key(|key| xor(key, &t));
-                    for k in [1usize, 2, 20, n.saturating_sub(1), n, n + 1] {
-                        let run = prefix_run(&keys, |k| &k[..], &t, k);
-                        let want = &by_distance[..k.min(n)];
-                        let mut got = keys[run.clone()].to_vec();
-                        assert!(got.len() >= k.min(n), "n {n} k {k}: run {run:?} too short");
-                        // And it is a descent, not a scan: about k to 2k entries.
-                        if k >= 1 && n >= 8 * k {
-                            assert!(
-                                run.len() <= 8 * k,
-                                "n {n} k {k} clustered {clustered}: a run of {}",
-                                run.len()
-                            );
-                        }
-                        got.sort_by_cached_key(|key| xor(key, &t));
-                        assert_eq!(&got[..k.min(n)], want, "n {n} k {k} clustered {clustered}");
-                    }
-                }
-            }
-        }
     }
 
     #[test]
