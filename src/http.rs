@@ -206,7 +206,10 @@ async fn status(State(s): State<AppState>) -> Response {
 /// Records of one key as `GET /v1/providers/{cid}` and `hydra providers --json` show them.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ProvidersReport {
-    /// The key as a CIDv1 (raw codec, base32): the DHT keys records by multihash only.
+    /// What was asked for, as given (a CID of any version and codec, or a multihash).
+    pub query: String,
+    /// The key as a CIDv1 (raw codec, base32): the DHT keys records by multihash only, so a
+    /// dag-pb `bafy…` or a `Qm…` asked for is shown here as the `bafk…` of its multihash.
     pub cid: String,
     /// The multihash, hex.
     pub multihash: String,
@@ -229,8 +232,9 @@ fn rfc3339(ms: i64) -> String {
 }
 
 impl ProvidersReport {
-    pub fn new(key: &crate::types::ProviderKey, rows: Vec<StoredProvider>) -> Self {
+    pub fn new(query: &str, key: &crate::types::ProviderKey, rows: Vec<StoredProvider>) -> Self {
         Self {
+            query: query.to_string(),
             cid: key_to_cid(key),
             multihash: hex::encode(key.as_bytes()),
             providers: rows
@@ -268,7 +272,7 @@ async fn providers(
     };
     let limit = q.limit.unwrap_or(1000).min(MAX_INSPECT);
     match s.store.inspect_providers(&key, limit).await {
-        Ok(rows) => Json(ProvidersReport::new(&key, rows)).into_response(),
+        Ok(rows) => Json(ProvidersReport::new(&cid, &key, rows)).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")).into_response(),
     }
 }

@@ -340,7 +340,7 @@ fn main() -> ExitCode {
         Command::Providers { cid, json, limit, .. } => match hydra::keys::parse_provider_key(&cid) {
             Err(e) => Err(Failure(EXIT_CONFIG, format!("{cid:?} is not a CID or multihash: {e}"))),
             Ok(key) => match rt() {
-                Ok(rt) => rt.block_on(providers(query_config(cfg), key, limit, json)),
+                Ok(rt) => rt.block_on(providers(query_config(cfg), &cid, key, limit, json)),
                 Err(code) => return code,
             },
         },
@@ -405,6 +405,7 @@ async fn open_for_query(cfg: &hydra::Config) -> Result<hydra::store::Store, Fail
 
 async fn providers(
     cfg: hydra::Config,
+    query: &str,
     key: hydra::types::ProviderKey,
     limit: usize,
     json: bool,
@@ -412,17 +413,18 @@ async fn providers(
     let store = open_for_query(&cfg).await?;
     let rows = store.inspect_providers(&key, limit.min(hydra::http::MAX_INSPECT)).await;
     store.close().await;
-    let report = hydra::http::ProvidersReport::new(&key, rows?);
+    let report = hydra::http::ProvidersReport::new(query, &key, rows?);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!(
-        "{} (multihash {}): {} provider record(s)",
-        report.cid,
-        report.multihash,
-        report.providers.len()
-    );
+    // Records are keyed by multihash: say which key a CID of another codec or version reduced to.
+    let key_text = if report.query == report.cid {
+        format!("{} (multihash {})", report.cid, report.multihash)
+    } else {
+        format!("{} (multihash {}, as a raw CID {})", report.query, report.multihash, report.cid)
+    };
+    println!("{key_text}: {} provider record(s)", report.providers.len());
     if !report.providers.is_empty() {
         println!("{:<52}  {:<20}  addrs", "provider", "expires");
     }

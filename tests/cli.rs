@@ -288,11 +288,25 @@ fn read_commands_show_a_running_nodes_records_status_and_heads() {
     let out = hydra().args(["providers", &report.multihash, "--data-dir", data_s]).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains(&me) && table.contains("1 provider record"), "{table}");
+    // And by a dag-pb CIDv1 of the same multihash: found, and the answer names what was asked.
+    let dag_pb =
+        multibase::encode(multibase::Base::Base32Lower, [&[0x01, 0x70][..], key.as_bytes()].concat());
+    let out = hydra().args(["providers", &dag_pb, "--data-dir", data_s]).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.starts_with(&format!("{dag_pb} (multihash {}, as a raw CID {cid})", report.multihash)),
+        "{table}"
+    );
+    assert!(table.contains(&me) && table.contains("1 provider record"), "{table}");
 
     // The operator API answers the same.
     let v: serde_json::Value = serde_json::from_str(&p.get(&format!("/v1/providers/{cid}"))).unwrap();
     assert_eq!(v["providers"][0]["peer_id"], me.as_str());
     assert_eq!(v["cid"], cid.as_str());
+    assert_eq!(v["query"], cid.as_str());
+    let v: serde_json::Value = serde_json::from_str(&p.get(&format!("/v1/providers/{dag_pb}"))).unwrap();
+    assert_eq!((&v["query"], &v["cid"]), (&dag_pb.as_str().into(), &cid.as_str().into()));
+    assert_eq!(v["providers"][0]["peer_id"], me.as_str());
 
     // Status from the running node.
     let url = format!("http://{}", p.http);
