@@ -46,7 +46,8 @@ struct Sibling {
 #[derive(Debug)]
 pub struct Siblings {
     entries: Vec<Sibling>,
-    ids: std::collections::HashSet<PeerId>,
+    /// Each head's position in the list [`Siblings::new`] was given (the heads' order).
+    ids: std::collections::HashMap<PeerId, usize>,
     filter: AddressFilter,
 }
 
@@ -63,9 +64,20 @@ impl Siblings {
     ) -> Arc<Self> {
         let mut entries: Vec<Sibling> =
             heads.into_iter().map(|(p, addrs)| Sibling { key: KBucketKey::from(p), addrs }).collect();
+        let ids = entries.iter().enumerate().map(|(i, e)| (*e.key.preimage(), i)).collect();
         entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
-        let ids = entries.iter().map(|e| *e.key.preimage()).collect();
         Arc::new(Self { entries, ids, filter })
+    }
+
+    /// The up to `n` heads closest to `target`, closest first: (peer, position in the heads'
+    /// order).
+    fn nearest(&self, target: &KBucketKey<Vec<u8>>, n: usize) -> Vec<(PeerId, usize)> {
+        let run =
+            &self.entries[prefix_run(&self.entries, |s| s.key.hashed_bytes(), target.hashed_bytes(), n)];
+        let mut by_distance: Vec<_> =
+            run.iter().map(|s| (s.key.distance(target), *s.key.preimage())).collect();
+        by_distance.sort_by_key(|(d, _)| *d);
+        by_distance.into_iter().take(n).map(|(_, p)| (p, self.ids[&p])).collect()
     }
 }
 
@@ -105,7 +117,7 @@ impl RoutingSnapshot {
     pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>, siblings: Arc<Siblings>) -> Self {
         let mut entries: Vec<Entry> = peers
             .into_iter()
-            .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains(p))
+            .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains_key(p))
             .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
             .collect();
         entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
@@ -177,11 +189,26 @@ impl RoutingSnapshot {
 /// answer does not grow with the number of heads.
 const HEADS_ASKED: usize = 4;
 
-/// The snapshots of the (up to [`HEADS_ASKED`]) heads whose IDs are closest to `target`.
+/// The snapshots of the (up to [`HEADS_ASKED`]) heads whose IDs are closest to `target`: by the
+/// siblings' trie walk when the snapshots list these heads (always, once the node has started),
+/// else by a scan.
 fn nearest_heads(
     heads: &[Arc<super::HeadShared>],
     target: &KBucketKey<Vec<u8>>,
 ) -> Vec<Arc<RoutingSnapshot>> {
+    if let Some(first) = heads.first() {
+        let siblings = first.routing.load().siblings.clone();
+        if siblings.entries.len() == heads.len() {
+            let walked: Option<Vec<_>> = siblings
+                .nearest(target, HEADS_ASKED)
+                .into_iter()
+                .map(|(peer, i)| heads.get(i).filter(|h| h.peer_id == peer).map(|h| h.routing.load_full()))
+                .collect();
+            if let Some(snaps) = walked {
+                return snaps;
+            }
+        }
+    }
     let mut by_distance: Vec<_> =
         heads.iter().map(|h| (KBucketKey::from(h.peer_id).distance(target), h)).collect();
     let n = HEADS_ASKED.min(by_distance.len());
@@ -262,6 +289,20 @@ mod tests {
         assert!(snap.is_among_closest(&target, &sorted[19], 20));
         assert!(!snap.is_among_closest(&target, &sorted[20], 20));
         assert!(!snap.is_among_closest(&target, &sorted[59], 20));
+    }
+
+    #[test]
+    fn the_nearest_heads_come_with_their_positions() {
+        let live = Arc::new(ArcSwap::from_pointee(Vec::<Multiaddr>::new()));
+        let heads: Vec<PeerId> = (0..500).map(|_| PeerId::random()).collect();
+        let siblings = Siblings::new(heads.iter().map(|p| (*p, live.clone())), AddressFilter::Any);
+        for i in 0..50u32 {
+            let t = KBucketKey::new(i.to_be_bytes().to_vec());
+            let mut want: Vec<(PeerId, usize)> = heads.iter().copied().zip(0..).collect();
+            want.sort_by_cached_key(|(p, _)| KBucketKey::from(*p).distance(&t));
+            want.truncate(HEADS_ASKED);
+            assert_eq!(siblings.nearest(&t, HEADS_ASKED), want);
+        }
     }
 
     #[test]
