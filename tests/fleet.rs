@@ -353,7 +353,17 @@ async fn a_paused_process_never_serves_an_identity_another_took_over() {
 
     // At once after resuming, A refuses: on the connection it already had, and on new ones.
     for (peer, _) in &a_heads {
-        assert!(client.try_request(*peer, &find_node).await.is_none(), "A served {peer} after a takeover");
+        if let Some(reply) = client.try_request(*peer, &find_node).await {
+            // Seen once in CI under a loaded machine, never reproduced: say what answered.
+            panic!(
+                "A served {peer} after a takeover: a reply of type {} with {} closer peers; A counted {} fenced \
+                 streams, C queued {} (C has no stream from this client unless it answered)",
+                reply.r#type,
+                reply.closer_peers.len(),
+                a.metric("hydra_kad_streams_total", &[("event", "fenced")]),
+                c.metric("hydra_kad_streams_total", &[("event", "queued")]),
+            );
+        }
     }
     // Its listeners close at the head's next tick (200 ms): new connections are refused.
     tokio::time::sleep(Duration::from_millis(1000)).await;
