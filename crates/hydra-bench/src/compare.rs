@@ -410,13 +410,12 @@ struct Conns {
 /// stream modes drive the same connections (reconnecting 33 identities to 100 busy js nodes took
 /// longer than a client waits).
 async fn connect_clients(server: &Server, o: &CompareOpts) -> anyhow::Result<Conns> {
+    let named = || format!("server {}", server.kind.name());
     let mut clients = Vec::with_capacity(o.clients);
     for i in 0..o.clients {
-        clients
-            .push(client(i, &server.heads).await.with_context(|| format!("server {}", server.kind.name()))?);
+        clients.push(client(i, &server.heads).await.with_context(named)?);
     }
-    let finder =
-        client(o.clients, &server.heads).await.with_context(|| format!("server {}", server.kind.name()))?;
+    let finder = client(o.clients, &server.heads).await.with_context(named)?;
     Ok(Conns { clients: Arc::new(clients), finder: Arc::new(vec![finder]) })
 }
 
