@@ -72,13 +72,26 @@ impl Siblings {
     /// The up to `n` heads closest to `target`, closest first: (peer, position in the heads'
     /// order).
     fn nearest(&self, target: &KBucketKey<Vec<u8>>, n: usize) -> Vec<(PeerId, usize)> {
-        let run =
-            &self.entries[prefix_run(&self.entries, |s| s.key.hashed_bytes(), target.hashed_bytes(), n)];
-        let mut by_distance: Vec<_> =
-            run.iter().map(|s| (s.key.distance(target), *s.key.preimage())).collect();
-        by_distance.sort_by_key(|(d, _)| *d);
-        by_distance.into_iter().take(n).map(|(_, p)| (p, self.ids[&p])).collect()
+        nearest_in(&self.entries, |s| &s.key, target, n)
+            .into_iter()
+            .map(|(_, s)| (*s.key.preimage(), self.ids[s.key.preimage()]))
+            .collect()
     }
+}
+
+/// The up to `n` entries of `sorted` (ascending by hashed key) closest to `target`, closest
+/// first, with their distances: the nearest of its [`prefix_run`].
+fn nearest_in<'a, T>(
+    sorted: &'a [T],
+    key: impl Fn(&T) -> &KBucketKey<PeerId>,
+    target: &KBucketKey<Vec<u8>>,
+    n: usize,
+) -> Vec<(KBucketDistance, &'a T)> {
+    let run = &sorted[prefix_run(sorted, |e| key(e).hashed_bytes(), target.hashed_bytes(), n)];
+    let mut by_distance: Vec<_> = run.iter().map(|e| (key(e).distance(target), e)).collect();
+    by_distance.sort_by_key(|(d, _)| *d);
+    by_distance.truncate(n);
+    by_distance
 }
 
 /// A closer-peer candidate: from the routing table, or a sibling head.
@@ -136,21 +149,16 @@ impl RoutingSnapshot {
     /// The up to `n` candidates (table and siblings) closest to `target`, closest first: the
     /// nearest of each list's [`prefix_run`], merged.
     fn nearest(&self, target: &KBucketKey<Vec<u8>>, n: usize) -> Vec<(KBucketDistance, Candidate<'_>)> {
-        let t = target.hashed_bytes();
         let filter = self.siblings.filter;
-        let table = &self.entries[prefix_run(&self.entries, |e| e.key.hashed_bytes(), t, n)];
-        let sibs = &self.siblings.entries[prefix_run(&self.siblings.entries, |s| s.key.hashed_bytes(), t, n)];
+        let table = nearest_in(&self.entries, |e| &e.key, target, n);
+        let sibs = nearest_in(&self.siblings.entries, |s| &s.key, target, n);
         let mut cands: Vec<(KBucketDistance, Candidate<'_>)> = table
-            .iter()
-            .map(Candidate::Table)
-            .chain(sibs.iter().map(|s| Candidate::Sibling(s, filter)))
-            .map(|c| (c.key().distance(target), c))
+            .into_iter()
+            .map(|(d, e)| (d, Candidate::Table(e)))
+            .chain(sibs.into_iter().map(|(d, s)| (d, Candidate::Sibling(s, filter))))
             .collect();
-        if cands.len() > n && n > 0 {
-            cands.select_nth_unstable_by(n - 1, |a, b| a.0.cmp(&b.0));
-        }
-        cands.truncate(n);
         cands.sort_by_key(|c| c.0);
+        cands.truncate(n);
         cands
     }
 
