@@ -65,7 +65,7 @@ impl Siblings {
         let mut entries: Vec<Sibling> =
             heads.into_iter().map(|(p, addrs)| Sibling { key: KBucketKey::from(p), addrs }).collect();
         let ids = entries.iter().enumerate().map(|(i, e)| (*e.key.preimage(), i)).collect();
-        entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
+        sort_by_hashed_key(&mut entries, |s| &s.key);
         Arc::new(Self { entries, ids, filter })
     }
 
@@ -77,6 +77,11 @@ impl Siblings {
             .map(|(_, s)| (*s.key.preimage(), self.ids[s.key.preimage()]))
             .collect()
     }
+}
+
+/// Sort `entries` ascending by hashed Kademlia key: the order [`nearest_in`] walks.
+fn sort_by_hashed_key<T>(entries: &mut [T], key: impl Fn(&T) -> &KBucketKey<PeerId>) {
+    entries.sort_by(|a, b| key(a).hashed_bytes().cmp(key(b).hashed_bytes()));
 }
 
 /// The up to `n` entries of `sorted` (ascending by hashed key) closest to `target`, closest
@@ -133,7 +138,7 @@ impl RoutingSnapshot {
             .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains_key(p))
             .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
             .collect();
-        entries.sort_by(|a, b| a.key.hashed_bytes().cmp(b.key.hashed_bytes()));
+        sort_by_hashed_key(&mut entries, |e| &e.key);
         Self { entries, siblings }
     }
 

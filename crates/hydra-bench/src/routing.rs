@@ -28,7 +28,8 @@ pub(crate) struct RoutingOpts {
     pub runs: usize,
 }
 
-/// This thread's CPU time.
+/// This thread's CPU time, to the nanosecond (`store::cpu_time` reads the process's in 10 ms
+/// ticks, too coarse for a measurement of a few milliseconds).
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the one we pass.
