@@ -184,6 +184,16 @@ pub enum AddressFilter {
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingSection {
     pub address_filter: AddressFilter,
+    /// Peers the process-wide routing table holds (all heads share it). Beyond, a new peer
+    /// replaces the one farthest from every head, or is refused if it is the farthest itself.
+    pub max_peers: usize,
+    /// Bytes the routing table may hold (its entries, their addresses and their copy in the
+    /// published snapshot), bounded like `max_peers`.
+    pub max_bytes: usize,
+    /// A peer not seen alive for this long (no identify, no connection opened or closed) is
+    /// removed.
+    #[serde(with = "humantime_serde")]
+    pub peer_ttl: Duration,
 }
 
 /// Limits of the public Delegated Routing V1 listener (`routing_listen`). Every refusal is
@@ -380,7 +390,12 @@ impl Default for PostgresSection {
 
 impl Default for RoutingSection {
     fn default() -> Self {
-        Self { address_filter: AddressFilter::Public }
+        Self {
+            address_filter: AddressFilter::Public,
+            max_peers: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            peer_ttl: Duration::from_secs(3600),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-pub use labels::{CacheResult, DbOp, Outcome, ShedReason, StreamEvent};
+pub use labels::{CacheResult, DbOp, Outcome, ShedReason, StreamEvent, TABLE_CHANGES};
 pub use unique::UniquePeers;
 
 use crate::config::LoadSection;
@@ -31,6 +31,7 @@ pub struct Metrics {
     pub datastore: DatastoreMetrics,
     pub providers: ProviderMetrics,
     pub heads: HeadMetrics,
+    pub routing_table: RoutingTableMetrics,
     pub load: LoadMetrics,
     pub routing_api: RoutingApiMetrics,
     /// Heap profiles written because memory ran high (`profiles.rs`).
@@ -230,10 +231,61 @@ pub struct ProviderMetrics {
 
 #[derive(Clone)]
 pub struct HeadMetrics {
-    pub routing_table_peers: IntGaugeVec,
     pub connections: IntGaugeVec,
     /// 1 while the head's swarm task runs.
     pub up: IntGaugeVec,
+}
+
+/// The process-wide routing table (`net/table.rs`), which every head answers from.
+#[derive(Clone)]
+pub struct RoutingTableMetrics {
+    pub peers: IntGauge,
+    /// Bytes charged for the table's entries, and `routing.max_bytes`.
+    pub bytes: IntGauge,
+    pub max_bytes: IntGauge,
+    /// Updates by what they did: inserted, updated, evicted (at a bound, for a peer closer to a
+    /// head), refused (at a bound, farther than every kept peer), expired, unreachable, ignored,
+    /// dropped_update (the feed was full).
+    pub changes: IntCounterVec,
+}
+
+impl RoutingTableMetrics {
+    fn new(registry: &Registry) -> Self {
+        let changes = reg(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "hydra_routing_table_changes_total",
+                    "Updates of the process-wide routing table, by what they did",
+                ),
+                &["change"],
+            )
+            .unwrap(),
+        );
+        for c in TABLE_CHANGES {
+            changes.with_label_values(&[c]);
+        }
+        Self {
+            peers: reg(
+                registry,
+                IntGauge::new(
+                    "hydra_routing_table_peers",
+                    "Peers in the process-wide routing table (all heads)",
+                )
+                .unwrap(),
+            ),
+            bytes: reg(
+                registry,
+                IntGauge::new("hydra_routing_table_bytes", "Bytes charged for the routing table's entries")
+                    .unwrap(),
+            ),
+            max_bytes: reg(
+                registry,
+                IntGauge::new("hydra_routing_table_max_bytes", "routing.max_bytes").unwrap(),
+            ),
+            changes,
+        }
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -484,14 +536,6 @@ impl Metrics {
         };
         let load = LoadMetrics::new(registry);
 
-        let routing_table_peers = reg(
-            registry,
-            IntGaugeVec::new(
-                Opts::new("hydra_head_routing_table_peers", "Peers in each head's routing table"),
-                &["head"],
-            )
-            .unwrap(),
-        );
         let up = reg(
             registry,
             IntGaugeVec::new(Opts::new("hydra_head_up", "1 while the head's swarm task runs"), &["head"])
@@ -506,7 +550,6 @@ impl Metrics {
             .unwrap(),
         );
         for h in 0..heads {
-            routing_table_peers.with_label_values(&[&h.to_string()]);
             connections.with_label_values(&[&h.to_string()]);
             up.with_label_values(&[&h.to_string()]);
         }
@@ -548,7 +591,8 @@ impl Metrics {
                 pool_waiting,
             },
             providers,
-            heads: HeadMetrics { routing_table_peers, connections, up },
+            heads: HeadMetrics { connections, up },
+            routing_table: RoutingTableMetrics::new(registry),
             load,
             routing_api: RoutingApiMetrics::new(registry),
             heap_profiles: reg(

@@ -2,10 +2,10 @@
 //! stream tasks that serve requests, the wire format and the routing snapshots.
 //!
 //! Request path, in module order: [`admit`] (the muxer resets new inbound streams the admission
-//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → kad, snapshot
-//! publishing) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
+//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → kad and the
+//! process-wide [`table`]) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
 //! queue) → [`streams`] (dispatcher and per-stream loop with deadlines) → [`requests`] (one
-//! request, by the load tier's policy) → [`routing`] (closer peers from a snapshot) or the
+//! request, by the load tier's policy) → [`routing`] (closer peers from the table's snapshot) or the
 //! provider manager. [`wire`] is the only module that sees protobuf structs; [`addrs`] decides
 //! which addresses may enter a routing table or a reply.
 //!
@@ -21,6 +21,7 @@ pub mod open_streams;
 pub mod requests;
 pub mod routing;
 pub mod streams;
+pub mod table;
 pub mod wire;
 
 pub use head::HeadShared;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use prometheus::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::net::head::{self, HeadShared};
 use crate::net::intake::Intake;
 use crate::net::open_streams::StreamCaps;
+use crate::net::routing::RoutingSnapshot;
 use crate::net::streams::{self, Service};
 use crate::providers::ProviderManager;
 use crate::store::Store;
@@ -151,14 +153,24 @@ impl Node {
                 tracing::info!("started {}/{n} heads", slot + 1);
             }
         }
-        // Every head answers with its siblings (DHT servers spread over the keyspace) from one
-        // shared list; they stay out of kad's routing tables, so heads never dial each other.
+        // Every head answers from one process-wide routing table, with its siblings (DHT servers
+        // spread over the keyspace) from one shared list; they stay out of every routing table,
+        // so heads never dial each other.
         let siblings = crate::net::routing::Siblings::new(
             starting.iter().map(|h| (h.shared.peer_id, h.shared.advertised.clone())),
             cfg.address_filter,
         );
+        let routing = Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default()));
+        let (feed, table_task) = crate::net::table::start(
+            &cfg.routing,
+            siblings,
+            routing.clone(),
+            metrics.routing_table.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(table_task);
         for h in &mut starting {
-            h.set_siblings(siblings.clone());
+            h.set_table(feed.clone());
             for (peer, addr) in &cfg.bootstrap {
                 h.add_peer(*peer, std::slice::from_ref(addr));
             }
@@ -167,6 +179,7 @@ impl Node {
 
         let svc = Arc::new(Service::new(
             heads.clone(),
+            routing.clone(),
             providers.clone(),
             metrics.kad.clone(),
             cfg.limits.clone(),
@@ -251,7 +264,7 @@ impl Node {
         let routing_addr = match routing_listener {
             Some(l) => {
                 let state = crate::http::routing::RoutingState {
-                    heads: heads.clone(),
+                    routing: routing.clone(),
                     providers: providers.clone(),
                     store: store.clone(),
                     load: load.clone(),

@@ -1,9 +1,9 @@
-//! The provider cache's byte budget charges what its entries really hold: the bytes the
-//! allocator hands out for cached answers, counted by a global allocator that wraps the system's,
-//! agree with the cache's own accounting (`hydra_memory_bytes{part="provider_cache"}`). An
-//! accounting that undercounts lets the cache grow past `providers.cache_bytes` in RSS (a soak
-//! showed 1.5× before entries were cut to size). Alone in its binary: the counter is
-//! process-wide.
+//! Byte budgets charge what their entries really hold: the bytes the allocator hands out, counted
+//! by a global allocator that wraps the system's, agree with the structure's own accounting — the
+//! provider cache's (`hydra_memory_bytes{part="provider_cache"}`) and the routing table's
+//! (`hydra_routing_table_bytes`). An accounting that undercounts lets a structure grow past its
+//! budget in RSS (a soak showed 1.5× before cache entries were cut to size). Alone in its binary,
+//! and its tests one at a time: the counter is process-wide.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -36,8 +36,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// One test at a time: each measures the process-wide counter.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_answers_cost_what_the_cache_charges_for_them() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
     let metrics = hydra::metrics::Metrics::new(&registry, 1);
@@ -88,4 +92,41 @@ async fn cached_answers_cost_what_the_cache_charges_for_them() {
     let ratio = held / charged;
     assert!((0.8..=1.25).contains(&ratio), "held / charged = {ratio:.2} ({held} / {charged} bytes)");
     m.shutdown().await;
+}
+
+/// Issue 13: the process-wide routing table with a synthetic population of 20,000 peers (two
+/// addresses each, TCP and QUIC, as most DHT servers announce) and its published snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routing_table_costs_what_it_charges() {
+    use hydra::config::{AddressFilter, RoutingSection};
+    use hydra::net::routing::Siblings;
+    use hydra::net::table::{PeerTable, Update};
+    let _serial = SERIAL.lock().await;
+    let live = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
+    let heads = Siblings::new((0..100).map(|_| (libp2p::PeerId::random(), live.clone())), AddressFilter::Any);
+    let mut table = PeerTable::new(&RoutingSection::default(), heads);
+    let now = std::time::Instant::now();
+    const PEERS: u32 = 20_000;
+    let live_before = LIVE.load(Ordering::Relaxed);
+    for i in 0..PEERS {
+        let ip = format!("{}.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256, 7);
+        let addrs = vec![
+            format!("/ip4/{ip}/tcp/4001").parse().unwrap(),
+            format!("/ip4/{ip}/udp/4001/quic-v1").parse().unwrap(),
+        ];
+        table.apply(Update::Identified { peer: libp2p::PeerId::random(), addrs }, now);
+    }
+    let snapshot = table.snapshot();
+    let held = (LIVE.load(Ordering::Relaxed) - live_before) as f64;
+    let charged = table.bytes() as f64;
+    println!(
+        "{} peers: the allocator holds {held} bytes for the table and its snapshot ({:.0} per peer), \
+         the table charged {charged} ({:.0} per peer)",
+        snapshot.len(),
+        held / PEERS as f64,
+        charged / PEERS as f64
+    );
+    assert_eq!(table.len(), PEERS as usize);
+    let ratio = held / charged;
+    assert!((0.8..=1.25).contains(&ratio), "held / charged = {ratio:.2} ({held} / {charged} bytes)");
 }

@@ -602,3 +602,76 @@ async fn identify_pushes_cannot_grow_a_peers_addresses() {
     driver.abort();
     node.shutdown().await;
 }
+
+/// A DHT server peer that connects to one head and is driven in the background.
+async fn server_peer_of(head: &(PeerId, libp2p::Multiaddr)) -> (PeerId, tokio::task::JoinHandle<()>) {
+    let mut swarm = common::transport_swarm(|k| {
+        let id = k.public().to_peer_id();
+        let mut kad = kad::Behaviour::new(id, kad::store::MemoryStore::new(id));
+        kad.set_mode(Some(kad::Mode::Server)); // identify lists the kad protocol
+        PushingPeer {
+            identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
+                "ipfs/0.1.0".into(),
+                k.public(),
+            )),
+            kad,
+        }
+    });
+    let me = *swarm.local_peer_id();
+    common::listen_local(&mut swarm).await;
+    swarm.dial(head.1.clone().with(libp2p::multiaddr::Protocol::P2p(head.0))).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (me, driver)
+}
+
+/// Issue 13.1: every head answers from one process-wide routing table. 32 DHT servers each
+/// connect to one of 4 heads only; then every head's FIND_NODE answer for random keys is the true
+/// 20 closest among all of them and the heads (less the asker and the head itself) — a head
+/// with its own table would know only the 8 peers that connected to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_head_answers_the_closest_of_all_peers_the_process_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 4, Backend::Sqlite).await;
+    let heads = head_addrs(&node);
+    let mut peers = Vec::new();
+    let mut drivers = Vec::new();
+    for i in 0..32 {
+        let (p, d) = server_peer_of(&heads[i % heads.len()]).await;
+        peers.push(p);
+        drivers.push(d);
+    }
+    let t = std::time::Instant::now();
+    while metric(&node, "hydra_routing_table_peers", &[]) < peers.len() as f64 {
+        assert!(
+            t.elapsed() < WAIT,
+            "the table holds {} peers",
+            metric(&node, "hydra_routing_table_peers", &[])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = RawClient::connect(&heads).await;
+    let everyone: Vec<PeerId> = peers.iter().chain(heads.iter().map(|h| &h.0)).copied().collect();
+    for round in 0..8 {
+        let key = random_key();
+        let find = wire::encode_request(MessageType::FindNode, &key, &[]);
+        let target = kad::KBucketKey::new(key.clone());
+        let mut sorted = everyone.clone();
+        sorted.sort_by_cached_key(|p| kad::KBucketKey::from(*p).distance(&target));
+        for (head, _) in &heads {
+            let want: Vec<PeerId> = sorted.iter().filter(|p| *p != head).take(20).copied().collect();
+            let reply = client.try_request(*head, &find).await.expect("FIND_NODE answered");
+            let got: Vec<PeerId> =
+                reply.closer_peers.iter().map(|p| PeerId::from_bytes(&p.id).unwrap()).collect();
+            assert_eq!(got, want, "round {round}, head {head}");
+            assert!(reply.closer_peers.iter().all(|p| !p.addrs.is_empty()), "every peer with addresses");
+        }
+    }
+    for d in drivers {
+        d.abort();
+    }
+    node.shutdown().await;
+}

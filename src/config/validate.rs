@@ -62,6 +62,8 @@ pub struct Config {
     pub store: StoreKind,
     pub log_format: LogFormat,
     pub address_filter: AddressFilter,
+    /// `[routing]`: the process-wide routing table's bounds.
+    pub routing: crate::config::RoutingSection,
     pub node_name: String,
     pub identity_seed_file: Option<PathBuf>,
     pub lease_ttl: Duration,
@@ -128,6 +130,9 @@ impl ConfigFile {
         };
         let metrics_listen = optional_addr("metrics_listen", &self.metrics_listen)?;
         let routing_listen = optional_addr("routing_listen", &self.routing_listen)?;
+        positive("routing.max_peers", self.routing.max_peers)?;
+        positive("routing.max_bytes", self.routing.max_bytes)?;
+        nonzero_duration("routing.peer_ttl", self.routing.peer_ttl)?;
         let r = &self.routing_api;
         positive("routing_api.max_tracked_ips", r.max_tracked_ips)?;
         positive("routing_api.max_concurrent_requests", r.max_concurrent_requests)?;
@@ -268,6 +273,7 @@ impl ConfigFile {
             store,
             log_format: self.log_format,
             address_filter: self.routing.address_filter,
+            routing: self.routing.clone(),
             limits: self.limits.clone(),
             providers: self.providers.clone(),
             postgres: self.postgres.clone(),

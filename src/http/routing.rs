@@ -5,8 +5,8 @@
 //!   batching) and the load tier, by the same rule as GET_PROVIDERS
 //!   ([`crate::net::requests::providers_in_tier`]); JSON (at most 100) or ndjson, one flushed
 //!   chunk per record, with `Accept: application/x-ndjson`.
-//! - `GET /routing/v1/peers/{peer-id}`: stored addresses, else the heads' routing knowledge.
-//! - `GET /routing/v1/dht/closest/peers/{key}`: the heads' routing knowledge only (never the
+//! - `GET /routing/v1/peers/{peer-id}`: stored addresses, else the process's routing table.
+//! - `GET /routing/v1/dht/closest/peers/{key}`: the process's routing table only (never the
 //!   datastore).
 //! - `GET` / `PUT /routing/v1/ipns/{name}`: `application/vnd.ipfs.ipns-record`, validated by
 //!   [`crate::providers::records`] as PUT_VALUE is.
@@ -36,8 +36,7 @@ use crate::config::RoutingApiSection;
 use crate::keys::{parse_peer_id, parse_provider_key};
 use crate::load::LoadControl;
 use crate::metrics::RoutingApiMetrics;
-use crate::net::routing::{closest_known, known_addrs, K_VALUE};
-use crate::net::HeadShared;
+use crate::net::routing::{RoutingSnapshot, K_VALUE};
 use crate::providers::ProviderManager;
 use crate::store::{now_ms, Store};
 use crate::types::{PeerRecord, ValueRecord};
@@ -55,7 +54,8 @@ const IPNS_RECORD: &str = "application/vnd.ipfs.ipns-record";
 /// What the routing handlers read.
 #[derive(Clone)]
 pub struct RoutingState {
-    pub heads: Arc<Vec<Arc<HeadShared>>>,
+    /// The process-wide routing table's snapshot (every head's).
+    pub routing: Arc<arc_swap::ArcSwap<RoutingSnapshot>>,
     pub providers: ProviderManager,
     pub store: Store,
     pub load: Arc<LoadControl>,
@@ -222,8 +222,8 @@ async fn providers(
     let policy = s.load.policy();
     // "Far" for this process: no head of it is among the k closest it knows to the key.
     let far = || {
-        let closest = closest_known(&s.heads, key.as_bytes(), K_VALUE);
-        !closest.iter().any(|r| s.heads.iter().any(|h| h.peer_id == r.peer))
+        let snap = s.routing.load();
+        !snap.closest(key.as_bytes(), K_VALUE, &[]).iter().any(|r| snap.is_head(&r.peer))
     };
     // The per-IP rate was charged at the door.
     match crate::net::requests::providers_in_tier(&s.providers, &s.load, policy, &key, far, || true).await {
@@ -250,7 +250,7 @@ async fn peers(
         Ok(p) => p,
         Err(e) => return bad_request("not a peer ID", e),
     };
-    let known = known_addrs(&s.heads, &peer);
+    let known = s.routing.load().addrs_of(&peer);
     let policy = s.load.policy();
     let stored = if policy.datastore {
         match tokio::time::timeout(s.cfg.request_timeout, s.store.peer_addrs(&peer)).await {
@@ -285,7 +285,7 @@ async fn closest(
         Ok(k) => k,
         Err(e) => return bad_request("not a CID or peer ID", e),
     };
-    let recs = closest_known(&s.heads, target.as_bytes(), K_VALUE);
+    let recs = s.routing.load().closest(target.as_bytes(), K_VALUE, &[]);
     list(&s.cfg, "Peers", recs, &f, &headers)
 }
 

@@ -206,3 +206,8 @@ impl CacheResult {
         }
     }
 }
+
+/// `hydra_routing_table_changes_total{change}`: what an update of the process-wide routing table
+/// did (`net/table.rs`), and `dropped_update` for one the full feed dropped.
+pub const TABLE_CHANGES: [&str; 8] =
+    ["inserted", "updated", "evicted", "refused", "expired", "unreachable", "ignored", "dropped_update"];

@@ -1,8 +1,9 @@
 //! A head: one libp2p swarm with its own identity and port, owned by one task.
 //!
-//! The swarm task only drives the swarm: it feeds kad (client mode) with addresses learned from
-//! identify, republishes the routing-table snapshot when kad reports a change, and tracks listen
-//! addresses. It never serves a request and never touches the datastore; inbound kad streams
+//! The swarm task only drives the swarm: it feeds kad (client mode, for outbound lookups) and the
+//! process-wide routing table ([`super::table`], which every head answers from) with what it
+//! learns — identify, kad's routing updates, connections opened and closed, dials that failed —
+//! and tracks listen addresses. It never serves a request and never touches the datastore; inbound kad streams
 //! leave it through [`super::intake`] straight into the shared queue.
 
 use std::net::IpAddr;
@@ -25,19 +26,19 @@ use tokio_util::sync::CancellationToken;
 use super::addrs::admitted;
 use super::admit::{Admitting, AdmittingMuxer};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
-use super::routing::{RoutingSnapshot, Siblings};
+use super::table::{TableFeed, Update};
 use super::wire::MAX_ADDRS_PER_PEER;
 use crate::config::{AddressFilter, Config};
 use crate::metrics::HeadMetrics;
 
-/// How often a changed routing table is republished (changes are coalesced in between).
-const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the head checks its lease fence and reports its connections.
+const TICK: Duration = Duration::from_millis(200);
 /// How long a stopping head keeps driving its closing connections (flushing their last replies).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Connections per remote peer per head.
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
-/// The part of a head that other tasks read: identity, addresses, routing snapshot.
+/// The part of a head that other tasks read: identity, addresses, lease.
 pub struct HeadShared {
     /// Slot in this process (head i listens on port_base + i).
     pub index: usize,
@@ -49,8 +50,6 @@ pub struct HeadShared {
     /// What the head tells others to dial: the `announce` addresses if configured, else the
     /// listen addresses (the same `ArcSwap`). Shared with the sibling list.
     pub advertised: Arc<ArcSwap<Vec<Multiaddr>>>,
-    /// Latest routing-table snapshot.
-    pub routing: Arc<ArcSwap<RoutingSnapshot>>,
     /// Whether this head's lease lets it serve (fencing).
     pub lease: LeaseFence,
 }
@@ -125,7 +124,8 @@ pub struct HeadBehaviour {
 /// A head whose swarm is listening but whose task has not started yet.
 pub struct StartingHead {
     pub shared: Arc<HeadShared>,
-    siblings: Arc<Siblings>,
+    /// Where what the head learns about peers goes (set before [`StartingHead::run`]).
+    table: Option<TableFeed>,
     swarm: Swarm<HeadBehaviour>,
     /// The addresses the listeners bound (ports included): listened on again after a fence lifts.
     bound: Vec<Multiaddr>,
@@ -259,18 +259,10 @@ pub async fn bind(
             a.clone().with(Protocol::P2p(peer_id))
         );
     }
-    let shared = Arc::new(HeadShared {
-        index,
-        identity,
-        peer_id,
-        listen_addrs,
-        advertised,
-        routing: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
-        lease,
-    });
+    let shared = Arc::new(HeadShared { index, identity, peer_id, listen_addrs, advertised, lease });
     Ok(StartingHead {
         shared,
-        siblings: Arc::default(),
+        table: None,
         swarm,
         bound: addrs,
         listeners,
@@ -302,9 +294,15 @@ fn announced(templates: &[String], listening: &[Multiaddr]) -> Vec<Multiaddr> {
 }
 
 impl StartingHead {
-    /// The process's heads, answered as closer peers but kept out of kad's routing table.
-    pub fn set_siblings(&mut self, siblings: Arc<Siblings>) {
-        self.siblings = siblings;
+    /// Feed what this head learns about peers into the process-wide routing table.
+    pub fn set_table(&mut self, feed: TableFeed) {
+        self.table = Some(feed);
+    }
+
+    fn learned(&self, update: Update) {
+        if let Some(t) = &self.table {
+            t.send(update);
+        }
     }
 
     /// Add a known DHT server (a bootstrap peer) to the routing table.
@@ -323,9 +321,8 @@ impl StartingHead {
         }
         let head_label = self.shared.index.to_string();
         self.metrics.up.with_label_values(&[&head_label]).set(1);
-        let mut dirty = true;
         let mut fenced = false;
-        let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -348,18 +345,10 @@ impl StartingHead {
                         );
                         break;
                     }
-                    if dirty {
-                        self.publish_snapshot(&head_label);
-                        dirty = false;
-                    }
                     let conns = self.swarm.network_info().connection_counters().num_established();
                     self.metrics.connections.with_label_values(&[&head_label]).set(conns as i64);
                 }
-                ev = self.swarm.select_next_some() => {
-                    if self.on_event(ev) {
-                        dirty = true;
-                    }
-                }
+                ev = self.swarm.select_next_some() => self.on_event(ev),
             }
         }
         self.metrics.up.with_label_values(&[&head_label]).set(0);
@@ -429,20 +418,8 @@ impl StartingHead {
         true
     }
 
-    fn publish_snapshot(&mut self, head_label: &str) {
-        let mut peers = Vec::new();
-        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-            for e in bucket.iter() {
-                peers.push((*e.node.key.preimage(), e.node.value.iter().cloned().collect::<Vec<_>>()));
-            }
-        }
-        let snap = RoutingSnapshot::new(peers, self.siblings.clone());
-        self.metrics.routing_table_peers.with_label_values(&[head_label]).set(snap.len() as i64);
-        self.shared.routing.store(Arc::new(snap));
-    }
-
-    /// Handle one swarm event; returns true if the routing table may have changed.
-    fn on_event(&mut self, ev: SwarmEvent<HeadBehaviourEvent>) -> bool {
+    /// Handle one swarm event.
+    fn on_event(&mut self, ev: SwarmEvent<HeadBehaviourEvent>) {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let mut addrs = (**self.shared.listen_addrs.load()).clone();
@@ -450,47 +427,57 @@ impl StartingHead {
                     addrs.push(address);
                     self.shared.listen_addrs.store(Arc::new(addrs));
                 }
-                false
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 let mut addrs = (**self.shared.listen_addrs.load()).clone();
                 addrs.retain(|a| a != &address);
                 self.shared.listen_addrs.store(Arc::new(addrs));
-                false
             }
             SwarmEvent::Behaviour(HeadBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if info.protocols.contains(&KAD_PROTOCOL) {
-                    let kad = &mut self.swarm.behaviour_mut().kad;
-                    for a in admitted(self.filter, info.listen_addrs) {
-                        kad.add_address(&peer_id, a);
-                    }
-                    // Repeated (unsolicited) identify pushes must not grow a peer's entry: keep
-                    // its newest addresses (kad appends new ones at the end).
-                    let stale: Vec<Multiaddr> = kad
-                        .kbucket(peer_id)
-                        .and_then(|b| {
-                            let e = b.iter().find(|e| *e.node.key.preimage() == peer_id)?;
-                            let all: Vec<Multiaddr> = e.node.value.iter().cloned().collect();
-                            let excess = all.len().saturating_sub(MAX_ADDRS_PER_PEER);
-                            Some(all[..excess].to_vec())
-                        })
-                        .unwrap_or_default();
-                    for a in &stale {
-                        kad.remove_address(&peer_id, a);
-                    }
-                    return true;
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                let addrs = admitted(self.filter, info.listen_addrs);
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for a in &addrs {
+                    kad.add_address(&peer_id, a.clone());
                 }
-                false
+                // Repeated (unsolicited) identify pushes must not grow a peer's entry: keep
+                // its newest addresses (kad appends new ones at the end).
+                let stale: Vec<Multiaddr> = kad
+                    .kbucket(peer_id)
+                    .and_then(|b| {
+                        let e = b.iter().find(|e| *e.node.key.preimage() == peer_id)?;
+                        let all: Vec<Multiaddr> = e.node.value.iter().cloned().collect();
+                        let excess = all.len().saturating_sub(MAX_ADDRS_PER_PEER);
+                        Some(all[..excess].to_vec())
+                    })
+                    .unwrap_or_default();
+                for a in &stale {
+                    kad.remove_address(&peer_id, a);
+                }
+                self.learned(Update::Identified { peer: peer_id, addrs });
             }
-            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(ev)) => {
-                matches!(ev, kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. })
+            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer,
+                addresses,
+                ..
+            })) => {
+                let addrs = admitted(self.filter, addresses.into_vec());
+                self.learned(Update::Routed { peer, addrs });
             }
-            SwarmEvent::ConnectionClosed { .. } => true,
-            _ => false,
+            SwarmEvent::ConnectionEstablished { peer_id, .. }
+            | SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                self.learned(Update::Seen(peer_id));
+            }
+            // Every address failed (not a dial our own limits denied or a condition skipped).
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error: libp2p::swarm::DialError::Transport(_) | libp2p::swarm::DialError::WrongPeerId { .. },
+                ..
+            } => self.learned(Update::Unreachable(peer)),
+            _ => {}
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Answering one decoded request: from the head's routing snapshot (FIND_NODE, closer peers) and
+//! Answering one decoded request: from the process's routing snapshot (FIND_NODE, closer peers) and
 //! from the provider manager (providers, values). What a request may cost depends on the load
 //! tier's [`Policy`](crate::load::Policy), read once per request; nothing here touches a swarm.
 
@@ -84,7 +84,7 @@ fn within_bytes(budget: usize, closer: &mut Vec<PeerRecord>, providers: &mut Vec
 /// Answer one request.
 pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Request) -> (Reply, Outcome) {
     let me = svc.heads[head].peer_id;
-    let closer = |key: &[u8]| svc.heads[head].routing.load().closest(key, K_VALUE, &[peer, me]);
+    let closer = |key: &[u8]| svc.routing.load().closest(key, K_VALUE, &[peer, me]);
     // Every reply within `limits.max_reply_bytes`, closer peers first; what is left out is counted.
     let fit = |closer: &mut Vec<PeerRecord>, providers: &mut Vec<PeerRecord>| {
         let trimmed = within_bytes(svc.limits.max_reply_bytes, closer, providers);
@@ -113,7 +113,7 @@ pub(super) async fn handle(svc: &Service, head: usize, peer: PeerId, req: Reques
             (Reply::Send(Response::FindNode { key, closer }), Outcome::Ok)
         }
         Request::GetProviders { key } => {
-            let far = || !svc.heads[head].routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE);
+            let far = || !svc.routing.load().is_among_closest(key.as_bytes(), &me, K_VALUE);
             let allow = || svc.load.allow_peer(&peer, tier, 1.0);
             let served = providers_in_tier(&svc.providers, &svc.load, policy, &key, far, allow).await;
             let (mut providers, outcome) = match served {

@@ -1,13 +1,13 @@
 //! Routing-table snapshots: how stream tasks answer "closer peers" without waiting on a swarm.
 //!
-//! Each head's swarm task rebuilds a [`RoutingSnapshot`] from its kad routing table when the
-//! table changes and publishes it through an `ArcSwap`; stream tasks load the current snapshot
-//! (a pointer read) and compute the k closest peers to a key from it. The snapshot is immutable,
-//! so readers never block the swarm and the swarm never blocks readers.
+//! The process-wide table's task ([`super::table`]) publishes a [`RoutingSnapshot`] of every peer
+//! the heads learned of through one `ArcSwap` when the table changes; stream tasks of every head
+//! load the current snapshot (a pointer read) and compute the k closest peers to a key from it.
+//! The snapshot is immutable, so readers never block the table and the table never blocks readers.
 //!
 //! A snapshot also holds the process's [`Siblings`] — its other heads, one list shared by all —
-//! so every head answers with its siblings as DHT servers without them ever entering kad's
-//! routing tables (which would make every head dial every other: N² connections).
+//! so every head answers with its siblings as DHT servers without them ever entering a routing
+//! table (which would make every head dial every other: N² connections).
 //!
 //! Both lists are sorted by Kademlia key, so an answer walks the implicit binary trie of the keys
 //! ([`crate::identity::prefix_run`]) instead of scanning them: its cost grows with the logarithm of the heads
@@ -31,7 +31,8 @@ pub const K_VALUE: usize = 20;
 #[derive(Debug, Clone)]
 struct Entry {
     key: KBucketKey<PeerId>,
-    addrs: Vec<Multiaddr>,
+    /// Shared with the process-wide table's row: publishing a snapshot copies no address.
+    addrs: Arc<Vec<Multiaddr>>,
 }
 
 /// A sibling head: its key and its live listen addresses (the head's own ArcSwap).
@@ -46,8 +47,7 @@ struct Sibling {
 #[derive(Debug)]
 pub struct Siblings {
     entries: Vec<Sibling>,
-    /// Each head's position in the list [`Siblings::new`] was given (the heads' order).
-    ids: std::collections::HashMap<PeerId, usize>,
+    ids: std::collections::HashSet<PeerId>,
     filter: AddressFilter,
 }
 
@@ -64,18 +64,20 @@ impl Siblings {
     ) -> Arc<Self> {
         let mut entries: Vec<Sibling> =
             heads.into_iter().map(|(p, addrs)| Sibling { key: KBucketKey::from(p), addrs }).collect();
-        let ids = entries.iter().enumerate().map(|(i, e)| (*e.key.preimage(), i)).collect();
+        let ids = entries.iter().map(|e| *e.key.preimage()).collect();
         sort_by_hashed_key(&mut entries, |s| &s.key);
         Arc::new(Self { entries, ids, filter })
     }
 
-    /// The up to `n` heads closest to `target`, closest first: (peer, position in the heads'
-    /// order).
-    fn nearest(&self, target: &KBucketKey<Vec<u8>>, n: usize) -> Vec<(PeerId, usize)> {
-        nearest_in(&self.entries, |s| &s.key, target, n)
-            .into_iter()
-            .map(|(_, s)| (*s.key.preimage(), self.ids[s.key.preimage()]))
-            .collect()
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.ids.contains(peer)
+    }
+
+    /// The XOR distance from `key` to the nearest head (the largest distance if there is none).
+    pub fn distance_to_nearest(&self, key: &KBucketKey<PeerId>) -> KBucketDistance {
+        nearest_in(&self.entries, |s| &s.key, key, 1)
+            .first()
+            .map_or(KBucketDistance(libp2p::kad::U256::MAX), |(d, _)| *d)
     }
 }
 
@@ -86,10 +88,10 @@ fn sort_by_hashed_key<T>(entries: &mut [T], key: impl Fn(&T) -> &KBucketKey<Peer
 
 /// The up to `n` entries of `sorted` (ascending by hashed key) closest to `target`, closest
 /// first, with their distances: the nearest of its [`prefix_run`].
-fn nearest_in<'a, T>(
+fn nearest_in<'a, T, U>(
     sorted: &'a [T],
     key: impl Fn(&T) -> &KBucketKey<PeerId>,
-    target: &KBucketKey<Vec<u8>>,
+    target: &KBucketKey<U>,
     n: usize,
 ) -> Vec<(KBucketDistance, &'a T)> {
     let run = &sorted[prefix_run(sorted, |e| key(e).hashed_bytes(), target.hashed_bytes(), n)];
@@ -115,7 +117,7 @@ impl Candidate<'_> {
 
     fn record(&self) -> PeerRecord {
         match self {
-            Candidate::Table(e) => PeerRecord { peer: *e.key.preimage(), addrs: e.addrs.clone() },
+            Candidate::Table(e) => PeerRecord { peer: *e.key.preimage(), addrs: (*e.addrs).clone() },
             Candidate::Sibling(s, filter) => PeerRecord {
                 peer: *s.key.preimage(),
                 addrs: s.addrs.load().iter().filter(|a| admit(*filter, a)).cloned().collect(),
@@ -124,7 +126,7 @@ impl Candidate<'_> {
     }
 }
 
-/// An immutable copy of one head's routing table, plus its siblings.
+/// An immutable copy of the process-wide routing table ([`super::table`]), plus the siblings.
 #[derive(Debug, Clone, Default)]
 pub struct RoutingSnapshot {
     entries: Vec<Entry>,
@@ -135,14 +137,25 @@ impl RoutingSnapshot {
     pub fn new(peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>, siblings: Arc<Siblings>) -> Self {
         let mut entries: Vec<Entry> = peers
             .into_iter()
-            .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains_key(p))
-            .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs })
+            .filter(|(p, a)| !a.is_empty() && !siblings.ids.contains(p))
+            .map(|(p, addrs)| Entry { key: KBucketKey::from(p), addrs: Arc::new(addrs) })
             .collect();
         sort_by_hashed_key(&mut entries, |e| &e.key);
         Self { entries, siblings }
     }
 
-    /// Peers in the head's own routing table (siblings not counted).
+    /// A snapshot of entries already sorted by hashed key (the table's order) and free of
+    /// siblings.
+    pub(super) fn sorted(
+        entries: Vec<(KBucketKey<PeerId>, Arc<Vec<Multiaddr>>)>,
+        siblings: Arc<Siblings>,
+    ) -> Self {
+        debug_assert!(entries.windows(2).all(|w| w[0].0.hashed_bytes() < w[1].0.hashed_bytes()));
+        let entries = entries.into_iter().map(|(key, addrs)| Entry { key, addrs }).collect();
+        Self { entries, siblings }
+    }
+
+    /// Peers in the routing table (siblings not counted).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -195,67 +208,17 @@ impl RoutingSnapshot {
             .filter(|r| !r.addrs.is_empty())
             .collect()
     }
-}
 
-/// How many heads' tables an HTTP question asks: the heads closest to the key (their tables
-/// know its neighbourhood best; every table also lists all siblings). Bounded, so the cost of an
-/// answer does not grow with the number of heads.
-const HEADS_ASKED: usize = 4;
-
-/// The snapshots of the (up to [`HEADS_ASKED`]) heads whose IDs are closest to `target`: by the
-/// siblings' trie walk when the snapshots list these heads (always, once the node has started),
-/// else by a scan.
-fn nearest_heads(
-    heads: &[Arc<super::HeadShared>],
-    target: &KBucketKey<Vec<u8>>,
-) -> Vec<Arc<RoutingSnapshot>> {
-    if let Some(first) = heads.first() {
-        let siblings = first.routing.load().siblings.clone();
-        if siblings.entries.len() == heads.len() {
-            let walked: Option<Vec<_>> = siblings
-                .nearest(target, HEADS_ASKED)
-                .into_iter()
-                .map(|(peer, i)| heads.get(i).filter(|h| h.peer_id == peer).map(|h| h.routing.load_full()))
-                .collect();
-            if let Some(snaps) = walked {
-                return snaps;
-            }
-        }
+    /// Whether `peer` is a head of this process.
+    pub fn is_head(&self, peer: &PeerId) -> bool {
+        self.siblings.contains(peer)
     }
-    let mut by_distance: Vec<_> =
-        heads.iter().map(|h| (KBucketKey::from(h.peer_id).distance(target), h)).collect();
-    let n = HEADS_ASKED.min(by_distance.len());
-    if n > 0 && by_distance.len() > n {
-        by_distance.select_nth_unstable_by(n - 1, |a, b| a.0.cmp(&b.0));
-    }
-    by_distance.truncate(n);
-    by_distance.into_iter().map(|(_, h)| h.routing.load_full()).collect()
-}
 
-/// The up to `k` peers closest to `target` that this process knows (the tables of the heads
-/// nearest to it, and every head), closest first — `GET /routing/v1/dht/closest/peers`.
-pub fn closest_known(heads: &[Arc<super::HeadShared>], target: &[u8], k: usize) -> Vec<PeerRecord> {
-    let t = KBucketKey::new(target.to_vec());
-    let mut all: Vec<PeerRecord> = Vec::new();
-    for snap in nearest_heads(heads, &t) {
-        for rec in snap.closest(target, k, &[]) {
-            if !all.iter().any(|r| r.peer == rec.peer) {
-                all.push(rec);
-            }
-        }
+    /// The addresses of `peer` if the table holds it or it is a head of this process —
+    /// `GET /routing/v1/peers`, beside the stored addresses.
+    pub fn addrs_of(&self, peer: &PeerId) -> Option<Vec<Multiaddr>> {
+        self.closest(&peer.to_bytes(), 1, &[]).into_iter().find(|r| r.peer == *peer).map(|r| r.addrs)
     }
-    all.sort_by_key(|r| KBucketKey::from(r.peer).distance(&t));
-    all.truncate(k);
-    all
-}
-
-/// The addresses of `peer` in the routing knowledge of the heads nearest to it (a head of this
-/// process included), if any — `GET /routing/v1/peers`, beside the stored addresses.
-pub fn known_addrs(heads: &[Arc<super::HeadShared>], peer: &PeerId) -> Option<Vec<Multiaddr>> {
-    let t = KBucketKey::new(peer.to_bytes());
-    nearest_heads(heads, &t).iter().find_map(|snap| {
-        snap.closest(&peer.to_bytes(), 1, &[]).into_iter().find(|r| r.peer == *peer).map(|r| r.addrs)
-    })
 }
 
 #[cfg(test)]
@@ -302,20 +265,6 @@ mod tests {
         assert!(snap.is_among_closest(&target, &sorted[19], 20));
         assert!(!snap.is_among_closest(&target, &sorted[20], 20));
         assert!(!snap.is_among_closest(&target, &sorted[59], 20));
-    }
-
-    #[test]
-    fn the_nearest_heads_come_with_their_positions() {
-        let live = Arc::new(ArcSwap::from_pointee(Vec::<Multiaddr>::new()));
-        let heads: Vec<PeerId> = (0..500).map(|_| PeerId::random()).collect();
-        let siblings = Siblings::new(heads.iter().map(|p| (*p, live.clone())), AddressFilter::Any);
-        for i in 0..50u32 {
-            let t = KBucketKey::new(i.to_be_bytes().to_vec());
-            let mut want: Vec<(PeerId, usize)> = heads.iter().copied().zip(0..).collect();
-            want.sort_by_cached_key(|(p, _)| KBucketKey::from(*p).distance(&t));
-            want.truncate(HEADS_ASKED);
-            assert_eq!(siblings.nearest(&t, HEADS_ASKED), want);
-        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use futures::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::head::HeadShared;
 use super::intake::InboundStream;
 use super::requests::{handle, Reply};
+use super::routing::RoutingSnapshot;
 use super::wire::{self, FrameError, MAX_MESSAGE_SIZE};
 use crate::config::LimitsSection;
 use crate::load::LoadControl;
@@ -33,8 +35,10 @@ const SMALL_MESSAGE: usize = 64 * 1024;
 
 /// Everything the stream tasks share.
 pub struct Service {
-    /// The process's heads, by slot: identity and routing snapshot.
+    /// The process's heads, by slot: identity, addresses, lease.
     pub heads: Arc<Vec<Arc<HeadShared>>>,
+    /// The process-wide routing table's snapshot, which every head answers from.
+    pub routing: Arc<ArcSwap<RoutingSnapshot>>,
     pub providers: ProviderManager,
     pub metrics: KadMetrics,
     pub limits: LimitsSection,
@@ -48,6 +52,7 @@ pub struct Service {
 impl Service {
     pub fn new(
         heads: Arc<Vec<Arc<HeadShared>>>,
+        routing: Arc<ArcSwap<RoutingSnapshot>>,
         providers: ProviderManager,
         metrics: KadMetrics,
         limits: LimitsSection,
@@ -55,7 +60,7 @@ impl Service {
     ) -> Self {
         let kib = limits.large_message_budget_bytes / 1024;
         let requests = Semaphore::new(limits.max_concurrent_requests);
-        Self { heads, providers, metrics, limits, load, large_budget: Semaphore::new(kib), requests }
+        Self { heads, routing, providers, metrics, limits, load, large_budget: Semaphore::new(kib), requests }
     }
 
     /// Count a shed request and return its outcome.
