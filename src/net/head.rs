@@ -1,9 +1,9 @@
 //! A head: one libp2p swarm with its own identity and port, owned by one task.
 //!
-//! The swarm task only drives the swarm: it feeds kad (client mode, for outbound lookups) and the
-//! process-wide routing table ([`super::table`], which every head answers from) with what it
-//! learns — identify, kad's routing updates, connections opened and closed, dials that failed —
-//! and tracks listen addresses. It never serves a request and never touches the datastore; inbound kad streams
+//! The swarm task only drives the swarm: it feeds the process-wide routing table
+//! ([`super::table`], which every head answers from) with what it learns — identify, the peers
+//! its kad (client mode, outbound lookups from configured bootstrap peers only) reaches,
+//! connections opened and closed, dials that failed — and tracks listen addresses. It never serves a request and never touches the datastore; inbound kad streams
 //! leave it through [`super::intake`] straight into the shared queue.
 
 use std::net::IpAddr;
@@ -27,7 +27,6 @@ use super::addrs::admitted;
 use super::admit::{Admitting, AdmittingMuxer};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::table::{TableFeed, Update};
-use super::wire::MAX_ADDRS_PER_PEER;
 use crate::config::{AddressFilter, Config};
 use crate::metrics::HeadMetrics;
 
@@ -170,8 +169,8 @@ pub async fn bind(
             kcfg.set_query_timeout(Duration::from_secs(60));
             if cfg.bootstrap.is_empty() {
                 // Nobody to bootstrap from: a periodic bootstrap would find no known peers every
-                // 5 minutes per head. A peer entering the routing table (from identify) still
-                // triggers kad's automatic bootstrap.
+                // 5 minutes per head (peers that connect go to the process-wide table, not to
+                // the head's kad table).
                 kcfg.set_periodic_bootstrap_interval(None);
             }
             let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kcfg);
@@ -305,7 +304,8 @@ impl StartingHead {
         }
     }
 
-    /// Add a known DHT server (a bootstrap peer) to the routing table.
+    /// Add a known DHT server (a bootstrap peer) to the head's kad table, which its outbound
+    /// lookups start from.
     pub fn add_peer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
         for a in addrs {
             self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
@@ -438,25 +438,11 @@ impl StartingHead {
                 info,
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                // Into the process-wide table only: the head's own kad table holds just what its
+                // outbound lookups reach (bootstrap peers and the peers they lead to), so a
+                // thousand heads do not each hold — and automatically bootstrap from — the
+                // peers that happened to connect to them.
                 let addrs = admitted(self.filter, info.listen_addrs);
-                let kad = &mut self.swarm.behaviour_mut().kad;
-                for a in &addrs {
-                    kad.add_address(&peer_id, a.clone());
-                }
-                // Repeated (unsolicited) identify pushes must not grow a peer's entry: keep
-                // its newest addresses (kad appends new ones at the end).
-                let stale: Vec<Multiaddr> = kad
-                    .kbucket(peer_id)
-                    .and_then(|b| {
-                        let e = b.iter().find(|e| *e.node.key.preimage() == peer_id)?;
-                        let all: Vec<Multiaddr> = e.node.value.iter().cloned().collect();
-                        let excess = all.len().saturating_sub(MAX_ADDRS_PER_PEER);
-                        Some(all[..excess].to_vec())
-                    })
-                    .unwrap_or_default();
-                for a in &stale {
-                    kad.remove_address(&peer_id, a);
-                }
                 self.learned(Update::Identified { peer: peer_id, addrs });
             }
             SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(kad::Event::RoutingUpdated {

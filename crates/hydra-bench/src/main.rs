@@ -53,6 +53,10 @@ enum Command {
         /// Run the heads with QUIC listeners too.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         quic: bool,
+        /// Synthetic DHT servers to identify to the heads before the idle wait (they fill the
+        /// process-wide routing table; issue 13 measures RSS with 20,000).
+        #[arg(long, default_value_t = 0)]
+        peers: usize,
     },
     /// Open-loop load against a `hydra run` process on PostgreSQL: capacity, then multiples of it.
     Load {
@@ -145,6 +149,18 @@ enum Command {
         lookups: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// (Used by `startup --peers`.) Synthetic DHT servers: identify `count` fresh identities to
+    /// the heads of the node whose HTTP API is at `http`, starting with head `offset` (in turn),
+    /// print "identified", then keep them up until killed.
+    #[command(hide = true)]
+    SyntheticServers {
+        #[arg(long)]
+        http: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
     /// Closer peers as heads grow: a head's answer from its snapshot (routing table plus every
     /// sibling head), the trie walk against a full scan of the same candidates.
@@ -250,11 +266,12 @@ fn main() -> ExitCode {
                 runs: (*runs).max(1),
             }))
         }
-        Command::Startup { heads, runs, idle, quic } => rt.block_on(startup::startup(
+        Command::Startup { heads, runs, idle, quic, peers } => rt.block_on(startup::startup(
             heads.clone(),
             (*runs).max(1),
             std::time::Duration::from_secs(*idle),
             *quic,
+            *peers,
         )),
         Command::Load {
             database_url,
@@ -312,6 +329,9 @@ fn main() -> ExitCode {
                 streams_per_head: *streams_per_head,
                 probes: *probes,
             }))
+        }
+        Command::SyntheticServers { http, count, offset } => {
+            rt.block_on(startup::synthetic_servers(http.clone(), *count, *offset))
         }
         Command::Routing { heads, peers, queries, runs } => routing::routing(routing::RoutingOpts {
             heads: heads.clone(),

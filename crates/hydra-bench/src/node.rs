@@ -167,15 +167,7 @@ impl NodeProcess {
 
     /// Every head's peer ID and TCP address (`/v1/heads`).
     pub async fn tcp_heads(&self) -> anyhow::Result<Vec<(libp2p::PeerId, libp2p::Multiaddr)>> {
-        let heads: Vec<hydra::http::HeadInfo> =
-            serde_json::from_str(&http_get(&self.http, "/v1/heads").await?)?;
-        Ok(heads
-            .into_iter()
-            .filter_map(|h| {
-                let tcp = h.addrs.iter().find(|a| a.contains("/tcp/"))?.parse().ok()?;
-                Some((h.peer_id.parse().ok()?, tcp))
-            })
-            .collect())
+        tcp_heads_at(&self.http).await
     }
 
     /// Tier changes logged since the last call.
@@ -204,6 +196,18 @@ impl NodeProcess {
         self.drain.abort();
         matches!(res, Ok(Ok(s)) if s.success())
     }
+}
+
+/// Every head's peer ID and TCP address, from the node's `/v1/heads` at `http`.
+pub(crate) async fn tcp_heads_at(http: &str) -> anyhow::Result<Vec<(libp2p::PeerId, libp2p::Multiaddr)>> {
+    let heads: Vec<hydra::http::HeadInfo> = serde_json::from_str(&http_get(http, "/v1/heads").await?)?;
+    Ok(heads
+        .into_iter()
+        .filter_map(|h| {
+            let tcp = h.addrs.iter().find(|a| a.contains("/tcp/"))?.parse().ok()?;
+            Some((h.peer_id.parse().ok()?, tcp))
+        })
+        .collect())
 }
 
 /// `GET path` over HTTP/1.0 from `addr`; the body.
