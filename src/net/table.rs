@@ -152,6 +152,8 @@ pub struct PeerTable {
     ttl: Duration,
     heads: Arc<Siblings>,
     evicted: u64,
+    /// Bumped by every change a reader can see (an entry in or out, new addresses).
+    version: u64,
 }
 
 impl PeerTable {
@@ -165,6 +167,7 @@ impl PeerTable {
             ttl: cfg.peer_ttl,
             heads,
             evicted: 0,
+            version: 0,
         }
     }
 
@@ -218,6 +221,7 @@ impl PeerTable {
                 self.bytes = self.bytes - row.bytes + bytes;
                 row.bytes = bytes;
                 row.addrs = Arc::new(addrs);
+                self.version += 1;
                 // More bytes may pass the byte bound: the farthest go, possibly this peer.
                 while self.bytes > self.max_bytes {
                     self.evict_farthest();
@@ -244,6 +248,7 @@ impl PeerTable {
         self.by_rank.insert((to_head, hash));
         self.bytes += bytes;
         self.rows.insert(hash, Row { key, addrs: Arc::new(addrs), seen: now, to_head, bytes });
+        self.version += 1;
         Change::Inserted
     }
 
@@ -252,6 +257,11 @@ impl PeerTable {
             self.remove(&h);
             self.evicted += 1;
         }
+    }
+
+    /// Changes so far that readers can see: a snapshot taken at another version differs.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Peers evicted at a bound since the last call.
@@ -264,6 +274,7 @@ impl PeerTable {
             Some(row) => {
                 self.by_rank.remove(&(row.to_head, *hash));
                 self.bytes -= row.bytes;
+                self.version += 1;
                 true
             }
             None => false,
@@ -318,7 +329,7 @@ async fn run(
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH);
-    let mut dirty = false;
+    let mut published = table.version();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -327,31 +338,25 @@ async fn run(
                     break;
                 }
                 let now = Instant::now();
-                let before = (table.len(), table.bytes());
                 for u in batch.drain(..) {
                     let change = table.apply(u, now);
                     metrics.changes.with_label_values(&[change.label()]).inc();
-                    dirty |= matches!(change, Change::Inserted | Change::Unreachable);
                 }
                 let evicted = table.take_evicted();
                 metrics.changes.with_label_values(&[Change::Evicted.label()]).inc_by(evicted);
-                // Refreshed liveness alone does not change what readers see; new addresses do.
-                dirty |= (table.len(), table.bytes()) != before;
             }
             _ = publish.tick() => {
-                if dirty {
+                // Refreshed liveness alone does not change what readers see.
+                if table.version() != published {
                     out.store(Arc::new(table.snapshot()));
                     metrics.peers.set(table.len() as i64);
                     metrics.bytes.set(table.bytes() as i64);
-                    dirty = false;
+                    published = table.version();
                 }
             }
             _ = sweep.tick() => {
                 let n = table.expire(Instant::now());
-                if n > 0 {
-                    metrics.changes.with_label_values(&[Change::Expired.label()]).inc_by(n as u64);
-                    dirty = true;
-                }
+                metrics.changes.with_label_values(&[Change::Expired.label()]).inc_by(n as u64);
             }
         }
     }
@@ -464,8 +469,14 @@ mod tests {
         assert_eq!(t.apply(Update::Routed { peer: p, addrs: vec![addr(1)] }, now), Change::Inserted);
         assert_eq!(t.apply(Update::Routed { peer: p, addrs: vec![addr(9)] }, now), Change::Updated);
         assert_eq!(t.snapshot().closest(&p.to_bytes(), 1, &[])[0].addrs, vec![addr(1)]);
+        let v = t.version();
         t.apply(identified(p, vec![addr(2), addr(3)]), now);
         assert_eq!(t.snapshot().closest(&p.to_bytes(), 1, &[])[0].addrs, vec![addr(2), addr(3)]);
+        assert!(t.version() > v, "new addresses are republished");
+        let v = t.version();
+        t.apply(identified(p, vec![addr(2), addr(3)]), now);
+        t.apply(Update::Seen(p), now);
+        assert_eq!(t.version(), v, "the same addresses and a sign of life change nothing readers see");
         assert_eq!(t.apply(identified(head_ids[0], vec![addr(4)]), now), Change::Ignored);
         assert_eq!(t.apply(identified(PeerId::random(), vec![]), now), Change::Ignored);
         assert_eq!(
