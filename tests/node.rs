@@ -515,6 +515,25 @@ struct PushingPeer {
     kad: kad::Behaviour<kad::store::MemoryStore>,
 }
 
+/// A DHT server (kad in server mode: identify lists the kad protocol) listening on loopback.
+async fn server_swarm() -> (libp2p::Swarm<PushingPeer>, PeerId) {
+    let mut swarm = common::transport_swarm(|k| {
+        let id = k.public().to_peer_id();
+        let mut kad = kad::Behaviour::new(id, kad::store::MemoryStore::new(id));
+        kad.set_mode(Some(kad::Mode::Server));
+        PushingPeer {
+            identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
+                "ipfs/0.1.0".into(),
+                k.public(),
+            )),
+            kad,
+        }
+    });
+    let me = *swarm.local_peer_id();
+    common::listen_local(&mut swarm).await;
+    (swarm, me)
+}
+
 /// Drive `swarm` until one of its behaviour events matches `want`.
 async fn until(swarm: &mut libp2p::Swarm<PushingPeer>, want: fn(&PushingPeerEvent) -> bool) {
     use libp2p::swarm::SwarmEvent;
@@ -539,20 +558,7 @@ async fn identify_pushes_cannot_grow_a_peers_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), 1, Backend::Sqlite).await;
     let heads = head_addrs(&node);
-    let mut swarm = common::transport_swarm(|k| {
-        let id = k.public().to_peer_id();
-        let mut kad = kad::Behaviour::new(id, kad::store::MemoryStore::new(id));
-        kad.set_mode(Some(kad::Mode::Server)); // a DHT server: identify lists the kad protocol
-        PushingPeer {
-            identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
-                "ipfs/0.1.0".into(),
-                k.public(),
-            )),
-            kad,
-        }
-    });
-    let me = *swarm.local_peer_id();
-    common::listen_local(&mut swarm).await;
+    let (mut swarm, me) = server_swarm().await;
     let batch = |round: u16| -> Vec<libp2p::Multiaddr> {
         // 20: a libp2p swarm keeps at most 20 external addresses, so a push carries 20 new ones.
         (0..20).map(|i| format!("/ip4/127.0.0.2/tcp/{}", 10_000 + round * 100 + i).parse().unwrap()).collect()
@@ -605,20 +611,7 @@ async fn identify_pushes_cannot_grow_a_peers_addresses() {
 
 /// A DHT server peer that connects to one head and is driven in the background.
 async fn server_peer_of(head: &(PeerId, libp2p::Multiaddr)) -> (PeerId, tokio::task::JoinHandle<()>) {
-    let mut swarm = common::transport_swarm(|k| {
-        let id = k.public().to_peer_id();
-        let mut kad = kad::Behaviour::new(id, kad::store::MemoryStore::new(id));
-        kad.set_mode(Some(kad::Mode::Server)); // identify lists the kad protocol
-        PushingPeer {
-            identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
-                "ipfs/0.1.0".into(),
-                k.public(),
-            )),
-            kad,
-        }
-    });
-    let me = *swarm.local_peer_id();
-    common::listen_local(&mut swarm).await;
+    let (mut swarm, me) = server_swarm().await;
     swarm.dial(head.1.clone().with(libp2p::multiaddr::Protocol::P2p(head.0))).unwrap();
     let driver = tokio::spawn(async move {
         loop {

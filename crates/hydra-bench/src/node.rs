@@ -103,8 +103,25 @@ pub(crate) fn bench_config(
     file.routing.address_filter = hydra::config::AddressFilter::Any;
     file.validate().context("node config")?;
     let path = dir.join("hydra.toml");
-    std::fs::write(&path, toml::to_string(&file)?)?;
+    // Only what differs from the defaults: a `hydra` built from an earlier commit (`compare
+    // --baseline-bin`) refuses keys it does not know, and need not know the defaults added since.
+    let mut set = toml::Value::try_from(&file)?;
+    strip_defaults(&mut set, &toml::Value::try_from(hydra::config::ConfigFile::default())?);
+    std::fs::write(&path, toml::to_string(&set)?)?;
     Ok(path)
+}
+
+/// Remove from `v` every table entry equal to the one in `defaults`, recursively.
+fn strip_defaults(v: &mut toml::Value, defaults: &toml::Value) {
+    let (toml::Value::Table(t), toml::Value::Table(d)) = (v, defaults) else { return };
+    t.retain(|k, val| match d.get(k) {
+        Some(dv) if dv == val => false,
+        Some(dv) => {
+            strip_defaults(val, dv);
+            !matches!(val, toml::Value::Table(t) if t.is_empty())
+        }
+        None => true,
+    });
 }
 
 /// A `hydra run` child process: its HTTP address, and its logs drained so it never blocks.
