@@ -215,8 +215,9 @@ impl PeerTable {
         }
         if let Some(row) = self.rows.get_mut(&hash) {
             row.seen = row.seen.max(now);
-            let addrs = capped(addrs);
-            if replace && !addrs.is_empty() && *row.addrs != addrs {
+            // A kad update of a known peer only says it is alive: its addresses are not read.
+            let addrs = if replace { capped(addrs) } else { Vec::new() };
+            if !addrs.is_empty() && *row.addrs != addrs {
                 let bytes = row_bytes(&addrs);
                 self.bytes = self.bytes - row.bytes + bytes;
                 row.bytes = bytes;
