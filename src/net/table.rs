@@ -142,6 +142,10 @@ fn hash_of(key: &KBucketKey<PeerId>) -> Hash {
     key.hashed_bytes().try_into().expect("Kademlia keys are SHA-256 hashes")
 }
 
+fn hash_of_peer(peer: PeerId) -> Hash {
+    hash_of(&KBucketKey::from(peer))
+}
+
 /// The table itself: owned by one task ([`run`]), pure logic, no I/O.
 pub struct PeerTable {
     rows: BTreeMap<Hash, Row>,
@@ -185,7 +189,7 @@ impl PeerTable {
     }
 
     pub fn contains(&self, peer: &PeerId) -> bool {
-        self.rows.contains_key(&hash_of(&KBucketKey::from(*peer)))
+        self.rows.contains_key(&hash_of_peer(*peer))
     }
 
     /// Apply one update at time `now`.
@@ -193,14 +197,14 @@ impl PeerTable {
         match update {
             Update::Identified { peer, addrs } => self.learn(peer, addrs, true, now),
             Update::Routed { peer, addrs } => self.learn(peer, addrs, false, now),
-            Update::Seen(peer) => match self.rows.get_mut(&hash_of(&KBucketKey::from(peer))) {
+            Update::Seen(peer) => match self.rows.get_mut(&hash_of_peer(peer)) {
                 Some(row) => {
                     row.seen = row.seen.max(now);
                     Change::Updated
                 }
                 None => Change::Ignored,
             },
-            Update::Unreachable(peer) => match self.remove(&hash_of(&KBucketKey::from(peer))) {
+            Update::Unreachable(peer) => match self.remove(&hash_of_peer(peer)) {
                 true => Change::Unreachable,
                 false => Change::Ignored,
             },
@@ -208,11 +212,11 @@ impl PeerTable {
     }
 
     fn learn(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, replace: bool, now: Instant) -> Change {
-        let key = KBucketKey::from(peer);
-        let hash = hash_of(&key);
         if self.heads.contains(&peer) {
             return Change::Ignored;
         }
+        let key = KBucketKey::from(peer);
+        let hash = hash_of(&key);
         if let Some(row) = self.rows.get_mut(&hash) {
             row.seen = row.seen.max(now);
             // A kad update of a known peer only says it is alive: its addresses are not read.
