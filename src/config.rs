@@ -194,6 +194,11 @@ pub struct RoutingSection {
     /// removed.
     #[serde(with = "humantime_serde")]
     pub peer_ttl: Duration,
+    /// Lookups the process starts per minute, for all heads together: each looks up one head's
+    /// own ID from that head's identity, the heads in turn (`net/discovery.rs`). 0: none.
+    pub lookups_per_minute: u32,
+    /// Lookups running at once; a lookup due while this many run is skipped (counted).
+    pub max_lookups_in_flight: usize,
 }
 
 /// Limits of the public Delegated Routing V1 listener (`routing_listen`). Every refusal is
@@ -395,6 +400,8 @@ impl Default for RoutingSection {
             max_peers: 100_000,
             max_bytes: 64 * 1024 * 1024,
             peer_ttl: Duration::from_secs(3600),
+            lookups_per_minute: 120,
+            max_lookups_in_flight: 8,
         }
     }
 }

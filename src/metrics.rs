@@ -18,7 +18,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-pub use labels::{CacheResult, DbOp, Outcome, ShedReason, StreamEvent, TABLE_CHANGES};
+pub use labels::{
+    CacheResult, DbOp, Outcome, ShedReason, StreamEvent, DISCOVERY_REQUESTS, LOOKUP_ENDS, TABLE_CHANGES,
+};
 pub use unique::UniquePeers;
 
 use crate::config::LoadSection;
@@ -32,6 +34,7 @@ pub struct Metrics {
     pub providers: ProviderMetrics,
     pub heads: HeadMetrics,
     pub routing_table: RoutingTableMetrics,
+    pub discovery: DiscoveryMetrics,
     pub load: LoadMetrics,
     pub routing_api: RoutingApiMetrics,
     /// Heap profiles written because memory ran high (`profiles.rs`).
@@ -284,6 +287,55 @@ impl RoutingTableMetrics {
                 IntGauge::new("hydra_routing_table_max_bytes", "routing.max_bytes").unwrap(),
             ),
             changes,
+        }
+    }
+}
+
+/// The process's own lookups (`net/discovery.rs`).
+#[derive(Clone)]
+pub struct DiscoveryMetrics {
+    /// Lookups by how they ended ([`LOOKUP_ENDS`]).
+    pub lookups: IntCounterVec,
+    /// FIND_NODE requests the lookups sent, by result ([`DISCOVERY_REQUESTS`]).
+    pub requests: IntCounterVec,
+    /// Lookups running now.
+    pub in_flight: IntGauge,
+    /// Lookups not started because `routing.max_lookups_in_flight` were running.
+    pub skipped: IntCounter,
+}
+
+impl DiscoveryMetrics {
+    fn new(registry: &Registry) -> Self {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = reg(registry, IntCounterVec::new(Opts::new(name, help), &["result"]).unwrap());
+            for l in labels {
+                c.with_label_values(&[l]);
+            }
+            c
+        };
+        Self {
+            lookups: counter_vec(
+                "hydra_discovery_lookups_total",
+                "Lookups of a head's own ID, from its identity, by how they ended",
+                &LOOKUP_ENDS,
+            ),
+            requests: counter_vec(
+                "hydra_discovery_requests_total",
+                "FIND_NODE requests sent by the process's lookups, by result",
+                &DISCOVERY_REQUESTS,
+            ),
+            in_flight: reg(
+                registry,
+                IntGauge::new("hydra_discovery_lookups_in_flight", "Lookups running now").unwrap(),
+            ),
+            skipped: reg(
+                registry,
+                IntCounter::new(
+                    "hydra_discovery_lookups_skipped_total",
+                    "Lookups not started because routing.max_lookups_in_flight were running",
+                )
+                .unwrap(),
+            ),
         }
     }
 }
@@ -593,6 +645,7 @@ impl Metrics {
             providers,
             heads: HeadMetrics { connections, up },
             routing_table: RoutingTableMetrics::new(registry),
+            discovery: DiscoveryMetrics::new(registry),
             load,
             routing_api: RoutingApiMetrics::new(registry),
             heap_profiles: reg(

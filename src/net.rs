@@ -15,9 +15,11 @@
 
 pub mod addrs;
 pub mod admit;
+pub mod discovery;
 pub mod head;
 pub mod intake;
 pub mod open_streams;
+pub mod outbound;
 pub mod requests;
 pub mod routing;
 pub mod streams;

@@ -171,11 +171,23 @@ impl Node {
         tasks.spawn(table_task);
         for h in &mut starting {
             h.set_table(feed.clone());
-            for (peer, addr) in &cfg.bootstrap {
-                h.add_peer(*peer, std::slice::from_ref(addr));
-            }
         }
         let heads: Arc<Vec<Arc<HeadShared>>> = Arc::new(starting.iter().map(|h| h.shared.clone()).collect());
+        // One lookup budget for every head: each looks up its own ID from its own identity.
+        let discovery = Arc::new(crate::net::discovery::Discovery {
+            heads: heads.clone(),
+            routing: routing.clone(),
+            table: feed.clone(),
+            bootstrap: cfg
+                .bootstrap
+                .iter()
+                .map(|(peer, addr)| crate::types::PeerRecord { peer: *peer, addrs: vec![addr.clone()] })
+                .collect(),
+            filter: cfg.address_filter,
+            lookups_per_minute: cfg.routing.lookups_per_minute,
+            max_in_flight: cfg.routing.max_lookups_in_flight,
+            metrics: metrics.discovery.clone(),
+        });
 
         let svc = Arc::new(Service::new(
             heads.clone(),
@@ -209,16 +221,17 @@ impl Node {
             cancel.clone(),
         ));
         stream_tasks.spawn(streams::dispatch(svc, rx, drain.clone(), stream_tasks.clone()));
-        let bootstrap = !cfg.bootstrap.is_empty();
-        if !bootstrap {
+        if cfg.bootstrap.is_empty() {
             tracing::info!(
-                "no bootstrap peers configured: the heads wait for peers to connect; to join the \
-                 public Amino DHT, start with --config config/amino-bootstrap.toml"
+                "no bootstrap peers configured: the heads look up their neighbourhoods from the \
+                 peers that connect; to join the public Amino DHT, start with --config \
+                 config/amino-bootstrap.toml"
             );
         }
         for h in starting {
-            tasks.spawn(h.run(bootstrap, cancel.clone()));
+            tasks.spawn(h.run(cancel.clone()));
         }
+        tasks.spawn(discovery.run(cancel.clone()));
         // Record the heads' addresses in their leases now, then keep the leases alive.
         let heartbeat = Heartbeat {
             store: store.clone(),

@@ -668,3 +668,109 @@ async fn every_head_answers_the_closest_of_all_peers_the_process_knows() {
     }
     node.shutdown().await;
 }
+
+/// Issue 13.2: discovery without per-head kad tables. 24 DHT servers (rust-libp2p kad, each
+/// knowing all the others) and a node of 4 heads that knows only one of them (its bootstrap
+/// peer), on the shipped `routing.lookups_per_minute`: the process's lookups, one per head from
+/// that head's own identity, fill the process-wide table with the network — and the servers
+/// closest to each head put **that head** in their own routing tables (the heads are visible
+/// to the network, not just a discovery identity). No head is ever asked by a sibling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_from_each_heads_identity_fill_the_table_and_make_the_heads_known() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    const SERVERS: usize = 24;
+    let mut swarms = Vec::new();
+    for _ in 0..SERVERS {
+        let (mut swarm, me) = server_swarm().await;
+        let addr = common::listen_local(&mut swarm).await;
+        swarms.push((swarm, me, addr));
+    }
+    let everyone: Vec<(PeerId, libp2p::Multiaddr)> = swarms.iter().map(|(_, p, a)| (*p, a.clone())).collect();
+    // What each server's kad routing table holds, as it changes.
+    let tables: Arc<Mutex<HashMap<PeerId, HashSet<PeerId>>>> = Default::default();
+    let mut drivers = Vec::new();
+    for (mut swarm, me, _) in swarms {
+        for (p, a) in &everyone {
+            if *p != me {
+                swarm.behaviour_mut().kad.add_address(p, a.clone());
+            }
+        }
+        let tables = tables.clone();
+        drivers.push(tokio::spawn(async move {
+            use libp2p::swarm::SwarmEvent;
+            loop {
+                match swarm.select_next_some().await {
+                    // As go and js DHT servers do: a peer identified as a DHT server is routable
+                    // at its listen addresses.
+                    SwarmEvent::Behaviour(PushingPeerEvent::Identify(
+                        libp2p::identify::Event::Received { peer_id, info, .. },
+                    )) if info.protocols.contains(&hydra::net::KAD_PROTOCOL) => {
+                        for a in info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                        }
+                    }
+                    SwarmEvent::Behaviour(PushingPeerEvent::Kad(kad::Event::RoutingUpdated {
+                        peer, ..
+                    })) => {
+                        tables.lock().unwrap().entry(me).or_default().insert(peer);
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::shipped_config_on(dir.path(), 4, Backend::Sqlite).await;
+    cfg.bootstrap = vec![everyone[0].clone()];
+    let node = hydra::node::Node::start(cfg).await.expect("node starts");
+    let heads = head_addrs(&node);
+    let head_ids: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
+
+    // Each head among the tables of the servers closest to it: all 20 of its 20 closest (the
+    // lookup asks them all) would be the ideal; 15 leaves room for a request lost to a busy
+    // machine.
+    let closest_to = |head: &PeerId| -> Vec<PeerId> {
+        let t = kad::KBucketKey::from(*head);
+        let mut s: Vec<PeerId> = everyone.iter().map(|e| e.0).collect();
+        s.sort_by_key(|p| kad::KBucketKey::from(*p).distance(&t));
+        s.truncate(20);
+        s
+    };
+    let known_by = |head: &PeerId| -> usize {
+        let tables = tables.lock().unwrap();
+        closest_to(head).iter().filter(|s| tables.get(s).is_some_and(|t| t.contains(head))).count()
+    };
+    let t = std::time::Instant::now();
+    loop {
+        let held = metric(&node, "hydra_routing_table_peers", &[]);
+        let known: Vec<usize> = heads.iter().map(|h| known_by(&h.0)).collect();
+        let converged = metric(&node, "hydra_discovery_lookups_total", &[("result", "converged")]);
+        if held >= SERVERS as f64 && known.iter().all(|k| *k >= 15) && converged >= 4.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < WAIT * 2,
+            "after {:?}: the table holds {held} of {SERVERS} servers; each head is known to {known:?} of its 20 closest; \
+             lookups converged {converged}, requests answered {} failed {} timed out {}",
+            t.elapsed(),
+            metric(&node, "hydra_discovery_requests_total", &[("result", "answered")]),
+            metric(&node, "hydra_discovery_requests_total", &[("result", "failed")]),
+            metric(&node, "hydra_discovery_requests_total", &[("result", "timeout")]),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The servers learned of the heads, never of anything else from this process; and no
+    // server's table holds a peer the node invented.
+    let tables = tables.lock().unwrap();
+    let servers: HashSet<PeerId> = everyone.iter().map(|e| e.0).collect();
+    for (s, t) in tables.iter() {
+        assert!(t.iter().all(|p| servers.contains(p) || head_ids.contains(p)), "server {s}: {t:?}");
+    }
+    drop(tables);
+    for d in drivers {
+        d.abort();
+    }
+    node.shutdown().await;
+}

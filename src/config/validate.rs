@@ -133,6 +133,7 @@ impl ConfigFile {
         positive("routing.max_peers", self.routing.max_peers)?;
         positive("routing.max_bytes", self.routing.max_bytes)?;
         nonzero_duration("routing.peer_ttl", self.routing.peer_ttl)?;
+        positive("routing.max_lookups_in_flight", self.routing.max_lookups_in_flight)?;
         let r = &self.routing_api;
         positive("routing_api.max_tracked_ips", r.max_tracked_ips)?;
         positive("routing_api.max_concurrent_requests", r.max_concurrent_requests)?;

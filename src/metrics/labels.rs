@@ -211,3 +211,12 @@ impl CacheResult {
 /// did (`net/table.rs`), and `dropped_update` for one the full feed dropped.
 pub const TABLE_CHANGES: [&str; 8] =
     ["inserted", "updated", "evicted", "refused", "expired", "unreachable", "ignored", "dropped_update"];
+
+/// `hydra_discovery_lookups_total{result}`: how a lookup of the process's discovery ended
+/// (`net/discovery.rs`).
+pub const LOOKUP_ENDS: [&str; 3] = ["converged", "exhausted", "no_peers"];
+
+/// `hydra_discovery_requests_total{result}`: one FIND_NODE a lookup sent — answered, busy (the
+/// head had too many dials or requests in flight), failed (dial, negotiation or stream),
+/// bad_answer (oversized or undecodable), timeout.
+pub const DISCOVERY_REQUESTS: [&str; 5] = ["answered", "busy", "failed", "bad_answer", "timeout"];

@@ -1,10 +1,12 @@
 //! A head: one libp2p swarm with its own identity and port, owned by one task.
 //!
 //! The swarm task only drives the swarm: it feeds the process-wide routing table
-//! ([`super::table`], which every head answers from) with what it learns — identify, the peers
-//! its kad (client mode, outbound lookups from configured bootstrap peers only) reaches,
-//! connections opened and closed, dials that failed — and tracks listen addresses. It never serves a request and never touches the datastore; inbound kad streams
-//! leave it through [`super::intake`] straight into the shared queue.
+//! ([`super::table`], which every head answers from) with what it learns — identify,
+//! connections opened and closed, dials that failed — and tracks listen addresses. It never
+//! serves a request and never touches the datastore; inbound kad streams leave it through
+//! [`super::intake`] straight into the shared queue, and the outbound streams of the process's
+//! lookups ([`super::discovery`]) through [`super::outbound`]. A head runs no `kad::Behaviour`
+//! and has no routing table of its own.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,12 +22,13 @@ use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{connection_limits, identify, kad, noise, ping, quic, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{connection_limits, identify, noise, ping, quic, tcp, yamux, Multiaddr, PeerId, Swarm};
 use tokio_util::sync::CancellationToken;
 
 use super::addrs::admitted;
 use super::admit::{Admitting, AdmittingMuxer};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
+use super::outbound::{Opener, Outbound};
 use super::table::{TableFeed, Update};
 use crate::config::{AddressFilter, Config};
 use crate::metrics::HeadMetrics;
@@ -51,6 +54,8 @@ pub struct HeadShared {
     pub advertised: Arc<ArcSwap<Vec<Multiaddr>>>,
     /// Whether this head's lease lets it serve (fencing).
     pub lease: LeaseFence,
+    /// Opens outbound kad streams from this head's identity (the process's lookups).
+    pub outbound: Opener,
 }
 
 /// Fencing: whether this head may serve its identity. The lease in the datastore lasts `ttl`
@@ -116,8 +121,8 @@ pub struct HeadBehaviour {
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
     server: KadServer,
+    outbound: Outbound,
 }
 
 /// A head whose swarm is listening but whose task has not started yet.
@@ -152,6 +157,7 @@ pub async fn bind(
         move || Admitting::new(yamux::Config::default(), gate)
     };
     let quic_gate = intake.gatekeeper();
+    let (outbound, opener) = Outbound::new();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, mux)
@@ -165,17 +171,6 @@ pub async fn bind(
         .with_dns()
         .context("set up DNS resolution")?
         .with_behaviour(|key| {
-            let mut kcfg = kad::Config::new(KAD_PROTOCOL);
-            kcfg.set_query_timeout(Duration::from_secs(60));
-            if cfg.bootstrap.is_empty() {
-                // Nobody to bootstrap from: a periodic bootstrap would find no known peers every
-                // 5 minutes per head (peers that connect go to the process-wide table, not to
-                // the head's kad table).
-                kcfg.set_periodic_bootstrap_interval(None);
-            }
-            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kcfg);
-            // Pinned: in automatic mode kad would become a server and claim the kad protocol.
-            kad.set_mode(Some(kad::Mode::Client));
             HeadBehaviour {
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
@@ -189,8 +184,8 @@ pub async fn bind(
                         .with_hide_listen_addrs(!cfg.announce.is_empty()),
                 ),
                 ping: ping::Behaviour::default(),
-                kad,
                 server: KadServer::new(index, intake),
+                outbound,
             }
         })
         .context("build head behaviour")?
@@ -258,7 +253,8 @@ pub async fn bind(
             a.clone().with(Protocol::P2p(peer_id))
         );
     }
-    let shared = Arc::new(HeadShared { index, identity, peer_id, listen_addrs, advertised, lease });
+    let shared =
+        Arc::new(HeadShared { index, identity, peer_id, listen_addrs, advertised, lease, outbound: opener });
     Ok(StartingHead {
         shared,
         table: None,
@@ -304,21 +300,8 @@ impl StartingHead {
         }
     }
 
-    /// Add a known DHT server (a bootstrap peer) to the head's kad table, which its outbound
-    /// lookups start from.
-    pub fn add_peer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
-        for a in addrs {
-            self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
-        }
-    }
-
-    /// Run the swarm until `cancel` fires. `bootstrap` starts a kad bootstrap query if peers are known.
-    pub async fn run(mut self, bootstrap: bool, cancel: CancellationToken) {
-        if bootstrap {
-            if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                tracing::warn!(head = self.shared.index, error = %e, "bootstrap not started");
-            }
-        }
+    /// Run the swarm until `cancel` fires.
+    pub async fn run(mut self, cancel: CancellationToken) {
         let head_label = self.shared.index.to_string();
         self.metrics.up.with_label_values(&[&head_label]).set(1);
         let mut fenced = false;
@@ -438,20 +421,8 @@ impl StartingHead {
                 info,
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
-                // Into the process-wide table only: the head's own kad table holds just what its
-                // outbound lookups reach (bootstrap peers and the peers they lead to), so a
-                // thousand heads do not each hold — and automatically bootstrap from — the
-                // peers that happened to connect to them.
                 let addrs = admitted(self.filter, info.listen_addrs);
                 self.learned(Update::Identified { peer: peer_id, addrs });
-            }
-            SwarmEvent::Behaviour(HeadBehaviourEvent::Kad(kad::Event::RoutingUpdated {
-                peer,
-                addresses,
-                ..
-            })) => {
-                let addrs = admitted(self.filter, addresses.into_vec());
-                self.learned(Update::Routed { peer, addrs });
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. }
             | SwarmEvent::ConnectionClosed { peer_id, .. } => {

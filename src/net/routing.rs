@@ -209,6 +209,16 @@ impl RoutingSnapshot {
             .collect()
     }
 
+    /// The up to `n` peers of the routing table alone (no sibling: heads never dial each other)
+    /// closest to `target`: where a lookup starts.
+    pub fn closest_in_table(&self, target: &[u8], n: usize) -> Vec<PeerRecord> {
+        let target = KBucketKey::new(target.to_vec());
+        nearest_in(&self.entries, |e| &e.key, &target, n)
+            .into_iter()
+            .map(|(_, e)| Candidate::Table(e).record())
+            .collect()
+    }
+
     /// Whether `peer` is a head of this process.
     pub fn is_head(&self, peer: &PeerId) -> bool {
         self.siblings.contains(peer)

@@ -47,8 +47,8 @@ const BATCH: usize = 1024;
 pub enum Update {
     /// A DHT server's identify: its (filtered, capped) listen addresses, replacing any older ones.
     Identified { peer: PeerId, addrs: Vec<Multiaddr> },
-    /// A peer kad put into a head's own table (e.g. found by an outbound lookup): inserted with
-    /// these addresses if the table does not know it yet, else only marked alive.
+    /// A peer that answered one of the process's lookups ([`super::discovery`]) at these
+    /// addresses: inserted with them if the table does not know it yet, else only marked alive.
     Routed { peer: PeerId, addrs: Vec<Multiaddr> },
     /// A connection to the peer opened or closed: it is alive (known peers only).
     Seen(PeerId),
