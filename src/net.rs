@@ -2,8 +2,8 @@
 //! stream tasks that serve requests, the wire format and the routing snapshots.
 //!
 //! Request path, in module order: [`admit`] (the muxer resets new inbound streams the admission
-//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → kad and the
-//! process-wide [`table`]) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
+//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → the
+//! process-wide [`table`]; [`outbound`] streams for the process's [`discovery`] lookups) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
 //! queue) → [`streams`] (dispatcher and per-stream loop with deadlines) → [`requests`] (one
 //! request, by the load tier's policy) → [`routing`] (closer peers from the table's snapshot) or the
 //! provider manager. [`wire`] is the only module that sees protobuf structs; [`addrs`] decides

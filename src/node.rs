@@ -36,6 +36,9 @@ use crate::net::streams::{self, Service};
 use crate::providers::ProviderManager;
 use crate::store::Store;
 
+/// Heads binding their listeners at once during start-up.
+const BIND_CONCURRENCY: usize = 32;
+
 /// How long shutdown waits for stream and head tasks before flushing anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -134,10 +137,16 @@ impl Node {
         .await
         .context("derive head keys")?;
         let mut starting = Vec::with_capacity(n);
-        for (h, key) in keys {
-            let slot = h.slot as usize;
-            let fence = head::LeaseFence::new(lease_sent, cfg.lease_ttl);
-            match head::bind(slot, h.index, key, &cfg, intake.clone(), metrics.heads.clone(), fence).await {
+        // Heads bind a few at a time (each waits for its listeners to report), in slot order.
+        let cfg_ref = &cfg;
+        let binding = futures::stream::iter(keys.into_iter().map(|(h, key)| {
+            let fence = head::LeaseFence::new(lease_sent, cfg_ref.lease_ttl);
+            head::bind(h.slot as usize, h.index, key, cfg_ref, intake.clone(), metrics.heads.clone(), fence)
+        }));
+        let mut binding = futures::StreamExt::buffered(binding, BIND_CONCURRENCY);
+        while let Some(bound) = futures::StreamExt::next(&mut binding).await {
+            let slot = starting.len();
+            match bound {
                 Ok(h) => starting.push(h),
                 Err(e) => {
                     // A failed start gives back what it leased: the next run (or another
@@ -153,6 +162,7 @@ impl Node {
                 tracing::info!("started {}/{n} heads", slot + 1);
             }
         }
+        drop(binding);
         // Every head answers from one process-wide routing table, with its siblings (DHT servers
         // spread over the keyspace) from one shared list; they stay out of every routing table,
         // so heads never dial each other.

@@ -279,7 +279,9 @@ impl Discovery {
                     Ok(Ok(closer)) => {
                         self.metrics.requests.with_label_values(&["answered"]).inc();
                         // It answered FIND_NODE from the addresses we dialled: a live DHT server.
-                        self.table.send(Update::Routed { peer, addrs });
+                        // (Filtered: a bootstrap peer's configured address may be one the
+                        // table does not admit, e.g. a private one under `public`.)
+                        self.table.send(Update::Routed { peer, addrs: admitted(self.filter, addrs) });
                         let closer = closer
                             .into_iter()
                             .filter(|r| r.peer != head.peer_id && !ours(&r.peer))
