@@ -245,9 +245,12 @@ impl Discovery {
     /// One lookup of `head`'s own ID from its identity.
     pub async fn lookup(&self, head: &HeadShared) -> LookupEnd {
         let target = head.peer_id.to_bytes();
-        let snapshot = self.routing.load_full();
-        let ours = |p: &PeerId| snapshot.is_head(p);
-        let seeds: Vec<PeerRecord> = snapshot
+        // The current snapshot, loaded per use: a lookup lasting up to a minute must not pin an
+        // old copy of the table (its bytes are charged only while it is the published one).
+        let ours = |p: &PeerId| self.routing.load().is_head(p);
+        let seeds: Vec<PeerRecord> = self
+            .routing
+            .load()
             .closest_in_table(&target, K_VALUE)
             .into_iter()
             .chain(self.bootstrap.iter().filter(|b| !ours(&b.peer)).cloned())
