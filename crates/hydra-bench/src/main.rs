@@ -5,6 +5,7 @@
 
 mod compare;
 mod cpu_quota;
+mod findnode;
 mod idle;
 mod load;
 mod node;
@@ -57,6 +58,12 @@ enum Command {
         /// process-wide routing table; issue 13 measures RSS with 20,000).
         #[arg(long, default_value_t = 0)]
         peers: usize,
+        /// Head i listens on port_base + i, as in a deployment (`port_base` in the node's config);
+        /// 0: ephemeral ports, whose search in the kernel grows with the ports in use (bind(0)
+        /// with 10,000 listeners open; docs/benchmarks.md). Default: the first block of free
+        /// ports from 10,000 up, below the ephemeral range.
+        #[arg(long)]
+        port_base: Option<u16>,
     },
     /// Open-loop load against a `hydra run` process on PostgreSQL: capacity, then multiples of it.
     Load {
@@ -162,6 +169,36 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         offset: usize,
     },
+    /// Node CPU per FIND_NODE over the wire as heads grow (idle CPU taken out), with the table
+    /// full and clients on a few heads, alternating head counts (and builds) in rounds.
+    FindNode {
+        #[arg(long, value_delimiter = ',', default_value = "4,10000")]
+        heads: Vec<usize>,
+        /// Synthetic DHT servers identified to the heads first (issue 13 measures with 20,000).
+        #[arg(long, default_value_t = 20_000)]
+        peers: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Heads the clients connect to (the first ones).
+        #[arg(long, default_value_t = 4)]
+        client_heads: usize,
+        /// FIND_NODE per second, each on a fresh stream.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Seconds of idle CPU read before the load (clients connected).
+        #[arg(long, default_value_t = 10)]
+        idle: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Another `hydra` binary to measure alternately with this checkout's…
+        #[arg(long)]
+        baseline_bin: Option<std::path::PathBuf>,
+        /// …and its label (e.g. the commit it was built from).
+        #[arg(long, default_value = "baseline")]
+        baseline_label: String,
+    },
     /// Closer peers as heads grow: a head's answer from its snapshot (routing table plus every
     /// sibling head), the trie walk against a full scan of the same candidates.
     Routing {
@@ -266,12 +303,13 @@ fn main() -> ExitCode {
                 runs: (*runs).max(1),
             }))
         }
-        Command::Startup { heads, runs, idle, quic, peers } => rt.block_on(startup::startup(
+        Command::Startup { heads, runs, idle, quic, peers, port_base } => rt.block_on(startup::startup(
             heads.clone(),
             (*runs).max(1),
             std::time::Duration::from_secs(*idle),
             *quic,
             *peers,
+            *port_base,
         )),
         Command::Load {
             database_url,
@@ -333,6 +371,28 @@ fn main() -> ExitCode {
         Command::SyntheticServers { http, count, offset } => {
             rt.block_on(startup::synthetic_servers(http.clone(), *count, *offset))
         }
+        Command::FindNode {
+            heads,
+            peers,
+            clients,
+            client_heads,
+            rate,
+            seconds,
+            idle,
+            rounds,
+            baseline_bin,
+            baseline_label,
+        } => rt.block_on(findnode::find_node(findnode::FindNodeOpts {
+            heads: heads.clone(),
+            peers: *peers,
+            clients: (*clients).max(1),
+            client_heads: *client_heads,
+            rate: *rate,
+            seconds: (*seconds).max(1),
+            idle: (*idle).max(1),
+            rounds: (*rounds).max(1),
+            baseline: baseline_bin.clone().map(|b| (baseline_label.clone(), b)),
+        })),
         Command::Routing { heads, peers, queries, runs } => routing::routing(routing::RoutingOpts {
             heads: heads.clone(),
             peers: *peers,

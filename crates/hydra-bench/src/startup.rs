@@ -17,11 +17,17 @@ pub(crate) async fn startup(
     idle: Duration,
     quic: bool,
     peers: usize,
+    port_base: Option<u16>,
 ) -> anyhow::Result<()> {
     let hydra = crate::node::hydra_binary()?;
     println!(
         "hydra-bench startup: {runs} runs per head count, {peers} synthetic DHT servers identified to the heads, \
-         idle {idle:?} before reading RSS, QUIC {quic}"
+         idle {idle:?} before reading RSS, QUIC {quic}, {}",
+        match port_base {
+            Some(0) => "ephemeral ports".to_owned(),
+            Some(b) => format!("ports from {b}"),
+            None => "ports from the first free block above 10,000".to_owned(),
+        }
     );
     println!(
         "{:>6}  {:>16}  {:>14}  {:>16}  {:>12}  {:>12}",
@@ -32,9 +38,14 @@ pub(crate) async fn startup(
         for _ in 0..runs {
             let dir = std::env::temp_dir().join(format!("hydra-bench-startup-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
+            let base = match port_base {
+                Some(b) => b,
+                None => free_port_block(n, quic).context("find a block of free ports for the heads")?,
+            }
+            .to_string();
             let t = Instant::now();
             // The synthetic servers announce loopback addresses: the table must admit them.
-            let args = loopback_run_args(n, &dir, "bench", quic, &["--address-filter", "any"]);
+            let args = loopback_run_args(n, &dir, "bench", quic, &["--address-filter", "any", "--port-base", &base]);
             let node = NodeProcess::spawn(&hydra, &args, Duration::from_secs(600)).await?;
             secs.push(t.elapsed().as_secs_f64());
             let servers = if peers > 0 { populate(&node, peers).await? } else { Vec::new() };
@@ -59,6 +70,27 @@ pub(crate) async fn startup(
     Ok(())
 }
 
+/// The first port p ≥ 10,000 such that p … p + n − 1 are free on 127.0.0.1 (TCP, and UDP with
+/// QUIC) and end below the kernel's ephemeral range (32,768 by default), as an operator picks
+/// `port_base`.
+pub(crate) fn free_port_block(n: usize, quic: bool) -> anyhow::Result<u16> {
+    let free = |p: u16| {
+        std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && (!quic || std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+    };
+    let mut base = 10_000usize;
+    'search: while base + n <= 32_768 {
+        for p in base..base + n {
+            if !free(p as u16) {
+                base = p + 1;
+                continue 'search;
+            }
+        }
+        return Ok(base as u16);
+    }
+    anyhow::bail!("no {n} consecutive free ports between 10,000 and 32,767; pass --port-base")
+}
+
 /// A synthetic DHT server: identify lists the kad protocol (accepted by `streams`), but it runs
 /// no kad behaviour — 20,000 of them bootstrapping and querying each other would be a storm on
 /// two cores. Kad streams the heads open to it are closed unanswered.
@@ -76,7 +108,7 @@ const SERVERS_PER_PROCESS: usize = 6_000;
 /// binary ([`synthetic_servers`], at most [`SERVERS_PER_PROCESS`] each); returns when all have
 /// been identified. The children stay up (and are killed when dropped), so a head that dials a
 /// server later (kad's bootstrap) reaches it, as on a real network.
-async fn populate(node: &NodeProcess, n: usize) -> anyhow::Result<Vec<tokio::process::Child>> {
+pub(crate) async fn populate(node: &NodeProcess, n: usize) -> anyhow::Result<Vec<tokio::process::Child>> {
     use tokio::io::AsyncBufReadExt as _;
     let t = Instant::now();
     let exe = std::env::current_exe()?;
