@@ -195,7 +195,8 @@ pub struct RoutingSection {
     #[serde(with = "humantime_serde")]
     pub peer_ttl: Duration,
     /// Lookups the process starts per minute, for all heads together: each looks up one head's
-    /// own ID from that head's identity, the heads in turn (`net/discovery.rs`). 0: none.
+    /// own ID from that head's identity, the heads in turn (`net/discovery.rs`); a head whose
+    /// last lookup converged waits 5 minutes. 0: none.
     pub lookups_per_minute: u32,
     /// Lookups running at once; a lookup due while this many run is skipped (counted).
     pub max_lookups_in_flight: usize,
