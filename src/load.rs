@@ -29,9 +29,9 @@
 //! the datastore, a moment in which every reader waits, is not taken for an overload; for the
 //! same reason a queue's fill signals only what it held over the last second.
 //!
-//! Under CPU distress (the runtime lag at or above `degrade.runtime_lag_ms`) new inbound streams
-//! are admitted by rate ([`admission`]) and the rest reset in the muxer before negotiation; open
-//! streams keep being served.
+//! Under CPU distress (the runtime lag at or above `admission_lag_ms`) new inbound streams are
+//! admitted by rate ([`admission`]) and the rest reset in the muxer before negotiation; open
+//! streams keep being served. Far past capacity the node sheds connections too.
 //!
 //! Two rate limits (governor) apply in every tier: a per-process budget of datastore statements
 //! per second (the hard ceiling), which makes flushes and lookups wait — so batches grow and the

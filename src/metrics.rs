@@ -146,6 +146,11 @@ pub struct LoadMetrics {
     /// New inbound streams admitted per second while admission limits them; -1 while every
     /// stream is admitted.
     pub admission_rate: IntGauge,
+    /// New inbound connections admitted per second while the CPU is short (0 while shedding
+    /// connections); -1 while every connection is admitted.
+    pub admission_connection_rate: IntGauge,
+    /// 1 while the node sheds connections.
+    pub shedding_connections: IntGauge,
 }
 
 impl LoadMetrics {
@@ -190,6 +195,11 @@ pub struct KadMetrics {
     pub requests_in_flight: IntGauge,
     /// Inbound connections refused at `limits.max_connections_per_ip`.
     pub connections_denied: IntCounter,
+    /// Inbound connections closed by connection shedding (the CPU is short).
+    pub connections_shed: IntCounter,
+    /// New inbound connections refused before their handshake because the CPU is short
+    /// (shedding, or over the admitted connection rate).
+    pub connections_refused: IntCounter,
     /// Peers (providers or closer peers) left out of replies to keep them within
     /// `limits.max_reply_bytes`.
     pub reply_peers_trimmed: IntCounter,
@@ -394,6 +404,22 @@ impl Metrics {
             IntCounter::new(
                 "hydra_kad_connections_denied_total",
                 "Inbound connections refused because their IP address had limits.max_connections_per_ip",
+            )
+            .unwrap(),
+        );
+        let connections_shed = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_connections_shed_total",
+                "Inbound connections closed because the node sheds connections while its CPU is short",
+            )
+            .unwrap(),
+        );
+        let connections_refused = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_connections_refused_total",
+                "New inbound connections refused before their handshake because the CPU is short",
             )
             .unwrap(),
         );
@@ -630,6 +656,8 @@ impl Metrics {
                 active_streams,
                 requests_in_flight,
                 connections_denied,
+                connections_shed,
+                connections_refused,
                 reply_peers_trimmed,
                 unique: Arc::new(UniquePeers::default()),
                 unique_peers,
@@ -791,8 +819,25 @@ impl LoadMetrics {
                 )
                 .unwrap(),
             ),
+            admission_connection_rate: reg(
+                registry,
+                IntGauge::new(
+                    "hydra_load_admission_connections_per_second",
+                    "New inbound connections admitted per second while the CPU is short (0: shedding; -1: all admitted)",
+                )
+                .unwrap(),
+            ),
+            shedding_connections: reg(
+                registry,
+                IntGauge::new(
+                    "hydra_load_shedding_connections",
+                    "1 while the node closes inbound connections and refuses new ones (CPU short, most new streams reset)",
+                )
+                .unwrap(),
+            ),
         };
         m.admission_rate.set(-1);
+        m.admission_connection_rate.set(-1);
         m.peer_share.set(-1.0);
         m.set_thresholds(&LoadSection::default());
         m

@@ -412,4 +412,12 @@ impl SignalSource for NodeSignals {
     fn inbound_queue(&self) -> (usize, usize) {
         self.intake.queue_fill()
     }
+
+    fn requests_served(&self) -> u64 {
+        self.intake.requests_served()
+    }
+
+    fn streams_reset_late(&self) -> u64 {
+        self.intake.streams_reset_late()
+    }
 }

@@ -315,6 +315,19 @@ async fn admission_becomes(node: &hydra::Node, want: Option<u32>) {
     }
 }
 
+/// Wait (≤ 10 s) until new connections are admitted at `want` per second (None: all).
+async fn connections_become(node: &hydra::Node, want: Option<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = node.load().status().and_then(|s| s.admission_connections_per_second);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "connections admitted at {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// CPU distress, pinned (`load.force_admission_per_second`): new streams are reset at once,
 /// streams opened before keep serving FIND_NODE, and a small rate admits a few of a burst.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,8 +341,12 @@ async fn admission_resets_new_streams_while_open_streams_keep_serving() {
     RawClient::request(&mut open, &ping).await.unwrap();
 
     let file = dir.path().join("hydra.toml");
+    // The stream gate alone: connection shedding off, or the burst below (far more offered than
+    // admitted) would close this client's connection and its open stream with it — that is
+    // `shedding_closes_busy_connections_refuses_new_ones_fast_and_ends`.
     let pinned = |rate| LoadSection {
         force_admission_per_second: Some(rate),
+        admission_shed_ratio: 0.0,
         ..node.load().config().as_ref().clone()
     };
     write_load(&file, &pinned(0));
@@ -379,6 +396,7 @@ async fn runtime_lag_starts_admission_by_rate_and_its_end_opens_it() {
     // Computed, not forced: the tier and admission follow the signals in this test.
     cfg.load.force_tier = None;
     cfg.load.degrade.runtime_lag_ms = hydra::config::LoadSection::default().degrade.runtime_lag_ms;
+    cfg.load.admission_lag_ms = hydra::config::LoadSection::default().admission_lag_ms;
     let node = hydra::Node::start(cfg).await.expect("node starts");
     let hog = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let hogs: Vec<_> = (0..2)
@@ -402,7 +420,7 @@ async fn runtime_lag_starts_admission_by_rate_and_its_end_opens_it() {
     };
     assert!(limited >= node.load().config().admission_min_streams_per_second, "never below the floor");
     let lag = metric(&node, "hydra_load_signal", &[("signal", "runtime_lag_ms")]);
-    assert!(lag >= 20.0, "lag signal {lag} ms");
+    assert!(lag >= node.load().config().admission_lag_ms, "lag signal {lag} ms");
     hog.store(false, std::sync::atomic::Ordering::Relaxed);
     for h in hogs {
         h.await.unwrap();
@@ -465,5 +483,119 @@ async fn admission_gates_quic_streams_too() {
     admission_becomes(&node, Some(0)).await;
     assert!(ask().await.is_none(), "a new QUIC stream is refused");
     assert_eq!(metric(&node, "hydra_kad_streams_total", &[("event", "admission")]), 1.0);
+    node.shutdown().await;
+}
+
+/// Dial `head` from `src`: how long until the connection was established (Ok) or refused (Err).
+async fn dial_from(src: std::net::Ipv4Addr, head: &(libp2p::PeerId, libp2p::Multiaddr)) -> Result<Duration, Duration> {
+    use futures::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+    let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
+    let asked = Instant::now();
+    swarm.dial(head.1.clone().with(libp2p::multiaddr::Protocol::P2p(head.0))).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => return Ok(asked.elapsed()),
+                SwarmEvent::OutgoingConnectionError { .. } => return Err(asked.elapsed()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    end.expect("the dial ends, one way or the other, in time")
+}
+
+/// Far past capacity (pinned: 20 new streams/s admitted while clients offer hundreds), the node
+/// sheds connections: busy inbound connections are closed, new ones are refused before their
+/// handshake — the client learns within a round trip, not at its timeout — while a connection
+/// that opens no new streams keeps its open stream and FIND_NODE on it; once the excess is gone
+/// shedding ends and new connections are admitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_forced(dir.path(), 1, Backend::Sqlite, Tier::Normal).await;
+    let heads = head_addrs(&node);
+    let head = heads[0].0;
+    let ping = wire::encode_request(MessageType::Ping, &[], &[]);
+    let find = wire::encode_request(MessageType::FindNode, &random_key(), &[]);
+    // A quiet client holds one open stream and opens no others.
+    let quiet = RawClient::connect_from(std::net::Ipv4Addr::new(127, 0, 3, 1), &heads).await;
+    let mut open = quiet.open(head).await;
+    RawClient::request(&mut open, &ping).await.unwrap();
+    let busy: Vec<RawClient> = futures::future::join_all(
+        (0..8).map(|i| RawClient::connect_from(std::net::Ipv4Addr::new(127, 0, 3, 10 + i), &heads)),
+    )
+    .await;
+
+    let file = dir.path().join("hydra.toml");
+    let pinned = |rate: Option<u32>| LoadSection {
+        force_admission_per_second: rate,
+        ..node.load().config().as_ref().clone()
+    };
+    write_load(&file, &pinned(Some(20)));
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, Some(20)).await;
+    // CPU short: new connections by rate, once the gate has had room for a few seconds.
+    connections_become(&node, Some(20)).await;
+
+    // Each busy client opens a new stream every 10 ms: 800/s offered against 20/s admitted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused_fast = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused_slow = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = futures::future::join_all(busy.iter().map(|c| {
+        let (stop, fast, slow, ping) = (stop.clone(), refused_fast.clone(), refused_slow.clone(), ping.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                if tokio::time::timeout(Duration::from_secs(5), c.try_request(head, &ping)).await.ok().flatten().is_none() {
+                    let counter = if asked.elapsed() < Duration::from_secs(1) { &fast } else { &slow };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }));
+    let watch = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metric(&node, "hydra_kad_connections_shed_total", &[]) < 1.0 {
+            assert!(Instant::now() < deadline, "no connection shed in 20 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Checked at once: shedding ends two calm seconds after the busy connections are gone.
+        assert_eq!(metric(&node, "hydra_load_shedding_connections", &[]), 1.0);
+        let status = node.load().status().unwrap();
+        assert!(status.shedding_connections);
+        assert_eq!(status.admission_connections_per_second, Some(0));
+        // A new connection is refused before its handshake, at once.
+        let dial = dial_from(std::net::Ipv4Addr::new(127, 0, 3, 99), &heads[0]).await;
+        let took = dial.expect_err("a new connection is refused while shedding");
+        assert!(took < Duration::from_secs(1), "refused after {took:?}");
+        assert!(metric(&node, "hydra_kad_connections_refused_total", &[]) >= 1.0);
+        // The quiet connection was not cut: its open stream still answers FIND_NODE.
+        let reply = RawClient::request(&mut open, &find).await.expect("the quiet connection's stream");
+        assert_eq!(reply.r#type, MessageType::FindNode as i32);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    futures::future::join(load, watch).await;
+    assert!(refused_fast.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert_eq!(
+        refused_slow.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "every refused request learned it within a second"
+    );
+
+    // The excess gone: shedding ends (two calm seconds) and, after a few seconds with room, a
+    // new connection is admitted (by rate while the gate is still pinned).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.load().status().unwrap().shedding_connections {
+        assert!(Instant::now() < deadline, "still shedding 20 s after the load stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connections_become(&node, Some(20)).await;
+    dial_from(std::net::Ipv4Addr::new(127, 0, 3, 100), &heads[0]).await.expect("admitted again");
+    write_load(&file, &pinned(None));
+    assert_eq!(reload(&node).await.0, 200);
+    admission_becomes(&node, None).await;
     node.shutdown().await;
 }

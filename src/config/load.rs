@@ -69,14 +69,28 @@ pub struct LoadSection {
     /// served late; this bounds queueing delay whatever the offered load.
     #[serde(with = "humantime_serde")]
     pub stream_queue_max_wait: Duration,
-    /// While the runtime lag is at or above `degrade.runtime_lag_ms` (the CPU is short), new
-    /// inbound streams are admitted by rate — the rate found by additive increase, multiplicative
-    /// decrease on the lag — and the rest reset at once; never fewer than this many per second.
+    /// The runtime lag (ms, the mean delay of a 5 ms timer over the last second) that admission
+    /// by rate holds the node at: at or above it new inbound streams are admitted by rate — the
+    /// rate found by additive increase, multiplicative decrease on the lag — and the rest reset
+    /// at once. Lower than `degrade.runtime_lag_ms`: every request waits about this long for a
+    /// worker, so it bounds latency (measured under a CPU quota, `docs/benchmarks.md`: a mean lag
+    /// of 4 ms went with a GET_PROVIDERS p99 of 30 ms, 10 ms with 150 ms). 0: no admission by
+    /// rate.
+    pub admission_lag_ms: f64,
+    /// Admission by rate never admits fewer new streams than this per second.
     pub admission_min_streams_per_second: u32,
     /// Pin the admitted rate of new inbound streams (streams/s; 0 resets every new stream)
     /// instead of computing it: for drills and measurements. Absent: computed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force_admission_per_second: Option<u32>,
+    /// While the CPU is short and more than this many new streams are offered per admitted one
+    /// (2: more than half are reset), the node sheds connections: it closes a share of its
+    /// inbound connections and refuses new ones before their handshake, so that a reset stream's
+    /// transport work does not eat the CPU. 0: never.
+    pub admission_shed_ratio: f64,
+    /// While the CPU is short (new streams admitted by rate) but not shedding, new inbound
+    /// connections are admitted at this rate and the rest refused before their handshake.
+    pub admission_connections_per_second: u32,
     /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
     pub degrade: Thresholds,
     pub refuse: Thresholds,
@@ -102,8 +116,11 @@ impl Default for LoadSection {
             max_tracked_peers: 100_000,
             degrade_skip_refresh_if_remaining: Duration::from_secs(24 * 3600),
             stream_queue_max_wait: Duration::from_millis(25),
+            admission_lag_ms: 6.0,
             admission_min_streams_per_second: 100,
             force_admission_per_second: None,
+            admission_shed_ratio: 2.0,
+            admission_connections_per_second: 20,
             degrade,
             refuse,
             peak,
@@ -127,6 +144,19 @@ impl LoadSection {
             return Err(invalid(
                 "load.exit_ratio",
                 format!("must be between 0 and 1, got {}", self.exit_ratio),
+            ));
+        }
+        if !(self.admission_lag_ms.is_finite() && self.admission_lag_ms >= 0.0) {
+            return Err(invalid(
+                "load.admission_lag_ms",
+                format!("must be 0 (no admission by rate) or more, got {}", self.admission_lag_ms),
+            ));
+        }
+        let r = self.admission_shed_ratio;
+        if !(r == 0.0 || (r.is_finite() && r > 1.0)) {
+            return Err(invalid(
+                "load.admission_shed_ratio",
+                format!("must be 0 (never shed connections) or above 1, got {r}"),
             ));
         }
         positive("load.max_tracked_peers", self.max_tracked_peers)?;
@@ -178,9 +208,9 @@ pub fn default_thresholds() -> [Thresholds; 3] {
             // refuse: failed writes stay buffered and are retried, refused ones would be lost.
             datastore_error_ratio: 0.05,
             rss_mib: 0.0,
-            // The CPU is short: every task waits this long (mean) for a worker. Also where
-            // admission by rate starts (`admission_min_streams_per_second`). Not a reason to
-            // refuse: answering with less costs the CPU about as much as a real answer.
+            // The CPU is short: every task waits this long (mean) for a worker (admission by rate
+            // holds the lag lower, at `admission_lag_ms`, when it can). Not a reason to refuse:
+            // answering with less costs the CPU about as much as a real answer.
             runtime_lag_ms: 20.0,
         },
         // refuse: the datastore itself is in distress (latency, pool wait). Not on the bounded

@@ -1,21 +1,33 @@
-//! Admission of new inbound streams by rate while the CPU is short.
+//! Admission of new inbound streams and connections while the CPU is short.
 //!
 //! When the node's CPU is saturated, answering every request with less (closer peers only)
 //! costs about as much as a real answer, so it does not free the CPU. Instead new streams are
 //! admitted at the rate the node can serve and the rest reset at once, in the stream muxer
-//! ([`crate::net::admit`]) — the cheapest point we control, before negotiation, a stream task,
-//! a queue slot or a decode. Streams already open keep being
-//! served, and once a request is read the tier's [`super::Policy`] applies (FIND_NODE and PING
-//! always served). See `docs/decisions/2026-12-01-admission-by-rate.md`.
+//! ([`crate::net::admit`]) — before negotiation, a stream task, a queue slot or a decode. Streams
+//! already open keep being served, and once a request is read the tier's [`super::Policy`]
+//! applies (FIND_NODE and PING always served). See
+//! `docs/decisions/2026-12-01-admission-by-rate.md`.
 //!
-//! The rate is computed in one place, the load controller, from the measured runtime lag
-//! ([`crate::types::Signals::runtime_lag_ms`]) by [`RateControl`]: additive increase while the
-//! lag is low, multiplicative decrease while it is high — the rule that lets TCP find a link's
-//! capacity without knowing it. The request path only asks [`Admission::admit`] (one atomic
-//! load, and a GCRA check while limited).
+//! A reset stream still costs its transport work (its frames decrypted, a reset written): about
+//! 0.3 of a served request. Far past capacity that alone eats the CPU, so the node also sheds
+//! **connections** ([`ShedControl`]): while most new streams are being reset, inbound
+//! connections are closed — a share of them, drawn at their next new stream — so that the ones
+//! kept offer about what the node serves, and new inbound connections are refused before their
+//! handshake; while the CPU is short but not shedding, new connections are admitted by rate (a
+//! handshake costs several requests). A client whose connection was closed learns at once and
+//! goes elsewhere, as the DHT's clients do with an unreachable peer; a refused dial costs the
+//! node an accept and a close. See `docs/decisions/2026-12-07-shedding-connections.md`.
+//!
+//! The rates are computed in one place, the load controller, from the measured runtime lag
+//! ([`crate::types::Signals::runtime_lag_ms`]) and the streams offered and admitted:
+//! [`RateControl`] (additive increase while the lag is low, multiplicative decrease while it is
+//! high — the rule that lets TCP find a link's capacity without knowing it) and [`ShedControl`].
+//! The request path only asks [`Admission::admit`] (one atomic load, and a GCRA check while
+//! limited), a muxer [`Admission::keep_connection`] (one atomic load) and a new connection
+//! [`Admission::admit_connection`].
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -31,12 +43,19 @@ enum Gate {
     Closed,
 }
 
-/// The admission gate the muxers ask once per new inbound stream.
+/// The admission gate the muxers ask once per new inbound stream, and the heads once per new
+/// inbound connection.
 pub struct Admission {
     gate: ArcSwap<Gate>,
     /// New streams offered and admitted so far (the controller's rate measurements).
     offered: AtomicU64,
     admitted: AtomicU64,
+    /// New inbound connections: all admitted, by rate, or none.
+    connections: ArcSwap<Gate>,
+    /// Connection shedding: each inbound connection draws once per epoch, at its first new
+    /// stream after the epoch began, and is kept with probability `keep_ppm` / 10⁶.
+    epoch: AtomicU64,
+    keep_ppm: AtomicU32,
 }
 
 impl Default for Admission {
@@ -45,6 +64,40 @@ impl Default for Admission {
             gate: ArcSwap::from_pointee(Gate::Open),
             offered: AtomicU64::new(0),
             admitted: AtomicU64::new(0),
+            connections: ArcSwap::from_pointee(Gate::Open),
+            epoch: AtomicU64::new(0),
+            keep_ppm: AtomicU32::new(1_000_000),
+        }
+    }
+}
+
+/// Builds a gate admitting `rate` per second (None: all; 0: none), in bursts of at most 100 ms of
+/// it (at least one).
+fn gate_of(rate: Option<u32>) -> Gate {
+    match rate.map(NonZeroU32::new) {
+        None => Gate::Open,
+        Some(None) => Gate::Closed,
+        Some(Some(r)) => {
+            let burst = NonZeroU32::new(r.get() / 10).unwrap_or(NonZeroU32::MIN);
+            Gate::Rate(r.get(), RateLimiter::direct(Quota::per_second(r).allow_burst(burst)))
+        }
+    }
+}
+
+impl Gate {
+    fn pass(&self) -> bool {
+        match self {
+            Gate::Open => true,
+            Gate::Rate(_, l) => l.check().is_ok(),
+            Gate::Closed => false,
+        }
+    }
+
+    fn limit(&self) -> Option<u32> {
+        match self {
+            Gate::Open => None,
+            Gate::Rate(r, _) => Some(*r),
+            Gate::Closed => Some(0),
         }
     }
 }
@@ -53,11 +106,7 @@ impl Admission {
     /// Whether one more new stream may be served now. False: reset it.
     pub fn admit(&self) -> bool {
         self.offered.fetch_add(1, Ordering::Relaxed);
-        let yes = match &**self.gate.load() {
-            Gate::Open => true,
-            Gate::Rate(_, l) => l.check().is_ok(),
-            Gate::Closed => false,
-        };
+        let yes = self.gate.load().pass();
         if yes {
             self.admitted.fetch_add(1, Ordering::Relaxed);
         }
@@ -66,11 +115,7 @@ impl Admission {
 
     /// The admitted rate in force (None: every stream admitted).
     pub fn limit(&self) -> Option<u32> {
-        match &**self.gate.load() {
-            Gate::Open => None,
-            Gate::Rate(r, _) => Some(*r),
-            Gate::Closed => Some(0),
-        }
+        self.gate.load().limit()
     }
 
     /// Admit every stream (None) or `rate` streams/s (0: none).
@@ -78,15 +123,48 @@ impl Admission {
         if rate == self.limit() {
             return;
         }
-        let gate = match rate.map(NonZeroU32::new) {
-            None => Gate::Open,
-            Some(None) => Gate::Closed,
-            Some(Some(r)) => {
-                let burst = NonZeroU32::new(r.get() / 10).unwrap_or(NonZeroU32::MIN);
-                Gate::Rate(r.get(), RateLimiter::direct(Quota::per_second(r).allow_burst(burst)))
-            }
-        };
-        self.gate.store(Arc::new(gate));
+        self.gate.store(Arc::new(gate_of(rate)));
+    }
+
+    /// Whether a new inbound connection may start its handshake now. False: close it unread.
+    pub fn admit_connection(&self) -> bool {
+        self.connections.load().pass()
+    }
+
+    /// The admitted rate of new inbound connections (None: all; 0: none).
+    pub fn connection_limit(&self) -> Option<u32> {
+        self.connections.load().limit()
+    }
+
+    /// Admit every new inbound connection (None) or `rate` per second (0: none).
+    pub(crate) fn set_connections(&self, rate: Option<u32>) {
+        if rate != self.connection_limit() {
+            self.connections.store(Arc::new(gate_of(rate)));
+        }
+    }
+
+    /// The current shedding epoch: what a new inbound connection starts with (it draws only in
+    /// epochs that begin after it was established).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Asked by an inbound connection's muxer as a new stream arrives, with the epoch it last
+    /// drew in: false if the connection is to be closed. One atomic load unless a new epoch
+    /// began; then one random draw.
+    pub fn keep_connection(&self, drawn: &mut u64) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if epoch == *drawn {
+            return true;
+        }
+        *drawn = epoch;
+        rand::random::<u32>() % 1_000_000 < self.keep_ppm.load(Ordering::Relaxed)
+    }
+
+    /// Begin an epoch in which each inbound connection is kept with probability `keep`.
+    pub(crate) fn cut_connections(&self, keep: f64) {
+        self.keep_ppm.store((keep.clamp(0.0, 1.0) * 1e6) as u32, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// (offered, admitted) new streams so far.
@@ -100,7 +178,13 @@ impl Admission {
 pub(crate) struct RateControl {
     /// The admitted rate while limiting, streams/s.
     rate: Option<f64>,
+    /// Samples since the last decrease: the lag is a mean over the last second, so a decrease
+    /// shows in it only a second later — decreasing again before would overshoot.
+    since_decrease: u32,
 }
+
+/// Of the streams admitted, more than this share reset unserved counts as CPU distress.
+const LATE_SHARE: f64 = 0.05;
 
 /// Inputs of one step.
 pub(crate) struct RateInput {
@@ -114,26 +198,187 @@ pub(crate) struct RateInput {
     /// New streams offered and admitted per second since the last step.
     pub offered_per_s: f64,
     pub admitted_per_s: f64,
+    /// Requests answered per second since the last step: what the node serves now. When the
+    /// lag rises everything offered was being admitted, so the admitted rate says nothing of
+    /// capacity; what was answered does.
+    pub served_per_s: f64,
+    /// Streams admitted and then reset unserved per second (queue full or waited too long):
+    /// more than [`LATE_SHARE`] of those admitted is CPU short as much as a high lag is.
+    pub late_per_s: f64,
     /// The rate never goes below this (the node stays reachable).
     pub floor: f64,
+    /// Samples per second (the controller's `sample_interval`).
+    pub samples_per_s: f64,
 }
 
 impl RateControl {
     /// The next admitted rate (None: admit all).
     pub(crate) fn step(&mut self, i: &RateInput) -> Option<u32> {
-        let high = i.target_ms > 0.0 && i.lag_ms >= i.target_ms;
-        let low = i.target_ms <= 0.0 || i.lag_ms < i.target_ms * i.exit_ratio;
+        // Admitted but reset unserved: the lag (a one-second mean) may not show yet what the
+        // queue already does.
+        let late = i.target_ms > 0.0 && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
+        let high = i.target_ms > 0.0 && i.lag_ms >= i.target_ms || late;
+        let low = i.target_ms <= 0.0 || (i.lag_ms < i.target_ms * i.exit_ratio && !late);
+        let second = i.samples_per_s.ceil().max(1.0) as u32;
+        self.since_decrease = self.since_decrease.saturating_add(1);
+        let decrease = high && self.since_decrease >= second;
+        if decrease || (high && self.rate.is_none()) {
+            self.since_decrease = 0;
+        }
         self.rate = match self.rate {
             // Start from what was served when the lag rose, a little less.
-            None if high => Some((i.admitted_per_s * 0.9).max(i.floor)),
+            None if high => Some((i.admitted_per_s.min(i.served_per_s) * 0.9).max(i.floor)),
             None => None,
-            Some(r) if high => Some((r * 0.85).max(i.floor)),
+            Some(r) if decrease => Some((r * 0.85).max(i.floor)),
             Some(r) if low && r > i.offered_per_s * 1.5 => None,
             // Additive increase: 5 % of the rate plus the floor's share per step.
             Some(r) if low => Some(r * 1.05 + i.floor * 0.1),
             Some(r) => Some(r),
         };
         self.rate.map(|r| r.min(f64::from(u32::MAX)) as u32)
+    }
+}
+
+/// The controller's rule for connections, one step per sample, after [`RateControl`]'s.
+///
+/// **Open:** every new inbound connection admitted. **Limited:** once the stream gate limits (the
+/// CPU is short), new connections are admitted at `connections_per_s` — a handshake costs
+/// several requests — and only while there is room (for three seconds fewer streams offered
+/// than 0.9 × the admitted rate, and a low lag: a client let in without room only brings
+/// streams to reset);
+/// the rest are refused before their handshake. Once the gate is open again and the lag low,
+/// the rate grows by `connections_per_s` every second, and after ten such seconds all are
+/// admitted again (the clients turned away come back gradually, not in one storm of
+/// handshakes). **Shedding:** once the new streams offered exceed `shed_ratio` × the
+/// admitted rate for two samples in a row — more than half reset at `shed_ratio` 2 — new
+/// connections are refused, and connections are cut: each inbound connection is kept with
+/// probability `CUT_HEADROOM` (1.15) × rate ÷ offered (at most 0.9, at least 0.05), drawn at its next
+/// new stream, so that those kept offer a little more than is admitted and the stream gate keeps
+/// trimming. Another cut follows every second while the excess lasts (what was cut shows in the
+/// offered rate only once those clients are gone). Shedding ends, into Limited, after two
+/// seconds in which the gate reset fewer than it admitted and the lag was below `exit_ratio` ×
+/// its target.
+#[derive(Debug, Default)]
+pub(crate) struct ShedControl {
+    mode: Mode,
+    /// Samples in a row with the excess (outside shedding).
+    over: u32,
+    /// Samples in a row with room for another client.
+    roomy: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Mode {
+    #[default]
+    Open,
+    /// New connections at `rate`/s; `calm`: samples in a row with the gate open and a low lag.
+    Limited { rate: f64, calm: u32 },
+    /// `since_cut`: samples since the last cut; `calm`: samples in a row with less reset than
+    /// admitted and a low lag.
+    Shedding { since_cut: u32, calm: u32 },
+}
+
+/// Kept connections offer about this much more than the stream gate admits.
+const CUT_HEADROOM: f64 = 1.15;
+/// Seconds of an open gate and a low lag after which every new connection is admitted again.
+const OPEN_AFTER_S: u32 = 10;
+/// While limited, new connections are admitted only once the streams offered have been below
+/// this share of the admitted rate (and the lag low) for `ROOM_AFTER_S` seconds: right after a
+/// cut there is room only until the clients cut are let back in.
+const ROOM: f64 = 0.9;
+const ROOM_AFTER_S: u32 = 3;
+/// Seconds of a calm gate after which shedding ends.
+const SHED_CALM_S: u32 = 2;
+
+/// Inputs of one step.
+pub(crate) struct ShedInput {
+    /// New streams offered per second since the last step.
+    pub offered_per_s: f64,
+    /// The stream gate's admitted rate after this step (None: open).
+    pub rate: Option<f64>,
+    pub lag_ms: f64,
+    pub target_ms: f64,
+    pub exit_ratio: f64,
+    /// Shed connections past this many offered per admitted stream (0: never).
+    pub shed_ratio: f64,
+    /// New connections per second while the CPU is short and the node is not shedding; also the
+    /// step by which that rate grows each calm second.
+    pub connections_per_s: u32,
+    /// Samples per second (the controller's `sample_interval`).
+    pub samples_per_s: f64,
+}
+
+/// What a step decided.
+#[derive(Debug, PartialEq)]
+pub(crate) struct ShedStep {
+    /// Begin a cut keeping each connection with this probability.
+    pub cut: Option<f64>,
+    /// New connections admitted per second (None: all).
+    pub connections: Option<u32>,
+}
+
+impl ShedControl {
+    pub(crate) fn shedding(&self) -> bool {
+        matches!(self.mode, Mode::Shedding { .. })
+    }
+
+    pub(crate) fn step(&mut self, i: &ShedInput) -> ShedStep {
+        let rate = i.rate.unwrap_or(f64::INFINITY);
+        let lag_low = i.target_ms <= 0.0 || i.lag_ms < i.target_ms * i.exit_ratio;
+        let excess = i.shed_ratio > 0.0 && i.offered_per_s > i.shed_ratio * rate;
+        let keep = || (CUT_HEADROOM * rate / i.offered_per_s.max(1.0)).clamp(0.05, 0.9);
+        let per_s = i.samples_per_s.max(1e-3);
+        let second = per_s.ceil() as u32;
+        let floor = f64::from(i.connections_per_s);
+        let mut cut = None;
+        self.over = if excess && !self.shedding() { self.over + 1 } else { 0 };
+        self.mode = match self.mode {
+            _ if self.over >= 2 => {
+                self.over = 0;
+                cut = Some(keep());
+                Mode::Shedding { since_cut: 0, calm: 0 }
+            }
+            Mode::Open if i.rate.is_some() => Mode::Limited { rate: floor, calm: 0 },
+            Mode::Open => Mode::Open,
+            Mode::Limited { rate: r, calm } => {
+                if i.rate.is_none() && lag_low {
+                    if calm + 1 >= OPEN_AFTER_S * second {
+                        Mode::Open
+                    } else {
+                        Mode::Limited { rate: r + floor / per_s, calm: calm + 1 }
+                    }
+                } else if lag_low {
+                    Mode::Limited { rate: r, calm: 0 }
+                } else {
+                    Mode::Limited { rate: floor, calm: 0 }
+                }
+            }
+            Mode::Shedding { since_cut, calm } => {
+                let mut since_cut = since_cut + 1;
+                if excess && since_cut >= second {
+                    since_cut = 0;
+                    cut = Some(keep());
+                }
+                // The gate reset fewer than it admitted, and the lag is low.
+                let calm = if i.offered_per_s <= 2.0 * rate && lag_low { calm + 1 } else { 0 };
+                if calm >= SHED_CALM_S * second {
+                    Mode::Limited { rate: floor, calm: 0 }
+                } else {
+                    Mode::Shedding { since_cut, calm }
+                }
+            }
+        };
+        // Room for another client, counted only while limited: the gate resets nothing (it admits
+        // more than is offered) and the lag is low. Without room a new connection would only bring more to reset.
+        let limited = matches!(self.mode, Mode::Limited { .. });
+        self.roomy = if limited && lag_low && i.offered_per_s <= ROOM * rate { self.roomy + 1 } else { 0 };
+        let room = self.roomy >= ROOM_AFTER_S * second;
+        let connections = match self.mode {
+            Mode::Open => None,
+            Mode::Limited { rate, .. } if room => Some(rate.min(f64::from(u32::MAX)) as u32),
+            Mode::Limited { .. } | Mode::Shedding { .. } => Some(0),
+        };
+        ShedStep { cut, connections }
     }
 }
 
@@ -148,7 +393,10 @@ mod tests {
             exit_ratio: 0.5,
             offered_per_s: offered,
             admitted_per_s: admitted,
+            served_per_s: admitted,
+            late_per_s: 0.0,
             floor: 50.0,
+            samples_per_s: 1.0,
         }
     }
 
@@ -183,6 +431,29 @@ mod tests {
     }
 
     #[test]
+    fn streams_reset_unserved_limit_the_rate_as_a_high_lag_does() {
+        let mut c = RateControl::default();
+        let late = |n| RateInput { late_per_s: n, ..input(5.0, 3000.0, 3000.0) };
+        assert_eq!(c.step(&late(100.0)), None, "3 % reset late: noise");
+        assert_eq!(c.step(&late(600.0)), Some(2700), "20 % reset late: limited though the lag is low");
+        assert_eq!(c.step(&RateInput { late_per_s: 600.0, ..input(5.0, 3000.0, 2700.0) }), Some(2295));
+        assert!(c.step(&input(5.0, 3000.0, 2295.0)).unwrap() > 2295, "none late, a low lag: grows");
+        let off = RateInput { target_ms: 0.0, ..late(600.0) };
+        assert_eq!(RateControl::default().step(&off), None, "admission by rate off: never");
+    }
+
+    #[test]
+    fn the_rate_falls_at_most_once_per_second() {
+        let mut c = RateControl::default();
+        let at = |lag| RateInput { samples_per_s: 4.0, ..input(lag, 5000.0, 1000.0) };
+        assert_eq!(c.step(&at(40.0)), Some(900));
+        for _ in 0..3 {
+            assert_eq!(c.step(&at(40.0)), Some(900), "the lag's window still holds the old rate");
+        }
+        assert_eq!(c.step(&at(40.0)), Some(765), "a second later: × 0.85");
+    }
+
+    #[test]
     fn the_gate_admits_at_its_rate_and_closed_admits_nothing() {
         let a = Admission::default();
         assert!((0..1000).all(|_| a.admit()));
@@ -195,5 +466,108 @@ mod tests {
         a.set(None);
         assert!(a.admit());
         assert_eq!(a.counts().0, 2002, "every stream asked is counted");
+    }
+
+    fn shed_input(offered: f64, rate: Option<f64>, lag_ms: f64) -> ShedInput {
+        ShedInput {
+            offered_per_s: offered,
+            rate,
+            lag_ms,
+            target_ms: 20.0,
+            exit_ratio: 0.7,
+            shed_ratio: 2.0,
+            connections_per_s: 20,
+            samples_per_s: 4.0,
+        }
+    }
+
+    #[test]
+    fn connections_are_shed_only_past_the_ratio_and_cut_toward_the_admitted_rate() {
+        let mut c = ShedControl::default();
+        let open = ShedStep { cut: None, connections: None };
+        assert_eq!(c.step(&shed_input(5000.0, None, 5.0)), open, "gate open: every connection admitted");
+        for _ in 0..11 {
+            assert_eq!(c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections, Some(0), "room, not for 3 s yet");
+        }
+        assert_eq!(
+            c.step(&shed_input(800.0, Some(1000.0), 5.0)),
+            ShedStep { cut: None, connections: Some(20) },
+            "CPU short, nothing reset, a low lag for 3 s: room for new connections, by rate"
+        );
+        assert_eq!(
+            c.step(&shed_input(1500.0, Some(1000.0), 30.0)),
+            ShedStep { cut: None, connections: Some(0) },
+            "a third reset: no room for more clients, none cut"
+        );
+        assert_eq!(c.step(&shed_input(5000.0, Some(1000.0), 30.0)).cut, None, "one sample: a burst");
+        let st = c.step(&shed_input(5000.0, Some(1000.0), 30.0));
+        assert_eq!(st, ShedStep { cut: Some(0.23), connections: Some(0) }, "keep 1.15 × 1000 / 5000");
+        assert!(c.shedding());
+        for _ in 0..3 {
+            assert_eq!(c.step(&shed_input(3000.0, Some(1000.0), 30.0)).cut, None, "next cut after a second");
+        }
+        let again = c.step(&shed_input(30_000.0, Some(1000.0), 30.0)).cut;
+        assert_eq!(again, Some(0.05), "never keep fewer than 5 % at once");
+        // Less reset than admitted and a low lag for two seconds: shedding ends, into limited.
+        for _ in 0..7 {
+            assert_eq!(c.step(&shed_input(1200.0, Some(1000.0), 5.0)).connections, Some(0));
+        }
+        assert_eq!(c.step(&shed_input(1200.0, Some(1000.0), 5.0)), ShedStep { cut: None, connections: Some(0) });
+        assert!(!c.shedding(), "limited, but no room while some are still reset");
+        let roomy: Vec<Option<u32>> = (0..12).map(|_| c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections).collect();
+        assert_eq!(roomy[10], Some(0));
+        assert_eq!(roomy[11], Some(20), "room for 3 s");
+        // The gate open and the lag low: +20/s each second, every connection after ten seconds.
+        let ramp: Vec<Option<u32>> = (0..40).map(|_| c.step(&shed_input(800.0, None, 5.0)).connections).collect();
+        assert_eq!(ramp[3], Some(40), "a second later: +20/s");
+        assert_eq!(ramp[38], Some(215));
+        assert_eq!(ramp[39], None, "ten calm seconds: open");
+        // A high lag keeps it shedding even when little is reset.
+        let mut c = ShedControl::default();
+        c.step(&shed_input(5000.0, Some(1000.0), 30.0));
+        c.step(&shed_input(5000.0, Some(1000.0), 30.0));
+        for _ in 0..20 {
+            assert_eq!(c.step(&shed_input(1200.0, Some(1000.0), 30.0)).connections, Some(0));
+        }
+        // Off by configuration: never cut; new connections only with room, as ever.
+        let mut c = ShedControl::default();
+        for _ in 0..10 {
+            let st = c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50_000.0, Some(100.0), 90.0) });
+            assert_eq!(st, ShedStep { cut: None, connections: Some(0) });
+        }
+        let st: Vec<ShedStep> =
+            (0..12).map(|_| c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50.0, Some(100.0), 5.0) })).collect();
+        assert_eq!(st[11].connections, Some(20));
+    }
+
+    #[test]
+    fn a_connection_draws_once_per_cut_begun_after_it_started() {
+        let a = Admission::default();
+        let mut drawn = a.epoch();
+        assert!((0..100).all(|_| a.keep_connection(&mut drawn)), "no cut: kept");
+        a.cut_connections(0.0);
+        assert!(!a.keep_connection(&mut drawn), "keep nothing: closed at its next stream");
+        let mut newer = a.epoch();
+        assert!(a.keep_connection(&mut newer), "a connection started after the cut does not draw in it");
+        a.cut_connections(1.0);
+        assert!(a.keep_connection(&mut newer) && a.keep_connection(&mut newer));
+        // Half kept, over many connections.
+        a.cut_connections(0.5);
+        let kept = (0..10_000)
+            .filter(|_| {
+                let mut d = a.epoch() - 1;
+                a.keep_connection(&mut d)
+            })
+            .count();
+        assert!((4_500..5_500).contains(&kept), "{kept} of 10,000 kept at 0.5");
+        // New connections: all, by rate, none.
+        assert!(a.admit_connection());
+        a.set_connections(Some(0));
+        assert!(!a.admit_connection());
+        a.set_connections(Some(100));
+        let n = (0..1000).filter(|_| a.admit_connection()).count();
+        assert!((1..=20).contains(&n), "{n}");
+        a.set_connections(None);
+        assert!(a.admit_connection());
     }
 }

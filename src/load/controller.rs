@@ -12,12 +12,12 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{Admission, RateControl, RateInput};
+use super::admission::{Admission, RateControl, RateInput, ShedControl, ShedInput};
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
 use super::signals::{rss_bytes, FillWindow, LagWindow, RatioWindow, SignalSource, Window};
-use super::tier::decide;
+use super::tier::decide_with_lag;
 use crate::config::LoadSection;
 use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
 use crate::types::{Signals, Tier};
@@ -41,6 +41,12 @@ pub struct Status {
     /// New inbound streams admitted per second while the CPU is short (absent: all admitted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admission_streams_per_second: Option<u32>,
+    /// New inbound connections admitted per second while the CPU is short (0 while shedding;
+    /// absent: all admitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission_connections_per_second: Option<u32>,
+    /// Whether the node is shedding connections.
+    pub shedding_connections: bool,
     pub load: LoadSection,
 }
 
@@ -250,31 +256,39 @@ impl LoadControl {
             statement_budget_per_second: self.budget_for(&load),
             fleet_processes: self.fleet_processes.load(Ordering::Relaxed),
             admission_streams_per_second: self.admission.limit(),
+            admission_connections_per_second: self.admission.connection_limit(),
+            shedding_connections: self.admission.connection_limit() == Some(0),
             load,
         })
     }
 
-    /// Set the admitted rate of new streams from this sample (or the forced rate).
+    /// Set the admitted rate of new streams from this sample (or the forced rate), then what
+    /// connections are shed and admitted.
     fn set_admission_rate(
         &self,
-        rate: &mut RateControl,
-        last: &mut (Instant, (u64, u64)),
+        control: &mut (RateControl, ShedControl),
+        last: &mut (Instant, (u64, u64, u64, u64)),
+        (served, late): (u64, u64),
         s: &Signals,
         cfg: &LoadSection,
     ) {
+        let (rate, shed) = control;
         let now = Instant::now();
         let (offered, admitted) = self.admission.counts();
         let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
         let per_s = |n: u64, before: u64| n.saturating_sub(before) as f64 / secs;
         let input = RateInput {
             lag_ms: s.runtime_lag_ms,
-            target_ms: cfg.degrade.runtime_lag_ms,
+            target_ms: cfg.admission_lag_ms,
             exit_ratio: cfg.exit_ratio,
             offered_per_s: per_s(offered, last.1 .0),
             admitted_per_s: per_s(admitted, last.1 .1),
+            served_per_s: per_s(served, last.1 .2),
+            late_per_s: per_s(late, last.1 .3),
             floor: f64::from(cfg.admission_min_streams_per_second),
+            samples_per_s: 1.0 / cfg.sample_interval.as_secs_f64(),
         };
-        *last = (now, (offered, admitted));
+        *last = (now, (offered, admitted, served, late));
         let limit = match cfg.force_admission_per_second {
             Some(r) => {
                 *rate = RateControl::default(); // computed afresh once unpinned
@@ -292,6 +306,33 @@ impl LoadControl {
         }
         self.admission.set(limit);
         self.metrics.admission_rate.set(limit.map(i64::from).unwrap_or(-1));
+
+        let was_shedding = shed.shedding();
+        let step = shed.step(&ShedInput {
+            offered_per_s: input.offered_per_s,
+            rate: limit.map(f64::from),
+            lag_ms: s.runtime_lag_ms,
+            target_ms: cfg.admission_lag_ms,
+            exit_ratio: cfg.exit_ratio,
+            shed_ratio: cfg.admission_shed_ratio,
+            connections_per_s: cfg.admission_connections_per_second,
+            samples_per_s: 1.0 / cfg.sample_interval.as_secs_f64(),
+        });
+        if let Some(keep) = step.cut {
+            tracing::warn!(
+                offered_per_s = input.offered_per_s.round(),
+                admitted_per_s = limit.unwrap_or(0),
+                "CPU short and most new streams reset: shedding connections, each inbound connection \
+                 kept with probability {keep:.2}, new ones refused"
+            );
+            self.admission.cut_connections(keep);
+        }
+        if was_shedding && !shed.shedding() {
+            tracing::info!("connection shedding over: new inbound connections admitted again");
+        }
+        self.admission.set_connections(step.connections);
+        self.metrics.admission_connection_rate.set(step.connections.map(i64::from).unwrap_or(-1));
+        self.metrics.shedding_connections.set(i64::from(shed.shedding()));
     }
 
     /// The controller: sample, decide, publish, until cancelled.
@@ -316,11 +357,17 @@ impl LoadControl {
         // The lag signal reacts within a second: CPU overload builds up in seconds, not windows.
         let lag_slots = |c: &LoadSection| (1.0 / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
         let mut lag = LagWindow::new(lag_slots(&cfg));
+        // The lag of each sample over the latency window: the tier asks whether the CPU was
+        // short at any time the datastore latencies cover.
+        let mut recent_lag: std::collections::VecDeque<f64> = std::collections::VecDeque::new();
         // Queue fills count when held for that second too (`FillWindow`): write buffer, reads
         // in flight, intake.
         let mut fills: [FillWindow; 3] = std::array::from_fn(|_| FillWindow::new(lag_slots(&cfg)));
-        let mut rate = RateControl::default();
-        let mut streams = (Instant::now(), self.admission.counts());
+        let mut rate = (RateControl::default(), ShedControl::default());
+        let mut streams = {
+            let (offered, admitted) = self.admission.counts();
+            (Instant::now(), (offered, admitted, source.requests_served(), source.streams_reset_late()))
+        };
         let mut since = Instant::now();
         let mut last = self.tier();
         let mut last_prune = Instant::now();
@@ -388,13 +435,19 @@ impl LoadControl {
             if cur != last {
                 since = now; // changed by a reload (force_tier)
             }
-            let next = decide(cur, since, now, &s, &cfg);
+            recent_lag.push_back(s.runtime_lag_ms);
+            while recent_lag.len() > slots(&cfg) {
+                recent_lag.pop_front();
+            }
+            let recent_max = recent_lag.iter().copied().fold(0.0, f64::max);
+            let next = decide_with_lag(cur, since, now, &s, &cfg, recent_max);
             // Only from `cur`: a reload that moved the tier meanwhile wins, and is seen next time.
             if next != cur && self.transition(Some(cur), next, &s) {
                 since = now;
             }
             last = next;
-            self.set_admission_rate(&mut rate, &mut streams, &s, &cfg);
+            let counts = (source.requests_served(), source.streams_reset_late());
+            self.set_admission_rate(&mut rate, &mut streams, counts, &s, &cfg);
             self.metrics.set_signals(&s);
             if let Some(p) = &*self.peers.load() {
                 let tier = self.tier();

@@ -142,6 +142,15 @@ pub trait SignalSource: Send + Sync + 'static {
     fn reads_in_flight(&self) -> (usize, usize);
     /// (streams queued, queue capacity).
     fn inbound_queue(&self) -> (usize, usize);
+    /// Requests answered so far (a counter).
+    fn requests_served(&self) -> u64 {
+        0
+    }
+    /// Streams admitted and then reset unserved because they waited too long for a task or found
+    /// the intake queue full (a counter): admitted beyond what the node serves.
+    fn streams_reset_late(&self) -> u64 {
+        0
+    }
 }
 
 /// How often the lag probe's timer is set, and for how long.

@@ -8,6 +8,20 @@ use crate::types::{Signals, Tier};
 
 /// The next tier, given the current one, when it was entered, and a fresh sample.
 pub fn decide(cur: Tier, since: Instant, now: Instant, s: &Signals, cfg: &LoadSection) -> Tier {
+    decide_with_lag(cur, since, now, s, cfg, s.runtime_lag_ms)
+}
+
+/// [`decide`], with `recent_lag_ms` the highest runtime lag over the latency signals' window
+/// (`load.window`): a datastore p99 over a window in which the CPU was short includes the
+/// node's own wait for a worker, even if the lag has dropped since.
+pub fn decide_with_lag(
+    cur: Tier,
+    since: Instant,
+    now: Instant,
+    s: &Signals,
+    cfg: &LoadSection,
+    recent_lag_ms: f64,
+) -> Tier {
     if let Some(t) = cfg.force_tier {
         return t;
     }
@@ -22,7 +36,7 @@ pub fn decide(cur: Tier, since: Instant, now: Instant, s: &Signals, cfg: &LoadSe
     // not free the CPU (answering with less costs about as much; admission by rate is what
     // helps, and the statement budget still caps the datastore). Latency then only degrades.
     let lag = cfg.degrade.runtime_lag_ms;
-    let cpu_short = lag > 0.0 && s.runtime_lag_ms >= lag * cfg.exit_ratio;
+    let cpu_short = lag > 0.0 && s.runtime_lag_ms.max(recent_lag_ms) >= lag * cfg.exit_ratio;
     let cpu_bound = Signals { datastore_p99_ms: 0.0, pool_wait_p99_ms: 0.0, ..*s };
     let signals = |t: Tier| if cpu_short && t >= Tier::Refuse { &cpu_bound } else { s };
     let highest = |factor: f64| {
@@ -126,6 +140,10 @@ mod tests {
         // not refuse.
         let starved = Signals { datastore_p99_ms: 400.0, runtime_lag_ms: 30.0, ..Signals::default() };
         assert_eq!(decide(Tier::Normal, now, now, &starved, &c), Tier::Degrade);
+        // The lag dropped a moment ago but the latency window still covers the starved seconds.
+        let after = Signals { datastore_p99_ms: 400.0, runtime_lag_ms: 2.0, ..Signals::default() };
+        assert_eq!(decide_with_lag(Tier::Normal, now, now, &after, &c, 30.0), Tier::Degrade);
+        assert_eq!(decide_with_lag(Tier::Normal, now, now, &after, &c, 2.0), Tier::Refuse, "no lag in the window");
         let lagging = Signals { runtime_lag_ms: 25.0, ..Signals::default() };
         assert_eq!(
             decide(Tier::Normal, now, now, &lagging, &c),

@@ -9,6 +9,12 @@
 //! A stream refused here costs the muxer's frames (its opening frame in, a reset out) and no
 //! task, timer, negotiation or decode. The request's type is unknown this early, so the gate
 //! applies to every protocol's new streams alike; open streams are untouched.
+//!
+//! The same wrapper closes its connection when the node sheds connections
+//! ([`Admission::keep_connection`]): an inbound connection draws as its next new stream arrives,
+//! and a connection not kept fails with [`AdmitError::Shed`], which makes the swarm close it at
+//! once (every stream on it ends, the client learns in one round trip). Outbound connections —
+//! the node's own lookups — are never shed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -63,7 +69,7 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_inbound(self, io: C, info: Self::Info) -> Self::Future {
-        wrap(self.inner.upgrade_inbound(io, info), self.gate)
+        wrap(self.inner.upgrade_inbound(io, info), self.gate, Direction::Inbound)
     }
 }
 
@@ -79,35 +85,61 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_outbound(self, io: C, info: Self::Info) -> Self::Future {
-        wrap(self.inner.upgrade_outbound(io, info), self.gate)
+        wrap(self.inner.upgrade_outbound(io, info), self.gate, Direction::Outbound)
     }
+}
+
+/// Who opened the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A peer dialled us: shed when the node sheds connections.
+    Inbound,
+    /// We dialled (lookups): never shed.
+    Outbound,
 }
 
 /// The muxer `upgrade` yields, wrapped.
 fn wrap<M: 'static, E: 'static>(
     upgrade: impl std::future::Future<Output = Result<M, E>> + Send + 'static,
     gate: Gatekeeper,
+    direction: Direction,
 ) -> BoxFuture<'static, Result<AdmittingMuxer<M>, E>> {
-    upgrade.map(|r| r.map(|inner| AdmittingMuxer::new(inner, gate))).boxed()
+    upgrade.map(move |r| r.map(|inner| AdmittingMuxer::new(inner, gate, direction))).boxed()
+}
+
+/// Why an [`AdmittingMuxer`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError<E> {
+    #[error(transparent)]
+    Muxer(E),
+    /// The node sheds connections and this one was not kept.
+    #[error("connection shed: the node's CPU is short")]
+    Shed,
 }
 
 /// A muxer whose new inbound streams pass the admission gate; the rest are dropped (the muxer
-/// resets a stream dropped unread) and counted as `admission`.
+/// resets a stream dropped unread) and counted as `admission`. An inbound connection not kept
+/// by connection shedding fails (and is closed by the swarm), counted as `shed`.
 pub struct AdmittingMuxer<M> {
     inner: M,
     gate: Gatekeeper,
+    direction: Direction,
+    /// The shedding epoch this connection last drew in (it started in the current one).
+    drawn: u64,
+    shed: bool,
 }
 
 impl<M> AdmittingMuxer<M> {
     /// Wrap a muxer (yamux's from [`Admitting`]; a QUIC connection, which is its own muxer).
-    pub fn new(inner: M, gate: Gatekeeper) -> Self {
-        Self { inner, gate }
+    pub fn new(inner: M, gate: Gatekeeper, direction: Direction) -> Self {
+        let drawn = gate.admission.epoch();
+        Self { inner, gate, direction, drawn, shed: false }
     }
 }
 
 impl<M: StreamMuxer + Unpin> StreamMuxer for AdmittingMuxer<M> {
     type Substream = M::Substream;
-    type Error = M::Error;
+    type Error = AdmitError<M::Error>;
 
     fn poll_inbound(
         self: Pin<&mut Self>,
@@ -115,7 +147,16 @@ impl<M: StreamMuxer + Unpin> StreamMuxer for AdmittingMuxer<M> {
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
         loop {
-            let stream = ready!(Pin::new(&mut this.inner).poll_inbound(cx))?;
+            if this.shed {
+                return Poll::Ready(Err(AdmitError::Shed));
+            }
+            let stream = ready!(Pin::new(&mut this.inner).poll_inbound(cx)).map_err(AdmitError::Muxer)?;
+            if this.direction == Direction::Inbound && !this.gate.admission.keep_connection(&mut this.drawn) {
+                this.shed = true;
+                this.gate.metrics.connections_shed.inc();
+                drop(stream);
+                continue;
+            }
             if this.gate.admission.admit() {
                 return Poll::Ready(Ok(stream));
             }
@@ -128,14 +169,18 @@ impl<M: StreamMuxer + Unpin> StreamMuxer for AdmittingMuxer<M> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
-        Pin::new(&mut self.get_mut().inner).poll_outbound(cx)
+        Pin::new(&mut self.get_mut().inner).poll_outbound(cx).map_err(AdmitError::Muxer)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+        Pin::new(&mut self.get_mut().inner).poll_close(cx).map_err(AdmitError::Muxer)
     }
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
-        Pin::new(&mut self.get_mut().inner).poll(cx)
+        let this = self.get_mut();
+        if this.shed {
+            return Poll::Ready(Err(AdmitError::Shed));
+        }
+        Pin::new(&mut this.inner).poll(cx).map_err(AdmitError::Muxer)
     }
 }

@@ -26,7 +26,7 @@ use libp2p::{connection_limits, identify, noise, ping, quic, tcp, yamux, Multiad
 use tokio_util::sync::CancellationToken;
 
 use super::addrs::admitted;
-use super::admit::{Admitting, AdmittingMuxer};
+use super::admit::{Admitting, AdmittingMuxer, Direction};
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::outbound::{Opener, Outbound};
 use super::table::{TableFeed, Update};
@@ -190,7 +190,10 @@ pub async fn bind(
         .context("set up TCP transport")?
         .with_other_transport(|key| {
             quic::tokio::Transport::new(quic::Config::new(key))
-                .map(move |(peer, conn), _| (peer, StreamMuxerBox::new(AdmittingMuxer::new(conn, quic_gate))))
+                .map(move |(peer, conn), point| {
+                    let direction = if point.is_listener() { Direction::Inbound } else { Direction::Outbound };
+                    (peer, StreamMuxerBox::new(AdmittingMuxer::new(conn, quic_gate, direction)))
+                })
         })
         .context("set up QUIC transport")?
         // Resolves /dns* and /dnsaddr addresses (bootstrap presets) only when dialing them.

@@ -93,6 +93,12 @@ impl IpConnections {
 #[error("{0} already has limits.max_connections_per_ip inbound connections")]
 struct IpLimit(IpAddr);
 
+/// Why an inbound connection was refused: the CPU is short (connections are shed, or more are
+/// arriving than the admitted connection rate).
+#[derive(Debug, thiserror::Error)]
+#[error("the CPU is short: new connections are refused")]
+struct CpuShort;
+
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
@@ -141,6 +147,24 @@ impl Intake {
     /// What the heads' stream muxers admit new inbound streams with.
     pub fn gatekeeper(&self) -> Gatekeeper {
         Gatekeeper { admission: self.admission.clone(), metrics: self.metrics.clone() }
+    }
+
+    /// Requests answered so far, all heads and types (the controller's measure of what the node
+    /// serves).
+    pub fn requests_served(&self) -> u64 {
+        crate::types::MessageType::ALL
+            .iter()
+            .map(|t| self.metrics.request_duration.with_label_values(&[t.as_str()]).get_sample_count())
+            .sum()
+    }
+
+    /// Streams admitted and then reset unserved: the intake queue was full, or they waited longer
+    /// than `load.stream_queue_max_wait` for a task.
+    pub fn streams_reset_late(&self) -> u64 {
+        [crate::metrics::StreamEvent::QueueFull, crate::metrics::StreamEvent::QueueWait]
+            .iter()
+            .map(|e| self.metrics.streams.with_label_values(&[e.as_str()]).get())
+            .sum()
     }
 
     /// (streams queued, queue capacity).
@@ -210,6 +234,10 @@ impl NetworkBehaviour for KadServer {
         // Refused before the Noise handshake: the cheapest place to turn a connection away.
         match ip_of(remote) {
             Some(ip) if self.intake.ips.full(&ip) => Err(self.deny(ip)),
+            _ if !self.intake.admission.admit_connection() => {
+                self.intake.metrics.connections_refused.inc();
+                Err(ConnectionDenied::new(CpuShort))
+            }
             _ => Ok(()),
         }
     }

@@ -56,6 +56,7 @@ pub fn config(dir: &Path, heads: usize) -> Config {
     // tests/load.rs.
     f.load.force_tier = Some(hydra::load::Tier::Normal);
     f.load.degrade.runtime_lag_ms = 0.0;
+    f.load.admission_lag_ms = 0.0;
     f.load.per_peer_requests_per_second = 0;
     f.load.stream_queue_max_wait = Duration::from_secs(10);
     f.validate().expect("test config is valid")

@@ -242,6 +242,9 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     for (label, rate) in rates {
         let st = run_step(&ctx, &node, &pg, label.clone(), rate, o.step).await?;
         println!("{}", st.row());
+        if !st.shed_line().is_empty() {
+            println!("{}", st.shed_line());
+        }
         print_tier_changes(&node);
         let clean = st.goodput;
         steps.push(st);

@@ -22,8 +22,17 @@ use super::Op;
 pub(crate) struct Client {
     pub(crate) control: libp2p_stream::Control,
     pub(crate) record: PeerRecord,
+    /// Heads this client may not dial until the given time (a dial to them failed).
+    backoff: Backoff,
     _task: tokio::task::JoinHandle<()>,
 }
+
+/// How long a client stays away from a head after a dial to it failed, as go-libp2p's swarm
+/// does (its base dial backoff is 5 s): requests meanwhile fail at once, without a dial.
+pub(crate) const DIAL_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Per head, until when a client does not dial it.
+pub(crate) type Backoff = Arc<Mutex<std::collections::HashMap<PeerId, std::time::Instant>>>;
 
 /// The `i`-th client's source address (127.1.0.1, 127.1.0.2, …): each client its own host, as
 /// the node's per-IP caps expect of separate machines.
@@ -31,17 +40,84 @@ pub(crate) fn source(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, (1 + i / 250) as u8, 0, (1 + i % 250) as u8)
 }
 
-/// A new identity on `src` connected to every head; its peer ID, stream control and the task
-/// that drives its swarm.
+/// The client's behaviour: streams, and the heads' addresses, so that a stream opened to a head
+/// the client is not connected to dials it (as a go or js client dials a peer from its
+/// peerstore) instead of failing for want of an address.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct ClientBehaviour {
+    streams: libp2p_stream::Behaviour,
+    book: AddressBook,
+}
+
+/// Known addresses of peers, given to the swarm when it dials them.
+struct AddressBook(std::collections::HashMap<PeerId, Multiaddr>);
+
+impl libp2p::swarm::NetworkBehaviour for AddressBook {
+    type ConnectionHandler = libp2p::swarm::dummy::ConnectionHandler;
+    type ToSwarm = std::convert::Infallible;
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: libp2p::swarm::ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: libp2p::core::Endpoint,
+    ) -> Result<Vec<Multiaddr>, libp2p::swarm::ConnectionDenied> {
+        Ok(peer.and_then(|p| self.0.get(&p).cloned()).into_iter().collect())
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: libp2p::swarm::ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied> {
+        Ok(libp2p::swarm::dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: libp2p::swarm::ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: libp2p::core::Endpoint,
+        _: libp2p::core::transport::PortUse,
+    ) -> Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied> {
+        Ok(libp2p::swarm::dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, _: libp2p::swarm::FromSwarm) {}
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: libp2p::swarm::ConnectionId,
+        ev: libp2p::swarm::THandlerOutEvent<Self>,
+    ) {
+        match ev {}
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<libp2p::swarm::ToSwarm<Self::ToSwarm, libp2p::swarm::THandlerInEvent<Self>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A new identity on `src` connected to every head; its peer ID, stream control, dial backoff
+/// and the task that drives its swarm.
 pub(crate) async fn connect(
     src: Ipv4Addr,
     heads: &[(PeerId, Multiaddr)],
-) -> anyhow::Result<(PeerId, libp2p_stream::Control, tokio::task::JoinHandle<()>)> {
-    let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
-    let peer = *swarm.local_peer_id();
-    let mut want: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
+) -> anyhow::Result<(PeerId, libp2p_stream::Control, Backoff, tokio::task::JoinHandle<()>)> {
     let addrs: std::collections::HashMap<PeerId, Multiaddr> =
         heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
+    let book = AddressBook(addrs.clone());
+    let mut swarm = hydra_testkit::bound_swarm(src, |_| ClientBehaviour { streams: libp2p_stream::Behaviour::new(), book });
+    let peer = *swarm.local_peer_id();
+    let mut want: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
     for a in addrs.values() {
         swarm.dial(a.clone())?;
     }
@@ -89,29 +165,74 @@ pub(crate) async fn connect(
             seen.iter().take(3).collect::<Vec<_>>()
         )
     })?;
-    let control = swarm.behaviour().new_control();
-    // A head that closes an idle connection (no stream open for its idle timeout, e.g. between
-    // the turns of `compare`) is dialled again, as a client that still needs it would.
+    let control = swarm.behaviour().streams.new_control();
+    let backoff: Backoff = Arc::default();
+    let task_backoff = backoff.clone();
+    // A head that closes a connection (idle for its timeout, e.g. between the turns of `compare`,
+    // or shed) is dialled again at once, as a client that still needs it would; a dial that fails
+    // (this one, or one a request started) puts the head in backoff for [`DIAL_BACKOFF`].
+    // Every second, heads it is not connected to (and not backing off from) are dialled too, so
+    // that a client keeps its connections between the steps of a benchmark.
     let task = tokio::spawn(async move {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let barred = |p: &PeerId| {
+            task_backoff
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(p)
+                .is_some_and(|t| *t > std::time::Instant::now())
+        };
+        let mut redial = tokio::time::interval(Duration::from_secs(1));
         loop {
-            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
-                swarm.select_next_some().await
-            {
-                if let Some(a) = addrs.get(&peer_id) {
-                    let _ = swarm.dial(a.clone());
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                        if let (false, Some(a)) = (barred(&peer_id), addrs.get(&peer_id)) {
+                            let _ = swarm.dial(a.clone());
+                        }
+                    }
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => {
+                        task_backoff
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(p, std::time::Instant::now() + DIAL_BACKOFF);
+                    }
+                    _ => {}
+                },
+                _ = redial.tick() => {
+                    for (p, a) in &addrs {
+                        if !swarm.is_connected(p) && !barred(p) {
+                            let opts = DialOpts::peer_id(*p)
+                                .addresses(vec![a.clone()])
+                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            let _ = swarm.dial(opts);
+                        }
+                    }
                 }
             }
         }
     });
-    Ok((peer, control, task))
+    Ok((peer, control, backoff, task))
 }
 
 /// Client `i`: its own source address and identity; it announces that address.
 pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::Result<Client> {
     let src = source(i);
-    let (peer, control, task) = connect(src, heads).await?;
+    let (peer, control, backoff, task) = connect(src, heads).await?;
     let record = PeerRecord { peer, addrs: vec![format!("/ip4/{src}/tcp/4001").parse()?] };
-    Ok(Client { control, record, _task: task })
+    Ok(Client { control, record, backoff, _task: task })
+}
+
+impl Client {
+    /// Whether a dial to `head` failed less than [`DIAL_BACKOFF`] ago.
+    fn backing_off(&self, head: &PeerId) -> bool {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(head)
+            .is_some_and(|t| *t > std::time::Instant::now())
+    }
 }
 
 pub(crate) fn random_key() -> Vec<u8> {
@@ -223,6 +344,9 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
         if let Some(answer) = request_on(ctx, client, head, s, op, key).await {
             return answer;
         }
+    }
+    if ctx.clients[client].backing_off(&head) {
+        return Answer::Refused; // a dial to it failed a moment ago: not tried again yet
     }
     match ctx.clients[client].control.clone().open_stream(head, KAD_PROTOCOL).await {
         Ok(s) => request_on(ctx, client, head, s, op, key).await.unwrap_or(Answer::Refused),

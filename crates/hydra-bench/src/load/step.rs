@@ -33,6 +33,12 @@ pub(crate) struct Step {
     pub(crate) reject_p99: f64,
     pub(crate) failed: u64,
     pub(crate) dropped: u64,
+    /// Inbound connections the node closed (connection shedding) and new ones it refused
+    /// before their handshake (CPU short), in the step.
+    pub(crate) conns_shed: u64,
+    pub(crate) conns_refused: u64,
+    /// What the node shed in the step, by reason (its counters' names), largest first.
+    pub(crate) shed_by: Vec<(String, f64)>,
     pub(crate) p50: f64,
     pub(crate) p99: f64,
     pub(crate) get_p99: f64,
@@ -40,6 +46,8 @@ pub(crate) struct Step {
     pub(crate) node_get_p99: f64,
     pub(crate) tier_max: String,
     pub(crate) tier_end: String,
+    /// Mean of the node's runtime lag signal over the step's 1 s samples, ms.
+    pub(crate) lag_ms: f64,
     pub(crate) rss_mib: f64,
     pub(crate) cpu_ms_per_1k: f64,
     /// CPU of this process (the generator) per 1,000 requests sent.
@@ -53,7 +61,7 @@ pub(crate) struct Step {
 impl Step {
     pub(crate) fn header() -> String {
         format!(
-            "{:>7} {:>7} {:>7} {:>7} {:>7} {:>11} {:>9} {:>7} {:>7} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>15} {:>6} {:>8} {:>8} {:>6} {:>7} {:>6}",
+            "{:>7} {:>7} {:>7} {:>7} {:>7} {:>11} {:>9} {:>7} {:>7} {:>7} {:>6} {:>6} {:>13} {:>7} {:>7} {:>7} {:>6} {:>15} {:>6} {:>6} {:>8} {:>8} {:>6} {:>7} {:>6}",
             "step",
             "offered",
             "sent",
@@ -66,11 +74,13 @@ impl Step {
             "rej p99",
             "failed",
             "gendrop",
+            "conns cut/ref",
             "p50 ms",
             "p99 ms",
             "get p99",
             "node",
             "tier max/end",
+            "lag ms",
             "RSS",
             "cpu/1k",
             "gen/1k",
@@ -82,7 +92,7 @@ impl Step {
 
     pub(crate) fn row(&self) -> String {
         format!(
-            "{:>7} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>11} {:>9} {:>7.0} {:>7.0} {:>7.1} {:>6} {:>6} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>6.0} {:>8.1} {:>8.1} {:>6.0} {:>7.0} {:>6.0}",
+            "{:>7} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>11} {:>9} {:>7.0} {:>7.0} {:>7.1} {:>6} {:>6} {:>13} {:>7.1} {:>7.1} {:>7.1} {:>6} {:>15} {:>6.1} {:>6.0} {:>8.1} {:>8.1} {:>6.0} {:>7.0} {:>6.0}",
             self.label,
             self.offered,
             self.sent,
@@ -95,11 +105,13 @@ impl Step {
             self.reject_p99,
             self.failed,
             self.dropped,
+            format!("{}/{}", self.conns_shed, self.conns_refused),
             self.p50,
             self.p99,
             self.get_p99,
             self.node_get_p99,
             format!("{}/{}", self.tier_max, self.tier_end),
+            self.lag_ms,
             self.rss_mib,
             self.cpu_ms_per_1k,
             self.gen_cpu_ms_per_1k,
@@ -110,20 +122,69 @@ impl Step {
     }
 }
 
+/// What the node shed between two scrapes, per counter: requests by tier reason
+/// (`hydra_load_shed_total{reason}`, `hydra_providers_shed_total{reason}`) and streams by event.
+fn shed_by(before: &str, after: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for reason in ["write_buffer_full", "reads_in_flight", "read_deadline", "datastore_error", "peer_rate", "cache_only", "tier"]
+    {
+        let d = metric_sum(after, "hydra_load_shed_total", &[("reason", reason)])
+            - metric_sum(before, "hydra_load_shed_total", &[("reason", reason)]);
+        out.push((format!("request:{reason}"), d));
+    }
+    for event in ["refused", "admission", "queue_full", "peer_limit", "queue_wait", "evicted"] {
+        let d = metric_sum(after, "hydra_kad_streams_total", &[("event", event)])
+            - metric_sum(before, "hydra_kad_streams_total", &[("event", event)]);
+        out.push((format!("stream:{event}"), d));
+    }
+    out.retain(|(_, d)| *d > 0.0);
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+impl Step {
+    /// The shed breakdown as one line (empty when nothing was shed).
+    pub(crate) fn shed_line(&self) -> String {
+        if self.shed_by.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = self.shed_by.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+        format!("         shed in the step: {}", parts.join(", "))
+    }
+}
+
 /// After a step: how many of the sampled new records announced in time are found (asked by
 /// random clients of random heads, once the load is off and the buffer had time to flush).
-async fn check_adds(ctx: &Arc<Ctx>, keys: Vec<Vec<u8>>) -> (usize, usize) {
+/// Whether a record was *kept* is the question, so the node is first let out of `refuse` (where
+/// a lookup not in the cache is answered with closer peers only; at most 20 s), and an ask the
+/// node refused (a client it shed, backing off) is asked again by another client.
+async fn check_adds(ctx: &Arc<Ctx>, node: &NodeProcess, keys: Vec<Vec<u8>>) -> (usize, usize) {
     if keys.is_empty() {
         return (0, 0);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let status = http_get(&node.http, "/v1/status").await.unwrap_or_default();
+        if status.contains("\"tier\":\"normal\"") || status.contains("\"tier\":\"degrade\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let n = keys.len();
     let found = futures::stream::iter(keys)
         .map(|k| {
             let ctx = ctx.clone();
             async move {
-                let ask = request(&ctx, Op::Get, &k);
-                matches!(tokio::time::timeout(Duration::from_secs(5), ask).await, Ok(Answer::Full))
+                for _ in 0..4 {
+                    let ask = request(&ctx, Op::Get, &k);
+                    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+                        Ok(Answer::Full) => return true,
+                        Ok(Answer::Refused) => continue,
+                        _ => return false,
+                    }
+                }
+                false
             }
         })
         .buffer_unordered(16)
@@ -153,6 +214,9 @@ pub(crate) struct Samples {
     rss_max_mib: f64,
     /// Highest PostgreSQL transaction rate over a 5 s window.
     pg_max5: f64,
+    /// The node's runtime lag signal (ms, its mean over the last second), summed over samples.
+    lag_sum: f64,
+    samples: u32,
 }
 
 pub(crate) async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -173,12 +237,15 @@ pub(crate) async fn sample(http: String, pid: u32, pg_url: String, db: String, o
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for n in 1u64.. {
         tick.tick().await;
-        let tier = match http_get(&http, "/v1/status")
+        let (tier, lag) = match http_get(&http, "/v1/status")
             .await
             .map(|b| serde_json::from_str::<serde_json::Value>(&b))
         {
-            Ok(Ok(v)) => TIERS.iter().position(|t| v["tier"] == *t).unwrap_or(0),
-            _ => 0,
+            Ok(Ok(v)) => (
+                TIERS.iter().position(|t| v["tier"] == *t).unwrap_or(0),
+                v["signals"]["runtime_lag_ms"].as_f64().unwrap_or(0.0),
+            ),
+            _ => (0, 0.0),
         };
         let rss = hydra::load::rss_bytes(&pid.to_string()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
         let mut pg_rate = None;
@@ -190,6 +257,8 @@ pub(crate) async fn sample(http: String, pid: u32, pg_url: String, db: String, o
         }
         let mut s = out.lock().unwrap_or_else(|e| e.into_inner());
         s.tier_max = s.tier_max.max(tier);
+        s.lag_sum += lag;
+        s.samples += 1;
         s.rss_max_mib = s.rss_max_mib.max(rss);
         if let Some(r) = pg_rate {
             s.pg_max5 = s.pg_max5.max(r);
@@ -221,6 +290,22 @@ pub(crate) async fn run_step(
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "peer_limit")])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_wait")])
     };
+    // Clients shed in an earlier step come back (their dial backoff over, the node admitting
+    // connections again) before this one is measured.
+    let want = (ctx.clients.len() * ctx.heads.len()) as f64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = http_get(&node.http, "/metrics").await?;
+        let have = metric_sum(&m, "hydra_head_connections", &[]);
+        if have >= want {
+            break;
+        }
+        if Instant::now() > deadline {
+            println!("         note: {have} of {want} client connections before the step (20 s waited)");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let before = http_get(&node.http, "/metrics").await?;
     let cpu0 = node.cpu_seconds().unwrap_or(0.0);
     let (gen0, machine0) = (cpu_seconds("self").unwrap_or(0.0), machine_jiffies());
@@ -243,7 +328,7 @@ pub(crate) async fn run_step(
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
-    let adds_found = check_adds(ctx, sample).await;
+    let adds_found = check_adds(ctx, node, sample).await;
     let kept = if adds_found.1 == 0 { 1.0 } else { adds_found.0 as f64 / adds_found.1 as f64 };
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     Ok(Step {
@@ -260,6 +345,11 @@ pub(crate) async fn run_step(
         reject_p99: percentile_ms(&tally.reject_latency, 0.99),
         failed: tally.failed.load(Ordering::Relaxed),
         dropped: tally.dropped.load(Ordering::Relaxed),
+        conns_shed: (metric_sum(&after, "hydra_kad_connections_shed_total", &[])
+            - metric_sum(&before, "hydra_kad_connections_shed_total", &[])) as u64,
+        conns_refused: (metric_sum(&after, "hydra_kad_connections_refused_total", &[])
+            - metric_sum(&before, "hydra_kad_connections_refused_total", &[])) as u64,
+        shed_by: shed_by(&before, &after),
         p50: percentile_ms(&tally.latency, 0.5),
         p99: percentile_ms(&tally.latency, 0.99),
         get_p99: percentile_ms(&tally.get_latency, 0.99),
@@ -271,6 +361,7 @@ pub(crate) async fn run_step(
             0.99,
         ),
         tier_max: TIERS[s.tier_max].to_string(),
+        lag_ms: if s.samples > 0 { s.lag_sum / f64::from(s.samples) } else { 0.0 },
         tier_end: status["tier"].as_str().unwrap_or("?").to_string(),
         rss_mib: s.rss_max_mib.max(node.rss_kib().unwrap_or(0.0) / 1024.0),
         cpu_ms_per_1k: if sent > 0 { cpu * 1e6 / sent as f64 } else { 0.0 },
