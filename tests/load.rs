@@ -536,6 +536,10 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
     write_load(&file, &pinned(Some(20)));
     assert_eq!(reload(&node).await.0, 200);
     admission_becomes(&node, Some(20)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // two controller samples
+    let status = node.load().status().unwrap();
+    assert_eq!(status.admission_connections_per_second, Some(0), "limited, no room for 3 s yet");
+    assert!(!status.shedding_connections, "no new connections yet is not shedding");
     // CPU short: new connections by rate, once the gate has had room for a few seconds.
     connections_become(&node, Some(20)).await;
 

@@ -257,7 +257,8 @@ impl LoadControl {
             fleet_processes: self.fleet_processes.load(Ordering::Relaxed),
             admission_streams_per_second: self.admission.limit(),
             admission_connections_per_second: self.admission.connection_limit(),
-            shedding_connections: self.admission.connection_limit() == Some(0),
+            // Not a connection limit of 0: that is also a limited node without room yet.
+            shedding_connections: self.metrics.shedding_connections.get() == 1,
             load,
         })
     }
