@@ -194,7 +194,7 @@ pub struct PerSignal {
     /// fast leaves latency low, so failures are a signal of their own.
     pub datastore_error_ratio: f64,
     /// The queue fills below are each the lowest sampled over the last second: a queue a burst
-    /// filled and that drained within it is no distress (`load::signals::FillWindow`).
+    /// filled and that drained within it is no distress (`load::signals::SampleWindow`).
     ///
     /// Write-behind buffer entries / `providers.write_buffer_entries` (0..1).
     pub write_buffer_fill_ratio: f64,

@@ -302,30 +302,32 @@ async fn per_peer_limits_apply_only_under_contention_share_fairly_and_cached_ans
     node.shutdown().await;
 }
 
-/// Wait until the node's admission gate shows `want` (None: every stream admitted).
-async fn admission_becomes(node: &hydra::Node, want: Option<u32>) {
+/// Wait (≤ 10 s) until the rate `pick` reads from the node's status is `want`.
+async fn status_rate_becomes(
+    node: &hydra::Node,
+    what: &str,
+    pick: fn(&hydra::load::Status) -> Option<u32>,
+    want: Option<u32>,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = node.load().status().and_then(|s| s.admission_streams_per_second);
+        let got = node.load().status().and_then(|s| pick(&s));
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "admission is {got:?}, want {want:?}");
+        assert!(Instant::now() < deadline, "{what} is {got:?}, want {want:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Wait (≤ 10 s) until new connections are admitted at `want` per second (None: all).
+/// Wait until the node's admission gate shows `want` (None: every stream admitted).
+async fn admission_becomes(node: &hydra::Node, want: Option<u32>) {
+    status_rate_becomes(node, "admission", |s| s.admission_streams_per_second, want).await;
+}
+
+/// Wait until new connections are admitted at `want` per second (None: all).
 async fn connections_become(node: &hydra::Node, want: Option<u32>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = node.load().status().and_then(|s| s.admission_connections_per_second);
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "connections admitted at {got:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    status_rate_becomes(node, "connection admission", |s| s.admission_connections_per_second, want).await;
 }
 
 /// CPU distress, pinned (`load.force_admission_per_second`): new streams are reset at once,

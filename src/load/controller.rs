@@ -16,7 +16,7 @@ use super::admission::{Admission, RateControl, RateInput, ShedControl, ShedInput
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
-use super::signals::{rss_bytes, FillWindow, LagWindow, RatioWindow, SignalSource, Window};
+use super::signals::{rss_bytes, LagWindow, RatioWindow, SampleWindow, SignalSource, Window};
 use super::tier::decide_with_lag;
 use crate::config::LoadSection;
 use crate::metrics::{DatastoreMetrics, DbOp, LoadMetrics, ShedReason};
@@ -317,7 +317,7 @@ impl LoadControl {
             exit_ratio: cfg.exit_ratio,
             shed_ratio: cfg.admission_shed_ratio,
             connections_per_s: cfg.admission_connections_per_second,
-            samples_per_s: 1.0 / cfg.sample_interval.as_secs_f64(),
+            samples_per_s: input.samples_per_s,
         });
         if let Some(keep) = step.cut {
             tracing::warn!(
@@ -360,10 +360,10 @@ impl LoadControl {
         let mut lag = LagWindow::new(lag_slots(&cfg));
         // The lag of each sample over the latency window: the tier asks whether the CPU was
         // short at any time the datastore latencies cover.
-        let mut recent_lag: std::collections::VecDeque<f64> = std::collections::VecDeque::new();
-        // Queue fills count when held for that second too (`FillWindow`): write buffer, reads
+        let mut recent_lag = SampleWindow::new(slots(&cfg));
+        // Queue fills count when held for that second too (`SampleWindow::lowest`): write buffer, reads
         // in flight, intake.
-        let mut fills: [FillWindow; 3] = std::array::from_fn(|_| FillWindow::new(lag_slots(&cfg)));
+        let mut fills: [SampleWindow; 3] = std::array::from_fn(|_| SampleWindow::new(lag_slots(&cfg)));
         let mut rate = (RateControl::default(), ShedControl::default());
         let mut streams = {
             let (offered, admitted) = self.admission.counts();
@@ -389,7 +389,7 @@ impl LoadControl {
                 source.reads_in_flight(),
                 source.inbound_queue(),
             ]) {
-                w.push(queue);
+                w.push_fill(queue);
             }
             let latency: HashMap<&'static str, LatencyPair> = windows
                 .iter()
@@ -409,9 +409,9 @@ impl LoadControl {
                 datastore_p99_ms: windows[0].signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
                 pool_wait_p99_ms: pool_wait.signal(0.99, cfg.min_latency_samples, stall_intervals) * 1e3,
                 datastore_error_ratio: errors.ratio(cfg.min_latency_samples),
-                write_buffer_fill_ratio: fills[0].sustained(),
-                reads_in_flight_ratio: fills[1].sustained(),
-                inbound_queue_fill_ratio: fills[2].sustained(),
+                write_buffer_fill_ratio: fills[0].lowest(),
+                reads_in_flight_ratio: fills[1].lowest(),
+                inbound_queue_fill_ratio: fills[2].lowest(),
                 rss_mib: rss_bytes("self").map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0),
                 runtime_lag_ms: lag.mean_lag_ms(),
             };
@@ -426,6 +426,7 @@ impl LoadControl {
                         w.len = slots(&new_cfg).max(2);
                     }
                     errors.len = slots(&new_cfg).max(2);
+                    recent_lag.len = slots(&new_cfg).max(1);
                     lag.len = lag_slots(&new_cfg).max(2);
                     for w in &mut fills {
                         w.len = lag_slots(&new_cfg);
@@ -436,12 +437,8 @@ impl LoadControl {
             if cur != last {
                 since = now; // changed by a reload (force_tier)
             }
-            recent_lag.push_back(s.runtime_lag_ms);
-            while recent_lag.len() > slots(&cfg) {
-                recent_lag.pop_front();
-            }
-            let recent_max = recent_lag.iter().copied().fold(0.0, f64::max);
-            let next = decide_with_lag(cur, since, now, &s, &cfg, recent_max);
+            recent_lag.push(s.runtime_lag_ms);
+            let next = decide_with_lag(cur, since, now, &s, &cfg, recent_lag.highest());
             // Only from `cur`: a reload that moved the tier meanwhile wins, and is seen next time.
             if next != cur && self.transition(Some(cur), next, &s) {
                 since = now;

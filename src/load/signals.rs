@@ -212,33 +212,44 @@ impl LagWindow {
     }
 }
 
-/// A bounded queue's fill as a tier signal: the lowest fill sampled over a short sliding window
-/// (the controller keeps one second). A queue that a burst or a short datastore stall filled and
-/// that drained again within the window is no distress — its own bound sheds any excess
-/// meanwhile — and taking it for one held the node in `degrade` for `min_dwell`, answering
-/// lookups from other heads with cache-only misses. A queue that stayed filled over the whole
-/// window is a backlog (or the statement budget holding it back) and shows.
-pub(crate) struct FillWindow {
+/// The last `len` samples of a signal, for its lowest or highest over a short sliding window.
+///
+/// A bounded queue's fill as a tier signal is its lowest fill over the window (the controller
+/// keeps one second): a queue that a burst or a short datastore stall filled and that drained
+/// again within the window is no distress — its own bound sheds any excess meanwhile — and
+/// taking it for one held the node in `degrade` for `min_dwell`, answering lookups from other
+/// heads with cache-only misses. A queue that stayed filled over the whole window is a backlog
+/// (or the statement budget holding it back) and shows.
+pub(crate) struct SampleWindow {
     samples: VecDeque<f64>,
     pub(crate) len: usize,
 }
 
-impl FillWindow {
+impl SampleWindow {
     pub(crate) fn new(len: usize) -> Self {
         Self { samples: VecDeque::new(), len: len.max(1) }
     }
 
-    /// Record the queue's (entries, bound) now.
-    pub(crate) fn push(&mut self, (n, max): (usize, usize)) {
-        self.samples.push_back(if max == 0 { 0.0 } else { n as f64 / max as f64 });
+    pub(crate) fn push(&mut self, v: f64) {
+        self.samples.push_back(v);
         while self.samples.len() > self.len {
             self.samples.pop_front();
         }
     }
 
-    /// The lowest fill ratio in the window (0 without samples).
-    pub(crate) fn sustained(&self) -> f64 {
+    /// Record a queue's (entries, bound) now, as its fill ratio.
+    pub(crate) fn push_fill(&mut self, (n, max): (usize, usize)) {
+        self.push(if max == 0 { 0.0 } else { n as f64 / max as f64 });
+    }
+
+    /// The lowest sample in the window (0 without samples).
+    pub(crate) fn lowest(&self) -> f64 {
         self.samples.iter().copied().reduce(f64::min).unwrap_or(0.0)
+    }
+
+    /// The highest sample in the window (0 without samples).
+    pub(crate) fn highest(&self) -> f64 {
+        self.samples.iter().copied().reduce(f64::max).unwrap_or(0.0)
     }
 }
 
@@ -274,22 +285,22 @@ mod tests {
 
     #[test]
     fn a_queue_signals_its_fill_only_once_it_held_it_over_the_window() {
-        let mut w = FillWindow::new(5); // one second of 250 ms samples
-        assert_eq!(w.sustained(), 0.0);
+        let mut w = SampleWindow::new(5); // one second of 250 ms samples
+        assert_eq!(w.lowest(), 0.0);
         // A burst: 146 of 256 reads in flight for one sample, drained by the next.
         for n in [10, 146, 20, 5, 0] {
-            w.push((n, 256));
+            w.push_fill((n, 256));
         }
-        assert!(w.sustained() < 0.5, "a burst that drained is no distress: {}", w.sustained());
+        assert!(w.lowest() < 0.5, "a burst that drained is no distress: {}", w.lowest());
         // A backlog: over half full at every sample of the window.
         for n in [140, 200, 180, 150, 160] {
-            w.push((n, 256));
+            w.push_fill((n, 256));
         }
-        assert!((w.sustained() - 140.0 / 256.0).abs() < 1e-9, "{}", w.sustained());
-        w.push((0, 256)); // drained: the signal falls at once
-        assert_eq!(w.sustained(), 0.0);
-        w.push((5, 0));
-        assert_eq!(w.sustained(), 0.0, "an unbounded (0) queue signals nothing");
+        assert!((w.lowest() - 140.0 / 256.0).abs() < 1e-9, "{}", w.lowest());
+        w.push_fill((0, 256)); // drained: the signal falls at once
+        assert_eq!(w.lowest(), 0.0);
+        w.push_fill((5, 0));
+        assert_eq!(w.lowest(), 0.0, "an unbounded (0) queue signals nothing");
     }
 
     #[test]

@@ -178,13 +178,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The preload burst may have raised the tier: measure from `normal` (dwell included).
-    for _ in 0..240 {
-        let status = http_get(&node.http, "/v1/status").await.unwrap_or_default();
-        if status.contains("\"tier\":\"normal\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    step::wait_for_tier(&node, &["normal"], Duration::from_secs(120)).await;
     // Confined only now: the preload is set-up, not measurement, and under the quota the node's
     // admission would reset some of its announcements (lost, unseen by a client that only writes).
     if let Some(q) = &quota {

@@ -34,6 +34,11 @@ pub(crate) const DIAL_BACKOFF: Duration = Duration::from_secs(5);
 /// Per head, until when a client does not dial it.
 pub(crate) type Backoff = Arc<Mutex<std::collections::HashMap<PeerId, std::time::Instant>>>;
 
+/// Whether a dial to `head` failed less than [`DIAL_BACKOFF`] ago.
+fn barred(backoff: &Backoff, head: &PeerId) -> bool {
+    backoff.lock().unwrap_or_else(|e| e.into_inner()).get(head).is_some_and(|t| *t > std::time::Instant::now())
+}
+
 /// The `i`-th client's source address (127.1.0.1, 127.1.0.2, …): each client its own host, as
 /// the node's per-IP caps expect of separate machines.
 pub(crate) fn source(i: usize) -> Ipv4Addr {
@@ -175,19 +180,12 @@ pub(crate) async fn connect(
     // that a client keeps its connections between the steps of a benchmark.
     let task = tokio::spawn(async move {
         use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-        let barred = |p: &PeerId| {
-            task_backoff
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(p)
-                .is_some_and(|t| *t > std::time::Instant::now())
-        };
         let mut redial = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                        if let (false, Some(a)) = (barred(&peer_id), addrs.get(&peer_id)) {
+                        if let (false, Some(a)) = (barred(&task_backoff, &peer_id), addrs.get(&peer_id)) {
                             let _ = swarm.dial(a.clone());
                         }
                     }
@@ -201,7 +199,7 @@ pub(crate) async fn connect(
                 },
                 _ = redial.tick() => {
                     for (p, a) in &addrs {
-                        if !swarm.is_connected(p) && !barred(p) {
+                        if !swarm.is_connected(p) && !barred(&task_backoff, p) {
                             let opts = DialOpts::peer_id(*p)
                                 .addresses(vec![a.clone()])
                                 .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -224,16 +222,6 @@ pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::R
     Ok(Client { control, record, backoff, _task: task })
 }
 
-impl Client {
-    /// Whether a dial to `head` failed less than [`DIAL_BACKOFF`] ago.
-    fn backing_off(&self, head: &PeerId) -> bool {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(head)
-            .is_some_and(|t| *t > std::time::Instant::now())
-    }
-}
 
 pub(crate) fn random_key() -> Vec<u8> {
     let mut k = vec![0x12, 0x20];
@@ -345,7 +333,7 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
             return answer;
         }
     }
-    if ctx.clients[client].backing_off(&head) {
+    if barred(&ctx.clients[client].backoff, &head) {
         return Answer::Refused; // a dial to it failed a moment ago: not tried again yet
     }
     match ctx.clients[client].control.clone().open_stream(head, KAD_PROTOCOL).await {

@@ -122,19 +122,22 @@ impl Step {
     }
 }
 
+/// How much counter `name{labels}` grew between two scrapes.
+fn grew(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(after, name, labels) - metric_sum(before, name, labels)
+}
+
 /// What the node shed between two scrapes, per counter: requests by tier reason
 /// (`hydra_load_shed_total{reason}`, `hydra_providers_shed_total{reason}`) and streams by event.
 fn shed_by(before: &str, after: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for reason in ["write_buffer_full", "reads_in_flight", "read_deadline", "datastore_error", "peer_rate", "cache_only", "tier"]
     {
-        let d = metric_sum(after, "hydra_load_shed_total", &[("reason", reason)])
-            - metric_sum(before, "hydra_load_shed_total", &[("reason", reason)]);
+        let d = grew(before, after, "hydra_load_shed_total", &[("reason", reason)]);
         out.push((format!("request:{reason}"), d));
     }
     for event in ["refused", "admission", "queue_full", "peer_limit", "queue_wait", "evicted"] {
-        let d = metric_sum(after, "hydra_kad_streams_total", &[("event", event)])
-            - metric_sum(before, "hydra_kad_streams_total", &[("event", event)]);
+        let d = grew(before, after, "hydra_kad_streams_total", &[("event", event)]);
         out.push((format!("stream:{event}"), d));
     }
     out.retain(|(_, d)| *d > 0.0);
@@ -153,6 +156,18 @@ impl Step {
     }
 }
 
+/// Wait until the node's tier is one of `tiers`, polling its status, for at most `limit`.
+pub(crate) async fn wait_for_tier(node: &NodeProcess, tiers: &[&str], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let status = http_get(&node.http, "/v1/status").await.unwrap_or_default();
+        if tiers.iter().any(|t| status.contains(&format!("\"tier\":\"{t}\""))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// After a step: how many of the sampled new records announced in time are found (asked by
 /// random clients of random heads, once the load is off and the buffer had time to flush).
 /// Whether a record was *kept* is the question, so the node is first let out of `refuse` (where
@@ -163,14 +178,7 @@ async fn check_adds(ctx: &Arc<Ctx>, node: &NodeProcess, keys: Vec<Vec<u8>>) -> (
         return (0, 0);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let status = http_get(&node.http, "/v1/status").await.unwrap_or_default();
-        if status.contains("\"tier\":\"normal\"") || status.contains("\"tier\":\"degrade\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for_tier(node, &["normal", "degrade"], Duration::from_secs(20)).await;
     let n = keys.len();
     let found = futures::stream::iter(keys)
         .map(|k| {
@@ -345,10 +353,8 @@ pub(crate) async fn run_step(
         reject_p99: percentile_ms(&tally.reject_latency, 0.99),
         failed: tally.failed.load(Ordering::Relaxed),
         dropped: tally.dropped.load(Ordering::Relaxed),
-        conns_shed: (metric_sum(&after, "hydra_kad_connections_shed_total", &[])
-            - metric_sum(&before, "hydra_kad_connections_shed_total", &[])) as u64,
-        conns_refused: (metric_sum(&after, "hydra_kad_connections_refused_total", &[])
-            - metric_sum(&before, "hydra_kad_connections_refused_total", &[])) as u64,
+        conns_shed: grew(&before, &after, "hydra_kad_connections_shed_total", &[]) as u64,
+        conns_refused: grew(&before, &after, "hydra_kad_connections_refused_total", &[]) as u64,
         shed_by: shed_by(&before, &after),
         p50: percentile_ms(&tally.latency, 0.5),
         p99: percentile_ms(&tally.latency, 0.99),
