@@ -487,8 +487,13 @@ fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Fail
         v["heads"],
         v["fleet_processes"],
     );
+    let connections = match (v["shedding_connections"].as_bool(), v.get("admission_connections_per_second")) {
+        (Some(true), _) => "shedding".to_string(),
+        (_, Some(r)) => format!("{r}/s"),
+        (_, None) => "open".into(),
+    };
     println!(
-        "records ≈ {:.0}, peers ≈ {:.0}; write buffer {}/{}; statement budget {}/s; admission {}",
+        "records ≈ {:.0}, peers ≈ {:.0}; write buffer {}/{}; statement budget {}/s; admission {}; connections {}",
         v["records_estimate"].as_f64().unwrap_or(0.0),
         v["peers_estimate"].as_f64().unwrap_or(0.0),
         v["write_buffer_entries"],
@@ -497,6 +502,7 @@ fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Fail
         v.get("admission_streams_per_second")
             .map(|r| format!("{r} streams/s"))
             .unwrap_or_else(|| "open".into()),
+        connections,
     );
     println!("{:<26} {:>10} {:>10} {:>10} {:>10}", "signal", "value", "degrade", "refuse", "peak");
     if let Some(signals) = v["signals"].as_object() {

@@ -319,6 +319,8 @@ fn read_commands_show_a_running_nodes_records_status_and_heads() {
     let out = hydra().args(["status", "--url", &url]).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.starts_with("tier ") && table.contains("runtime_lag_ms"), "{table}");
+    assert!(table.contains("admission open; connections open"), "{table}");
+    assert_eq!(st["shedding_connections"], false);
 
     // Readiness for container health checks.
     let out = hydra().args(["ready", "--url", &url]).output().unwrap();
