@@ -181,7 +181,18 @@ pub(crate) struct RateControl {
     /// Samples since the last decrease: the lag is a mean over the last second, so a decrease
     /// shows in it only a second later — decreasing again before would overshoot.
     since_decrease: u32,
+    /// The node's capacity as last shown: the admitted rate at the last sample in which the gate
+    /// was binding (more offered than admitted) and the lag low. Kept while the gate is open —
+    /// after connections were cut, little is offered for a while, and the clients let back in
+    /// must be measured against what the node served, not against an open gate — and forgotten
+    /// after [`CAPACITY_MEMORY_S`] without limiting.
+    capacity: Option<f64>,
+    /// Samples since the gate last limited.
+    open_for: u32,
 }
+
+/// Seconds with the gate open after which the remembered capacity is forgotten.
+const CAPACITY_MEMORY_S: u32 = 60;
 
 /// Of the streams admitted, more than this share reset unserved counts as CPU distress.
 const LATE_SHARE: f64 = 0.05;
@@ -225,9 +236,28 @@ impl RateControl {
         if decrease || (high && self.rate.is_none()) {
             self.since_decrease = 0;
         }
+        // A binding gate with a low lag shows a rate the node serves; so does what an open gate
+        // let through with a low lag.
+        if let Some(r) = self.rate {
+            if low && i.offered_per_s > r {
+                self.capacity = Some(r);
+            }
+            self.open_for = 0;
+        } else {
+            if low {
+                self.capacity = self.capacity.map(|c| c.max(i.served_per_s));
+            }
+            self.open_for = self.open_for.saturating_add(1);
+            if self.open_for >= CAPACITY_MEMORY_S * second {
+                self.capacity = None;
+            }
+        }
+        let remembered = self.capacity.unwrap_or(0.0) * 0.9;
         self.rate = match self.rate {
-            // Start from what was served when the lag rose, a little less.
-            None if high => Some((i.admitted_per_s.min(i.served_per_s) * 0.9).max(i.floor)),
+            // Start from what was served when the lag rose (or, if more, from the capacity last
+            // shown: right after a cut the clients let back in bring their handshakes before their
+            // requests), a little less.
+            None if high => Some((i.admitted_per_s.min(i.served_per_s) * 0.9).max(remembered).max(i.floor)),
             None => None,
             Some(r) if decrease => Some((r * 0.85).max(i.floor)),
             Some(r) if low && r > i.offered_per_s * 1.5 => None,
@@ -237,27 +267,35 @@ impl RateControl {
         };
         self.rate.map(|r| r.min(f64::from(u32::MAX)) as u32)
     }
+
+    /// The capacity last shown (streams/s), while remembered.
+    pub(crate) fn capacity(&self) -> Option<f64> {
+        self.capacity
+    }
 }
 
 /// The controller's rule for connections, one step per sample, after [`RateControl`]'s.
 ///
 /// **Open:** every new inbound connection admitted. **Limited:** once the stream gate limits (the
 /// CPU is short), new connections are admitted at `connections_per_s` — a handshake costs
-/// several requests — and only while there is room (for three seconds fewer streams offered
-/// than 0.9 × the admitted rate, and a low lag: a client let in without room only brings
-/// streams to reset);
-/// the rest are refused before their handshake. Once the gate is open again and the lag low,
-/// the rate grows by `connections_per_s` every second, and after ten such seconds all are
-/// admitted again (the clients turned away come back gradually, not in one storm of
-/// handshakes). **Shedding:** once the new streams offered exceed `shed_ratio` × the
-/// admitted rate for two samples in a row — more than half reset at `shed_ratio` 2 — new
-/// connections are refused, and connections are cut: each inbound connection is kept with
-/// probability `CUT_HEADROOM` (1.15) × rate ÷ offered (at most 0.9, at least 0.05), drawn at its next
-/// new stream, so that those kept offer a little more than is admitted and the stream gate keeps
-/// trimming. Another cut follows every second while the excess lasts (what was cut shows in the
-/// offered rate only once those clients are gone). Shedding ends, into Limited, after two
-/// seconds in which the gate reset fewer than it admitted and the lag was below `exit_ratio` ×
-/// its target.
+/// several requests — and only while there is room: for three seconds fewer streams offered
+/// than 0.9 × what the node serves (the gate's rate while it limits, else the capacity it last
+/// showed, [`RateControl::capacity`]) and a low lag. A client let in without room only brings
+/// streams to reset; without room but with a low lag and a capacity remembered, a trickle (a
+/// tenth of the rate) still comes in, so that a capacity shown at a bad moment is corrected.
+/// Once admitting, while there is room, the rate grows by `connections_per_s` every second, and once the gate
+/// has been open for ten seconds with room all are admitted again (the clients turned away come
+/// back gradually, not in one storm of handshakes). **Shedding:** once the new streams offered
+/// exceed `shed_ratio` × the admitted rate for two samples in a row — more than half reset at
+/// `shed_ratio` 2 — new connections are refused, and connections are cut: each inbound
+/// connection is kept with probability `CUT_HEADROOM` (1.15) × what the node serves ÷ offered
+/// (at most 0.9, at least 0.05), drawn at its next new stream, so that those kept offer a
+/// little more than is admitted and the stream gate keeps trimming. What the node serves is
+/// here the larger of the gate's rate and the capacity last shown: a gate pulled down by a
+/// burst of handshakes or refusals must not take most of the clients with it. Another cut
+/// follows every second while the excess lasts (what was cut shows in the offered rate only
+/// once those clients are gone). Shedding ends, into Limited, after two seconds in which the
+/// gate reset fewer than it admitted and the lag was below `exit_ratio` × its target.
 #[derive(Debug, Default)]
 pub(crate) struct ShedControl {
     mode: Mode,
@@ -271,7 +309,7 @@ pub(crate) struct ShedControl {
 enum Mode {
     #[default]
     Open,
-    /// New connections at `rate`/s; `calm`: samples in a row with the gate open and a low lag.
+    /// New connections at `rate`/s; `calm`: samples in a row with room and the gate open.
     Limited { rate: f64, calm: u32 },
     /// `since_cut`: samples since the last cut; `calm`: samples in a row with less reset than
     /// admitted and a low lag.
@@ -280,11 +318,11 @@ enum Mode {
 
 /// Kept connections offer about this much more than the stream gate admits.
 const CUT_HEADROOM: f64 = 1.15;
-/// Seconds of an open gate and a low lag after which every new connection is admitted again.
+/// Seconds of room with the gate open after which every new connection is admitted again.
 const OPEN_AFTER_S: u32 = 10;
 /// While limited, new connections are admitted only once the streams offered have been below
-/// this share of the admitted rate (and the lag low) for `ROOM_AFTER_S` seconds: right after a
-/// cut there is room only until the clients cut are let back in.
+/// this share of what the node serves (and the lag low) for `ROOM_AFTER_S` seconds: right after
+/// a cut there is room only until the clients cut are let back in.
 const ROOM: f64 = 0.9;
 const ROOM_AFTER_S: u32 = 3;
 /// Seconds of a calm gate after which shedding ends.
@@ -296,6 +334,8 @@ pub(crate) struct ShedInput {
     pub offered_per_s: f64,
     /// The stream gate's admitted rate after this step (None: open).
     pub rate: Option<f64>,
+    /// The capacity the stream gate last showed ([`RateControl::capacity`]), streams/s.
+    pub capacity: Option<f64>,
     pub lag_ms: f64,
     pub target_ms: f64,
     pub exit_ratio: f64,
@@ -324,9 +364,17 @@ impl ShedControl {
 
     pub(crate) fn step(&mut self, i: &ShedInput) -> ShedStep {
         let rate = i.rate.unwrap_or(f64::INFINITY);
+        // What the node serves: the gate's rate while it limits, else the capacity last shown
+        // (unknown: unbounded).
+        let serves = i.rate.or(i.capacity).unwrap_or(f64::INFINITY);
         let lag_low = i.target_ms <= 0.0 || i.lag_ms < i.target_ms * i.exit_ratio;
         let excess = i.shed_ratio > 0.0 && i.offered_per_s > i.shed_ratio * rate;
-        let keep = || (CUT_HEADROOM * rate / i.offered_per_s.max(1.0)).clamp(0.05, 0.9);
+        // Cut toward what the node serves; a gate pulled below its capacity by a burst of
+        // handshakes or refusals must not take most of the clients with it.
+        let kept_for = rate.max(i.capacity.unwrap_or(0.0));
+        let keep = || (CUT_HEADROOM * kept_for / i.offered_per_s.max(1.0)).clamp(0.05, 0.9);
+        // Room for more clients: what is offered leaves a share of what the node serves free.
+        let room_now = lag_low && i.offered_per_s <= ROOM * serves;
         let per_s = i.samples_per_s.max(1e-3);
         let second = per_s.ceil() as u32;
         let floor = f64::from(i.connections_per_s);
@@ -341,11 +389,16 @@ impl ShedControl {
             Mode::Open if i.rate.is_some() => Mode::Limited { rate: floor, calm: 0 },
             Mode::Open => Mode::Open,
             Mode::Limited { rate: r, calm } => {
-                if i.rate.is_none() && lag_low {
-                    if calm + 1 >= OPEN_AFTER_S * second {
+                if room_now {
+                    // The rate grows once connections are being admitted (room for
+                    // `ROOM_AFTER_S` already); all are admitted after ten seconds of room with
+                    // the gate open.
+                    let admitting = self.roomy >= ROOM_AFTER_S * second;
+                    let calm = if i.rate.is_none() { calm + 1 } else { 0 };
+                    if calm >= OPEN_AFTER_S * second {
                         Mode::Open
                     } else {
-                        Mode::Limited { rate: r + floor / per_s, calm: calm + 1 }
+                        Mode::Limited { rate: if admitting { r + floor / per_s } else { r }, calm }
                     }
                 } else if lag_low {
                     Mode::Limited { rate: r, calm: 0 }
@@ -371,11 +424,14 @@ impl ShedControl {
         // Room for another client, counted only while limited: the gate resets nothing (it admits
         // more than is offered) and the lag is low. Without room a new connection would only bring more to reset.
         let limited = matches!(self.mode, Mode::Limited { .. });
-        self.roomy = if limited && lag_low && i.offered_per_s <= ROOM * rate { self.roomy + 1 } else { 0 };
+        self.roomy = if limited && room_now { self.roomy + 1 } else { 0 };
         let room = self.roomy >= ROOM_AFTER_S * second;
         let connections = match self.mode {
             Mode::Open => None,
             Mode::Limited { rate, .. } if room => Some(rate.min(f64::from(u32::MAX)) as u32),
+            // A low lag without room by the capacity last shown: a trickle, so that a capacity
+            // shown at a bad moment (a storm of handshakes) is corrected by what comes in.
+            Mode::Limited { .. } if lag_low && i.capacity.is_some() => Some((i.connections_per_s / 10).max(1)),
             Mode::Limited { .. } | Mode::Shedding { .. } => Some(0),
         };
         ShedStep { cut, connections }
@@ -472,6 +528,7 @@ mod tests {
         ShedInput {
             offered_per_s: offered,
             rate,
+            capacity: None,
             lag_ms,
             target_ms: 20.0,
             exit_ratio: 0.7,
@@ -486,11 +543,10 @@ mod tests {
         let mut c = ShedControl::default();
         let open = ShedStep { cut: None, connections: None };
         assert_eq!(c.step(&shed_input(5000.0, None, 5.0)), open, "gate open: every connection admitted");
-        for _ in 0..11 {
-            assert_eq!(c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections, Some(0), "room, not for 3 s yet");
-        }
+        let first: Vec<ShedStep> = (0..12).map(|_| c.step(&shed_input(800.0, Some(1000.0), 5.0))).collect();
+        assert_eq!(first[10].connections, Some(0), "room, not for 3 s yet");
         assert_eq!(
-            c.step(&shed_input(800.0, Some(1000.0), 5.0)),
+            first[11],
             ShedStep { cut: None, connections: Some(20) },
             "CPU short, nothing reset, a low lag for 3 s: room for new connections, by rate"
         );
@@ -517,11 +573,12 @@ mod tests {
         let roomy: Vec<Option<u32>> = (0..12).map(|_| c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections).collect();
         assert_eq!(roomy[10], Some(0));
         assert_eq!(roomy[11], Some(20), "room for 3 s");
-        // The gate open and the lag low: +20/s each second, every connection after ten seconds.
+        // Still room, now with the gate open: +20/s each second; every connection admitted after
+        // ten seconds of room with the gate open.
         let ramp: Vec<Option<u32>> = (0..40).map(|_| c.step(&shed_input(800.0, None, 5.0)).connections).collect();
         assert_eq!(ramp[3], Some(40), "a second later: +20/s");
         assert_eq!(ramp[38], Some(215));
-        assert_eq!(ramp[39], None, "ten calm seconds: open");
+        assert_eq!(ramp[39], None, "ten seconds open with room: open");
         // A high lag keeps it shedding even when little is reset.
         let mut c = ShedControl::default();
         c.step(&shed_input(5000.0, Some(1000.0), 30.0));
@@ -538,6 +595,68 @@ mod tests {
         let st: Vec<ShedStep> =
             (0..12).map(|_| c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50.0, Some(100.0), 5.0) })).collect();
         assert_eq!(st[11].connections, Some(20));
+    }
+
+    #[test]
+    fn the_capacity_shown_is_remembered_while_the_gate_is_open_and_forgotten_after_a_minute() {
+        let mut c = RateControl::default();
+        assert_eq!(c.step(&input(40.0, 5000.0, 1000.0)), Some(900));
+        assert_eq!(c.capacity(), None, "a high lag shows no capacity");
+        let r = c.step(&input(2.0, 5000.0, 900.0)).unwrap();
+        assert_eq!(c.capacity(), Some(900.0), "binding with a low lag: 900/s is served");
+        assert!(r > 900, "and the rate probes above it");
+        // A cut: little offered, the gate opens, the capacity stays.
+        let mut out = Some(r);
+        for _ in 0..50 {
+            out = c.step(&RateInput { served_per_s: 100.0, ..input(2.0, 100.0, 100.0) });
+        }
+        assert_eq!(out, None);
+        assert_eq!(c.capacity(), Some(900.0), "an open gate serving less keeps it");
+        // Clients let back in bring handshakes before requests: the lag rises while little is
+        // served, and the gate starts from the capacity shown, not from that.
+        assert_eq!(c.step(&RateInput { served_per_s: 200.0, ..input(40.0, 300.0, 300.0) }), Some(810));
+        // With the gate open and the lag low, what is served raises it.
+        let mut c = RateControl::default();
+        c.step(&input(40.0, 5000.0, 1000.0));
+        c.step(&input(2.0, 5000.0, 900.0));
+        for _ in 0..10 {
+            c.step(&RateInput { served_per_s: 50.0, ..input(2.0, 50.0, 50.0) });
+        }
+        c.step(&RateInput { served_per_s: 1500.0, ..input(2.0, 1500.0, 1500.0) });
+        assert_eq!(c.capacity(), Some(1500.0));
+        let idle = RateInput { served_per_s: 50.0, ..input(2.0, 50.0, 50.0) };
+        for _ in 0..49 {
+            c.step(&idle);
+        }
+        assert_eq!(c.capacity(), Some(1500.0), "59 seconds with the gate open (a sample a second)");
+        c.step(&idle);
+        assert_eq!(c.capacity(), None, "sixty: forgotten");
+    }
+
+    #[test]
+    fn after_a_cut_the_capacity_shown_sizes_the_cut_and_the_room() {
+        let with = |offered, rate, lag, capacity| ShedInput { capacity, ..shed_input(offered, rate, lag) };
+        let mut c = ShedControl::default();
+        c.step(&with(10_000.0, Some(200.0), 30.0, Some(1000.0)));
+        let st = c.step(&with(10_000.0, Some(200.0), 30.0, Some(1000.0)));
+        assert_eq!(st.cut, Some(0.115), "keep 1.15 × the capacity 1000 ÷ 10,000, not × the gate's 200");
+        // Calm for two seconds: limited. The gate open, 950/s offered against a capacity of
+        // 1000/s: no room, only a trickle of new connections (a tenth of the rate).
+        for _ in 0..8 {
+            c.step(&with(950.0, Some(1000.0), 5.0, Some(1000.0)));
+        }
+        assert!(!c.shedding());
+        let tight: Vec<Option<u32>> = (0..20).map(|_| c.step(&with(950.0, None, 5.0, Some(1000.0))).connections).collect();
+        assert!(tight.iter().all(|n| *n == Some(2)), "{tight:?}");
+        assert_eq!(c.step(&with(950.0, None, 30.0, Some(1000.0))).connections, Some(0), "a high lag: none");
+        let roomy: Vec<Option<u32>> = (0..12).map(|_| c.step(&with(700.0, None, 5.0, Some(1000.0))).connections).collect();
+        assert_eq!(roomy[10], Some(2));
+        assert_eq!(roomy[11], Some(20), "three seconds with room: by rate");
+        // Nothing remembered (a forced rate, or a minute open): an open gate with a low lag is room.
+        let mut c = ShedControl::default();
+        c.step(&with(5000.0, Some(1000.0), 30.0, None));
+        let st: Vec<Option<u32>> = (0..12).map(|_| c.step(&with(5000.0, None, 5.0, None)).connections).collect();
+        assert_eq!(st[11], Some(20));
     }
 
     #[test]

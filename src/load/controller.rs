@@ -312,6 +312,7 @@ impl LoadControl {
         let step = shed.step(&ShedInput {
             offered_per_s: input.offered_per_s,
             rate: limit.map(f64::from),
+            capacity: rate.capacity(),
             lag_ms: s.runtime_lag_ms,
             target_ms: cfg.admission_lag_ms,
             exit_ratio: cfg.exit_ratio,

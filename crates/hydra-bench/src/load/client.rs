@@ -27,16 +27,31 @@ pub(crate) struct Client {
     _task: tokio::task::JoinHandle<()>,
 }
 
-/// How long a client stays away from a head after a dial to it failed, as go-libp2p's swarm
-/// does (its base dial backoff is 5 s): requests meanwhile fail at once, without a dial.
-pub(crate) const DIAL_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a client stays away from a head after dials to it failed, as go-libp2p's swarm does
+/// (`DialBackoff` in its swarm_dial.go): 5 s after the first failure, then 5 s + 1 s × tries²
+/// (6, 9, 14, 21 s, …), at most 5 min, cleared once a connection to it is established. Requests
+/// meanwhile fail at once, without a dial.
+pub(crate) fn dial_backoff(tries: u32) -> Duration {
+    if tries == 0 {
+        return Duration::from_secs(5);
+    }
+    (Duration::from_secs(5) + Duration::from_secs(u64::from(tries) * u64::from(tries))).min(Duration::from_secs(300))
+}
 
-/// Per head, until when a client does not dial it.
-pub(crate) type Backoff = Arc<Mutex<std::collections::HashMap<PeerId, std::time::Instant>>>;
+/// Per head, until when a client does not dial it, and the failed dials since it last connected.
+pub(crate) type Backoff = Arc<Mutex<std::collections::HashMap<PeerId, (std::time::Instant, u32)>>>;
 
-/// Whether a dial to `head` failed less than [`DIAL_BACKOFF`] ago.
+/// Whether `head` is in dial backoff.
 fn barred(backoff: &Backoff, head: &PeerId) -> bool {
-    backoff.lock().unwrap_or_else(|e| e.into_inner()).get(head).is_some_and(|t| *t > std::time::Instant::now())
+    backoff.lock().unwrap_or_else(|e| e.into_inner()).get(head).is_some_and(|(t, _)| *t > std::time::Instant::now())
+}
+
+/// A dial to `head` failed: back off from it ([`dial_backoff`]).
+fn back_off(backoff: &Backoff, head: PeerId) {
+    let mut b = backoff.lock().unwrap_or_else(|e| e.into_inner());
+    let (until, tries) = b.entry(head).or_insert((std::time::Instant::now(), 0));
+    *until = std::time::Instant::now() + dial_backoff(*tries);
+    *tries += 1;
 }
 
 /// The `i`-th client's source address (127.1.0.1, 127.1.0.2, …): each client its own host, as
@@ -175,7 +190,7 @@ pub(crate) async fn connect(
     let task_backoff = backoff.clone();
     // A head that closes a connection (idle for its timeout, e.g. between the turns of `compare`,
     // or shed) is dialled again at once, as a client that still needs it would; a dial that fails
-    // (this one, or one a request started) puts the head in backoff for [`DIAL_BACKOFF`].
+    // (this one, or one a request started) puts the head in backoff ([`dial_backoff`]).
     // Every second, heads it is not connected to (and not backing off from) are dialled too, so
     // that a client keeps its connections between the steps of a benchmark.
     let task = tokio::spawn(async move {
@@ -189,11 +204,9 @@ pub(crate) async fn connect(
                             let _ = swarm.dial(a.clone());
                         }
                     }
-                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => {
-                        task_backoff
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(p, std::time::Instant::now() + DIAL_BACKOFF);
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => back_off(&task_backoff, p),
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        task_backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer_id);
                     }
                     _ => {}
                 },
@@ -212,6 +225,13 @@ pub(crate) async fn connect(
         }
     });
     Ok((peer, control, backoff, task))
+}
+
+impl Client {
+    /// Forget every dial backoff (the 1 s redial tick then reconnects).
+    pub(crate) fn clear_backoff(&self) {
+        self.backoff.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// Client `i`: its own source address and identity; it announces that address.

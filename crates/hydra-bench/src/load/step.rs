@@ -298,8 +298,11 @@ pub(crate) async fn run_step(
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "peer_limit")])
             + metric_sum(m, "hydra_kad_streams_total", &[("event", "queue_wait")])
     };
-    // Clients shed in an earlier step come back (their dial backoff over, the node admitting
-    // connections again) before this one is measured.
+    // Clients shed in an earlier step come back (their dial backoff cleared, as for a new load,
+    // the node admitting connections again) before this one is measured.
+    for c in ctx.clients.iter() {
+        c.clear_backoff();
+    }
     let want = (ctx.clients.len() * ctx.heads.len()) as f64;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
