@@ -89,7 +89,8 @@ pub struct LoadSection {
     /// transport work does not eat the CPU. 0: never.
     pub admission_shed_ratio: f64,
     /// While the CPU is short (new streams admitted by rate) but not shedding, new inbound
-    /// connections are admitted at this rate and the rest refused before their handshake.
+    /// connections are admitted at this rate and the rest refused before their handshake
+    /// (without room, a tenth of it; 0: none while the CPU is short).
     pub admission_connections_per_second: u32,
     /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
     pub degrade: Thresholds,

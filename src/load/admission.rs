@@ -431,7 +431,10 @@ impl ShedControl {
             Mode::Limited { rate, .. } if room => Some(rate.min(f64::from(u32::MAX)) as u32),
             // A low lag without room by the capacity last shown: a trickle, so that a capacity
             // shown at a bad moment (a storm of handshakes) is corrected by what comes in.
-            Mode::Limited { .. } if lag_low && i.capacity.is_some() => Some((i.connections_per_s / 10).max(1)),
+            // (None if connections_per_s is 0: then none while the CPU is short.)
+            Mode::Limited { .. } if lag_low && i.capacity.is_some() => {
+                Some((i.connections_per_s / 10).max(u32::from(i.connections_per_s > 0)))
+            }
             Mode::Limited { .. } | Mode::Shedding { .. } => Some(0),
         };
         ShedStep { cut, connections }
@@ -657,6 +660,11 @@ mod tests {
         c.step(&with(5000.0, Some(1000.0), 30.0, None));
         let st: Vec<Option<u32>> = (0..12).map(|_| c.step(&with(5000.0, None, 5.0, None)).connections).collect();
         assert_eq!(st[11], Some(20));
+        // New connections set to none while the CPU is short: no trickle either.
+        let mut c = ShedControl::default();
+        let none = |offered, rate| ShedInput { connections_per_s: 0, ..with(offered, rate, 5.0, Some(1000.0)) };
+        c.step(&none(950.0, Some(1000.0)));
+        assert!((0..20).all(|_| c.step(&none(950.0, None)).connections == Some(0)));
     }
 
     #[test]
