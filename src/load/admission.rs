@@ -167,6 +167,13 @@ impl Admission {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// End the cut in force: connections that have not drawn in it yet are kept. (A cut begun
+    /// just before the load fell would otherwise still close connections at their next stream,
+    /// long after the node had room.)
+    pub(crate) fn end_cut(&self) {
+        self.keep_ppm.store(1_000_000, Ordering::Relaxed);
+    }
+
     /// (offered, admitted) new streams so far.
     pub(crate) fn counts(&self) -> (u64, u64) {
         (self.offered.load(Ordering::Relaxed), self.admitted.load(Ordering::Relaxed))
@@ -678,6 +685,11 @@ mod tests {
         assert!(a.keep_connection(&mut newer), "a connection started after the cut does not draw in it");
         a.cut_connections(1.0);
         assert!(a.keep_connection(&mut newer) && a.keep_connection(&mut newer));
+        // A cut that ended before a connection drew in it does not close it.
+        let mut late = a.epoch();
+        a.cut_connections(0.0);
+        a.end_cut();
+        assert!(a.keep_connection(&mut late), "shedding over: kept at its next stream");
         // Half kept, over many connections.
         a.cut_connections(0.5);
         let kept = (0..10_000)

@@ -330,7 +330,8 @@ impl LoadControl {
             self.admission.cut_connections(keep);
         }
         if was_shedding && !shed.shedding() {
-            tracing::info!("connection shedding over: new inbound connections admitted again");
+            self.admission.end_cut();
+            tracing::info!("connection shedding over: no more connections closed; new ones admitted by rate once there is room");
         }
         self.admission.set_connections(step.connections);
         self.metrics.admission_connection_rate.set(step.connections.map(i64::from).unwrap_or(-1));
