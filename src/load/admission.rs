@@ -204,17 +204,38 @@ const CAPACITY_MEMORY_S: u32 = 60;
 /// Of the streams admitted, more than this share reset unserved counts as CPU distress.
 const LATE_SHARE: f64 = 0.05;
 
-/// Inputs of one step.
-pub(crate) struct RateInput {
+/// What both rules, [`RateControl`]'s and [`ShedControl`]'s, read of one sample.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading {
     /// The runtime lag signal, ms.
     pub lag_ms: f64,
     /// The lag at which admission starts limiting (0: never).
     pub target_ms: f64,
-    /// Below `exit_ratio` × target the rate grows; it stops limiting once it exceeds what is
-    /// offered by half.
+    /// Below `exit_ratio` × target the lag is low: the rate grows, and it stops limiting once
+    /// it exceeds what is offered by half.
     pub exit_ratio: f64,
-    /// New streams offered and admitted per second since the last step.
+    /// New streams offered per second since the last step.
     pub offered_per_s: f64,
+    /// Samples per second (the controller's `sample_interval`).
+    pub samples_per_s: f64,
+}
+
+impl Reading {
+    /// Whether the lag is below `exit_ratio` × its target (always, with admission by rate off).
+    fn lag_low(&self) -> bool {
+        self.target_ms <= 0.0 || self.lag_ms < self.target_ms * self.exit_ratio
+    }
+
+    /// The steps in a second.
+    fn second(&self) -> u32 {
+        self.samples_per_s.ceil().max(1.0) as u32
+    }
+}
+
+/// Inputs of one step.
+pub(crate) struct RateInput {
+    pub reading: Reading,
+    /// New streams admitted per second since the last step.
     pub admitted_per_s: f64,
     /// Requests answered per second since the last step: what the node serves now. When the
     /// lag rises everything offered was being admitted, so the admitted rate says nothing of
@@ -225,8 +246,6 @@ pub(crate) struct RateInput {
     pub late_per_s: f64,
     /// The rate never goes below this (the node stays reachable).
     pub floor: f64,
-    /// Samples per second (the controller's `sample_interval`).
-    pub samples_per_s: f64,
 }
 
 impl RateControl {
@@ -234,10 +253,11 @@ impl RateControl {
     pub(crate) fn step(&mut self, i: &RateInput) -> Option<u32> {
         // Admitted but reset unserved: the lag (a one-second mean) may not show yet what the
         // queue already does.
-        let late = i.target_ms > 0.0 && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
-        let high = i.target_ms > 0.0 && i.lag_ms >= i.target_ms || late;
-        let low = i.target_ms <= 0.0 || (i.lag_ms < i.target_ms * i.exit_ratio && !late);
-        let second = i.samples_per_s.ceil().max(1.0) as u32;
+        let r = &i.reading;
+        let late = r.target_ms > 0.0 && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
+        let high = r.target_ms > 0.0 && r.lag_ms >= r.target_ms || late;
+        let low = r.lag_low() && !late;
+        let second = r.second();
         self.since_decrease = self.since_decrease.saturating_add(1);
         let decrease = high && self.since_decrease >= second;
         if decrease || (high && self.rate.is_none()) {
@@ -246,7 +266,7 @@ impl RateControl {
         // A binding gate with a low lag shows a rate the node serves; so does what an open gate
         // let through with a low lag.
         if let Some(r) = self.rate {
-            if low && i.offered_per_s > r {
+            if low && i.reading.offered_per_s > r {
                 self.capacity = Some(r);
             }
             self.open_for = 0;
@@ -267,7 +287,7 @@ impl RateControl {
             None if high => Some((i.admitted_per_s.min(i.served_per_s) * 0.9).max(remembered).max(i.floor)),
             None => None,
             Some(r) if decrease => Some((r * 0.85).max(i.floor)),
-            Some(r) if low && r > i.offered_per_s * 1.5 => None,
+            Some(r) if low && r > i.reading.offered_per_s * 1.5 => None,
             // Additive increase: 5 % of the rate plus the floor's share per step.
             Some(r) if low => Some(r * 1.05 + i.floor * 0.1),
             Some(r) => Some(r),
@@ -337,22 +357,16 @@ const SHED_CALM_S: u32 = 2;
 
 /// Inputs of one step.
 pub(crate) struct ShedInput {
-    /// New streams offered per second since the last step.
-    pub offered_per_s: f64,
+    pub reading: Reading,
     /// The stream gate's admitted rate after this step (None: open).
     pub rate: Option<f64>,
     /// The capacity the stream gate last showed ([`RateControl::capacity`]), streams/s.
     pub capacity: Option<f64>,
-    pub lag_ms: f64,
-    pub target_ms: f64,
-    pub exit_ratio: f64,
     /// Shed connections past this many offered per admitted stream (0: never).
     pub shed_ratio: f64,
     /// New connections per second while the CPU is short and the node is not shedding; also the
     /// step by which that rate grows each calm second.
     pub connections_per_s: u32,
-    /// Samples per second (the controller's `sample_interval`).
-    pub samples_per_s: f64,
 }
 
 /// What a step decided.
@@ -374,16 +388,17 @@ impl ShedControl {
         // What the node serves: the gate's rate while it limits, else the capacity last shown
         // (unknown: unbounded).
         let serves = i.rate.or(i.capacity).unwrap_or(f64::INFINITY);
-        let lag_low = i.target_ms <= 0.0 || i.lag_ms < i.target_ms * i.exit_ratio;
-        let excess = i.shed_ratio > 0.0 && i.offered_per_s > i.shed_ratio * rate;
+        let offered = i.reading.offered_per_s;
+        let lag_low = i.reading.lag_low();
+        let excess = i.shed_ratio > 0.0 && offered > i.shed_ratio * rate;
         // Cut toward what the node serves; a gate pulled below its capacity by a burst of
         // handshakes or refusals must not take most of the clients with it.
         let kept_for = rate.max(i.capacity.unwrap_or(0.0));
-        let keep = || (CUT_HEADROOM * kept_for / i.offered_per_s.max(1.0)).clamp(0.05, 0.9);
+        let keep = || (CUT_HEADROOM * kept_for / offered.max(1.0)).clamp(0.05, 0.9);
         // Room for more clients: what is offered leaves a share of what the node serves free.
-        let room_now = lag_low && i.offered_per_s <= ROOM * serves;
-        let per_s = i.samples_per_s.max(1e-3);
-        let second = per_s.ceil() as u32;
+        let room_now = lag_low && offered <= ROOM * serves;
+        let per_s = i.reading.samples_per_s.max(1e-3);
+        let second = i.reading.second();
         let floor = f64::from(i.connections_per_s);
         let mut cut = None;
         self.over = if excess && !self.shedding() { self.over + 1 } else { 0 };
@@ -420,7 +435,7 @@ impl ShedControl {
                     cut = Some(keep());
                 }
                 // The gate reset fewer than it admitted, and the lag is low.
-                let calm = if i.offered_per_s <= 2.0 * rate && lag_low { calm + 1 } else { 0 };
+                let calm = if offered <= 2.0 * rate && lag_low { calm + 1 } else { 0 };
                 if calm >= SHED_CALM_S * second {
                     Mode::Limited { rate: floor, calm: 0 }
                 } else {
@@ -454,15 +469,11 @@ mod tests {
 
     fn input(lag_ms: f64, offered: f64, admitted: f64) -> RateInput {
         RateInput {
-            lag_ms,
-            target_ms: 20.0,
-            exit_ratio: 0.5,
-            offered_per_s: offered,
+            reading: Reading { lag_ms, target_ms: 20.0, exit_ratio: 0.5, offered_per_s: offered, samples_per_s: 1.0 },
             admitted_per_s: admitted,
             served_per_s: admitted,
             late_per_s: 0.0,
             floor: 50.0,
-            samples_per_s: 1.0,
         }
     }
 
@@ -504,14 +515,19 @@ mod tests {
         assert_eq!(c.step(&late(600.0)), Some(2700), "20 % reset late: limited though the lag is low");
         assert_eq!(c.step(&RateInput { late_per_s: 600.0, ..input(5.0, 3000.0, 2700.0) }), Some(2295));
         assert!(c.step(&input(5.0, 3000.0, 2295.0)).unwrap() > 2295, "none late, a low lag: grows");
-        let off = RateInput { target_ms: 0.0, ..late(600.0) };
+        let mut off = late(600.0);
+        off.reading.target_ms = 0.0;
         assert_eq!(RateControl::default().step(&off), None, "admission by rate off: never");
     }
 
     #[test]
     fn the_rate_falls_at_most_once_per_second() {
         let mut c = RateControl::default();
-        let at = |lag| RateInput { samples_per_s: 4.0, ..input(lag, 5000.0, 1000.0) };
+        let at = |lag| {
+            let mut i = input(lag, 5000.0, 1000.0);
+            i.reading.samples_per_s = 4.0;
+            i
+        };
         assert_eq!(c.step(&at(40.0)), Some(900));
         for _ in 0..3 {
             assert_eq!(c.step(&at(40.0)), Some(900), "the lag's window still holds the old rate");
@@ -536,15 +552,11 @@ mod tests {
 
     fn shed_input(offered: f64, rate: Option<f64>, lag_ms: f64) -> ShedInput {
         ShedInput {
-            offered_per_s: offered,
+            reading: Reading { lag_ms, target_ms: 20.0, exit_ratio: 0.7, offered_per_s: offered, samples_per_s: 4.0 },
             rate,
             capacity: None,
-            lag_ms,
-            target_ms: 20.0,
-            exit_ratio: 0.7,
             shed_ratio: 2.0,
             connections_per_s: 20,
-            samples_per_s: 4.0,
         }
     }
 

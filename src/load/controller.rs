@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{Admission, RateControl, RateInput, ShedControl, ShedInput};
+use super::admission::{Admission, RateControl, RateInput, Reading, ShedControl, ShedInput};
 use super::budget::StatementBudget;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
@@ -278,16 +278,19 @@ impl LoadControl {
         let (offered, admitted) = self.admission.counts();
         let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
         let per_s = |n: u64, before: u64| n.saturating_sub(before) as f64 / secs;
-        let input = RateInput {
+        let reading = Reading {
             lag_ms: s.runtime_lag_ms,
             target_ms: cfg.admission_lag_ms,
             exit_ratio: cfg.exit_ratio,
             offered_per_s: per_s(offered, last.1 .0),
+            samples_per_s: 1.0 / cfg.sample_interval.as_secs_f64(),
+        };
+        let input = RateInput {
+            reading,
             admitted_per_s: per_s(admitted, last.1 .1),
             served_per_s: per_s(served, last.1 .2),
             late_per_s: per_s(late, last.1 .3),
             floor: f64::from(cfg.admission_min_streams_per_second),
-            samples_per_s: 1.0 / cfg.sample_interval.as_secs_f64(),
         };
         *last = (now, (offered, admitted, served, late));
         let limit = match cfg.force_admission_per_second {
@@ -310,19 +313,15 @@ impl LoadControl {
 
         let was_shedding = shed.shedding();
         let step = shed.step(&ShedInput {
-            offered_per_s: input.offered_per_s,
+            reading,
             rate: limit.map(f64::from),
             capacity: rate.capacity(),
-            lag_ms: s.runtime_lag_ms,
-            target_ms: cfg.admission_lag_ms,
-            exit_ratio: cfg.exit_ratio,
             shed_ratio: cfg.admission_shed_ratio,
             connections_per_s: cfg.admission_connections_per_second,
-            samples_per_s: input.samples_per_s,
         });
         if let Some(keep) = step.cut {
             tracing::warn!(
-                offered_per_s = input.offered_per_s.round(),
+                offered_per_s = reading.offered_per_s.round(),
                 admitted_per_s = limit.unwrap_or(0),
                 "CPU short and most new streams reset: shedding connections, each inbound connection \
                  kept with probability {keep:.2}, new ones refused"
