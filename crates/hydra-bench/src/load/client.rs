@@ -31,27 +31,45 @@ pub(crate) struct Client {
 /// (`DialBackoff` in its swarm_dial.go): 5 s after the first failure, then 5 s + 1 s × tries²
 /// (6, 9, 14, 21 s, …), at most 5 min, cleared once a connection to it is established. Requests
 /// meanwhile fail at once, without a dial.
-pub(crate) fn dial_backoff(tries: u32) -> Duration {
+fn dial_backoff(tries: u32) -> Duration {
     if tries == 0 {
         return Duration::from_secs(5);
     }
     (Duration::from_secs(5) + Duration::from_secs(u64::from(tries) * u64::from(tries))).min(Duration::from_secs(300))
 }
 
-/// Per head, until when a client does not dial it, and the failed dials since it last connected.
-pub(crate) type Backoff = Arc<Mutex<std::collections::HashMap<PeerId, (std::time::Instant, u32)>>>;
+/// A client's dial backoff, shared by its swarm task and its requests: per head, until when it
+/// is not dialled, and the failed dials since the client last connected to it.
+#[derive(Clone, Default)]
+pub(crate) struct Backoff(Arc<Mutex<std::collections::HashMap<PeerId, (std::time::Instant, u32)>>>);
 
-/// Whether `head` is in dial backoff.
-fn barred(backoff: &Backoff, head: &PeerId) -> bool {
-    backoff.lock().unwrap_or_else(|e| e.into_inner()).get(head).is_some_and(|(t, _)| *t > std::time::Instant::now())
-}
+impl Backoff {
+    fn heads(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, (std::time::Instant, u32)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-/// A dial to `head` failed: back off from it ([`dial_backoff`]).
-fn back_off(backoff: &Backoff, head: PeerId) {
-    let mut b = backoff.lock().unwrap_or_else(|e| e.into_inner());
-    let (until, tries) = b.entry(head).or_insert((std::time::Instant::now(), 0));
-    *until = std::time::Instant::now() + dial_backoff(*tries);
-    *tries += 1;
+    /// Whether `head` is in dial backoff.
+    fn barred(&self, head: &PeerId) -> bool {
+        self.heads().get(head).is_some_and(|(t, _)| *t > std::time::Instant::now())
+    }
+
+    /// A dial to `head` failed: back off from it ([`dial_backoff`]).
+    fn failed(&self, head: PeerId) {
+        let mut b = self.heads();
+        let (until, tries) = b.entry(head).or_insert((std::time::Instant::now(), 0));
+        *until = std::time::Instant::now() + dial_backoff(*tries);
+        *tries += 1;
+    }
+
+    /// Connected to `head`: its backoff is cleared.
+    fn connected(&self, head: &PeerId) {
+        self.heads().remove(head);
+    }
+
+    /// Forget every backoff.
+    fn clear(&self) {
+        self.heads().clear();
+    }
 }
 
 /// The `i`-th client's source address (127.1.0.1, 127.1.0.2, …): each client its own host, as
@@ -186,7 +204,7 @@ pub(crate) async fn connect(
         )
     })?;
     let control = swarm.behaviour().streams.new_control();
-    let backoff: Backoff = Arc::default();
+    let backoff = Backoff::default();
     let task_backoff = backoff.clone();
     // A head that closes a connection (idle for its timeout, e.g. between the turns of `compare`,
     // or shed) is dialled again at once, as a client that still needs it would; a dial that fails
@@ -200,19 +218,17 @@ pub(crate) async fn connect(
             tokio::select! {
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                        if let (false, Some(a)) = (barred(&task_backoff, &peer_id), addrs.get(&peer_id)) {
+                        if let (false, Some(a)) = (task_backoff.barred(&peer_id), addrs.get(&peer_id)) {
                             let _ = swarm.dial(a.clone());
                         }
                     }
-                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => back_off(&task_backoff, p),
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                        task_backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer_id);
-                    }
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => task_backoff.failed(p),
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => task_backoff.connected(&peer_id),
                     _ => {}
                 },
                 _ = redial.tick() => {
                     for (p, a) in &addrs {
-                        if !swarm.is_connected(p) && !barred(&task_backoff, p) {
+                        if !swarm.is_connected(p) && !task_backoff.barred(p) {
                             let opts = DialOpts::peer_id(*p)
                                 .addresses(vec![a.clone()])
                                 .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -230,7 +246,7 @@ pub(crate) async fn connect(
 impl Client {
     /// Forget every dial backoff (the 1 s redial tick then reconnects).
     pub(crate) fn clear_backoff(&self) {
-        self.backoff.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.backoff.clear();
     }
 }
 
@@ -241,7 +257,6 @@ pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::R
     let record = PeerRecord { peer, addrs: vec![format!("/ip4/{src}/tcp/4001").parse()?] };
     Ok(Client { control, record, backoff, _task: task })
 }
-
 
 pub(crate) fn random_key() -> Vec<u8> {
     let mut k = vec![0x12, 0x20];
@@ -353,7 +368,7 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
             return answer;
         }
     }
-    if barred(&ctx.clients[client].backoff, &head) {
+    if ctx.clients[client].backoff.barred(&head) {
         return Answer::Refused; // a dial to it failed a moment ago: not tried again yet
     }
     match ctx.clients[client].control.clone().open_stream(head, KAD_PROTOCOL).await {
