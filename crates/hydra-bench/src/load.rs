@@ -236,8 +236,8 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     for (label, rate) in rates {
         let st = run_step(&ctx, &node, &pg, label.clone(), rate, o.step).await?;
         println!("{}", st.row());
-        if !st.shed_line().is_empty() {
-            println!("{}", st.shed_line());
+        if let Some(line) = st.shed_line() {
+            println!("{line}");
         }
         print_tier_changes(&node);
         let clean = st.goodput;

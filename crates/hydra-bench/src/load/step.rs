@@ -120,6 +120,15 @@ impl Step {
             self.pg_tps_max5
         )
     }
+
+    /// The shed breakdown as one line (None when nothing was shed).
+    pub(crate) fn shed_line(&self) -> Option<String> {
+        if self.shed_by.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = self.shed_by.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+        Some(format!("         shed in the step: {}", parts.join(", ")))
+    }
 }
 
 /// How much counter `name{labels}` grew between two scrapes.
@@ -127,8 +136,9 @@ fn grew(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_sum(after, name, labels) - metric_sum(before, name, labels)
 }
 
-/// What the node shed between two scrapes, per counter: requests by tier reason
-/// (`hydra_load_shed_total{reason}`, `hydra_providers_shed_total{reason}`) and streams by event.
+/// What the node shed between two scrapes, per counter: requests by reason
+/// (`hydra_load_shed_total{reason}`, which counts the provider manager's sheds of requests too)
+/// and streams by event.
 fn shed_by(before: &str, after: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for reason in ["write_buffer_full", "reads_in_flight", "read_deadline", "datastore_error", "peer_rate", "cache_only", "tier"]
@@ -143,17 +153,6 @@ fn shed_by(before: &str, after: &str) -> Vec<(String, f64)> {
     out.retain(|(_, d)| *d > 0.0);
     out.sort_by(|a, b| b.1.total_cmp(&a.1));
     out
-}
-
-impl Step {
-    /// The shed breakdown as one line (empty when nothing was shed).
-    pub(crate) fn shed_line(&self) -> String {
-        if self.shed_by.is_empty() {
-            return String::new();
-        }
-        let parts: Vec<String> = self.shed_by.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
-        format!("         shed in the step: {}", parts.join(", "))
-    }
 }
 
 /// Wait until the node's tier is one of `tiers`, polling its status, for at most `limit`.
