@@ -511,7 +511,7 @@ async fn measure(server: &Server, load: &Load, rate: f64, dur: Duration) -> Meas
     let cpu: f64 = cpu1.iter().filter_map(|(p, c1)| Some(c1 - cpu0.get(p)?)).sum();
     let busy_pct = crate::node::busy_pct_since(machine0).unwrap_or(f64::NAN);
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
-    let found = check_found(server, &load.finder, sample).await;
+    let found = check_found(server, &load.finder, sample.uniform).await;
     if let Proc::Hydra(node) = &server.proc {
         for c in node.tier_changes() {
             println!("         {} {c}", server.kind.name());

@@ -11,8 +11,8 @@
 //!
 //! Per step it prints offered and sent rate, **goodput counted at the client** — full answers
 //! (GET_PROVIDERS of a preloaded key with providers, FIND_NODE with closer peers) received within
-//! 1 s of their due time, plus ADD_PROVIDERs sent within 1 s × the share of a sample of them found
-//! by another client after the step — beside what the node counted `ok`; FIND_NODE answered in
+//! 1 s of their due time, plus ADD_PROVIDERs sent within 1 s × the share of a uniform sample of
+//! them (300, drawn over the whole step) found by another client after the step — beside what the node counted `ok`; FIND_NODE answered in
 //! full / sent; sheds (the node's `hydra_load_shed_total` plus refused, admission-reset and
 //! dropped streams); requests the node refused (reset, or closed without a reply) and how long
 //! they took to learn it (p99 from the due time); client-side timeouts;
@@ -236,7 +236,7 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     for (label, rate) in rates {
         let st = run_step(&ctx, &node, &pg, label.clone(), rate, o.step).await?;
         println!("{}", st.row());
-        if let Some(line) = st.shed_line() {
+        for line in [st.adds_line(), st.first_adds_line(), st.shed_line()].into_iter().flatten() {
             println!("{line}");
         }
         print_tier_changes(&node);

@@ -24,8 +24,13 @@ pub(crate) struct Step {
     /// FIND_NODE sent and answered in full within 1 s, per second.
     pub(crate) finds_sent: f64,
     pub(crate) finds_good: f64,
-    /// ADD_PROVIDERs of new records sent in time: (found afterwards, checked).
-    pub(crate) adds_found: (usize, usize),
+    /// ADD_PROVIDERs of new records sent in time: (found afterwards, checked), of a uniform
+    /// sample over the step and of the step's first ones.
+    pub(crate) adds_found: Checked,
+    pub(crate) first_adds_found: Checked,
+    /// ADD_PROVIDERs per second: sent and closed in time (as the client saw it), accepted by the
+    /// node (`hydra_kad_requests_total{type="add_provider",outcome="ok"}`), and shed by it.
+    pub(crate) adds: (f64, f64, f64),
     pub(crate) shed: f64,
     /// Refused (reset, or closed without a reply) per second, and the p99 of how long a refused
     /// request took to learn it (from its due time).
@@ -99,7 +104,7 @@ impl Step {
             self.goodput,
             self.node_ok,
             format!("{:.0}/{:.0}", self.finds_good, self.finds_sent),
-            format!("{}/{}", self.adds_found.0, self.adds_found.1),
+            format!("{}/{}", self.adds_found.found, self.adds_found.checked),
             self.shed,
             self.rejected,
             self.reject_p99,
@@ -119,6 +124,29 @@ impl Step {
             self.pg_tps,
             self.pg_tps_max5
         )
+    }
+
+    /// Where ADD_PROVIDERs went: sent in time, accepted by the node, shed by it, and the share of
+    /// the uniform sample found afterwards.
+    pub(crate) fn adds_line(&self) -> Option<String> {
+        let (sent, ok, shed) = self.adds;
+        let Checked { found, said_none, checked } = self.adds_found;
+        (found < checked).then(|| {
+            format!(
+                "         ADD_PROVIDER/s: {sent:.0} sent in time, {ok:.0} accepted by the node, {shed:.0} shed by it; of a uniform sample of {checked}: {found} found, {said_none} answered without providers, {} not answered in 20 s",
+                checked - found - said_none
+            )
+        })
+    }
+
+    /// The step's first new records, found or not, when that differs from the uniform sample
+    /// (which sizes goodput).
+    pub(crate) fn first_adds_line(&self) -> Option<String> {
+        let (f, n) = (self.first_adds_found.found, self.first_adds_found.checked);
+        let (uf, un) = (self.adds_found.found, self.adds_found.checked);
+        (n > 0 && f * un != uf * n).then(|| {
+            format!("         adds kept of the step's first {n} (the bench's sample until it drew over the whole step): {f}/{n}")
+        })
     }
 
     /// The shed breakdown as one line (None when nothing was shed).
@@ -167,38 +195,74 @@ pub(crate) async fn wait_for_tier(node: &NodeProcess, tiers: &[&str], limit: Dur
     }
 }
 
+/// What the check of a sample of new records found after a step.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Checked {
+    pub(crate) found: usize,
+    /// Answered, twice, without providers.
+    pub(crate) said_none: usize,
+    pub(crate) checked: usize,
+}
+
+impl Checked {
+    /// The share found (1 with nothing checked).
+    pub(crate) fn share(&self) -> f64 {
+        if self.checked == 0 {
+            1.0
+        } else {
+            self.found as f64 / self.checked as f64
+        }
+    }
+}
+
 /// After a step: how many of the sampled new records announced in time are found (asked by
 /// random clients of random heads, once the load is off and the buffer had time to flush).
 /// Whether a record was *kept* is the question, so the node is first let out of `refuse` (where
-/// a lookup not in the cache is answered with closer peers only; at most 20 s), and an ask the
-/// node refused (a client it shed, backing off) is asked again by another client.
-async fn check_adds(ctx: &Arc<Ctx>, node: &NodeProcess, keys: Vec<Vec<u8>>) -> (usize, usize) {
+/// a lookup not in the cache is answered with closer peers only; at most 20 s); an ask that got
+/// no answer about the record — the node refused it, or the client is still backing off from a
+/// connection the node shed in the step — is asked again by another client until 20 s have
+/// passed (until 2026-12-07 only four times: after a 10C step most clients were backing off, and
+/// records that were there counted as lost); and an answer without providers is asked once
+/// more, 0.5 s later, by another client (a lookup shed by a passing limit is not the record's
+/// absence).
+async fn check_adds(ctx: &Arc<Ctx>, node: &NodeProcess, keys: Vec<Vec<u8>>) -> Checked {
     if keys.is_empty() {
-        return (0, 0);
+        return Checked::default();
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     wait_for_tier(node, &["normal", "degrade"], Duration::from_secs(20)).await;
-    let n = keys.len();
-    let found = futures::stream::iter(keys)
+    let checked = keys.len();
+    let answers: Vec<Option<bool>> = futures::stream::iter(keys)
         .map(|k| {
             let ctx = ctx.clone();
             async move {
-                for _ in 0..4 {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut nones = 0;
+                while Instant::now() < deadline {
                     let ask = request(&ctx, Op::Get, &k);
                     match tokio::time::timeout(Duration::from_secs(5), ask).await {
-                        Ok(Answer::Full) => return true,
-                        Ok(Answer::Refused) => continue,
-                        _ => return false,
+                        Ok(Answer::Full) => return Some(true),
+                        Ok(Answer::Partial) => {
+                            nones += 1;
+                            if nones >= 2 {
+                                return Some(false);
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Ok(Answer::Refused) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
-                false
+                None
             }
         })
         .buffer_unordered(16)
-        .filter(|f| futures::future::ready(*f))
-        .count()
+        .collect()
         .await;
-    (found, n)
+    Checked {
+        found: answers.iter().filter(|a| **a == Some(true)).count(),
+        said_none: answers.iter().filter(|a| **a == Some(false)).count(),
+        checked,
+    }
 }
 
 /// PostgreSQL transactions committed + rolled back in `db` so far.
@@ -338,8 +402,9 @@ pub(crate) async fn run_step(
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
-    let adds_found = check_adds(ctx, node, sample).await;
-    let kept = if adds_found.1 == 0 { 1.0 } else { adds_found.0 as f64 / adds_found.1 as f64 };
+    let adds_found = check_adds(ctx, node, sample.uniform).await;
+    let first_adds_found = check_adds(ctx, node, sample.first).await;
+    let kept = adds_found.share();
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     Ok(Step {
         label,
@@ -350,6 +415,12 @@ pub(crate) async fn run_step(
         finds_sent: per_s(n(&tally.finds_sent)),
         finds_good: per_s(n(&tally.good_finds)),
         adds_found,
+        first_adds_found,
+        adds: (
+            per_s(n(&tally.good_adds)),
+            per_s(grew(&before, &after, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")])),
+            per_s(grew(&before, &after, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "shed")])),
+        ),
         shed: per_s(shed(&after) - shed(&before)),
         rejected: per_s(n(&tally.rejected)),
         reject_p99: percentile_ms(&tally.reject_latency, 0.99),
