@@ -47,6 +47,8 @@ OVERVIEW = [
         panel("Latency signals (ms)", [(f'hydra_load_signal{{{N},signal=~".*_ms"}}', "{{instance}} {{signal}}")],
               desc="p99 over load.window. Compare with hydra_load_threshold{tier=\"degrade\"} (50 ms) and refuse (250 ms)."),
         panel("Fill signals (ratio)", [(f'hydra_load_signal{{{N},signal=~".*_ratio"}}', "{{instance}} {{signal}}")], "percentunit"),
+        panel("CPU used of allowed", [(f"hydra_cpu_busy_ratio{{{N}}}", "{{instance}}")], "percentunit",
+              desc="The process's CPU over the last second ÷ hydra_cpu_allowance_cores (its cgroup's CFS quota, else its CPUs). Near 100 % the node has no spare CPU whatever runtime_lag_ms says: under a quota the work waits in the sockets first."),
         panel("Tier changes/s", [(f"sum by (to) (rate(hydra_load_tier_transitions_total{{{N}}}[{RI}]))", "to {{to}}")], "ops",
               desc="Frequent changes mean thresholds sit at the operating point; raise them or load.min_dwell."),
         panel("Statement budget wait p99", [(f"histogram_quantile(0.99, sum by (le) (rate(hydra_load_statement_budget_wait_seconds_bucket{{{N}}}[{RI}])))", "p99")], "s",

@@ -42,6 +42,7 @@
 pub mod admission;
 pub mod budget;
 pub mod controller;
+pub mod cpu;
 pub mod peers;
 pub mod policy;
 pub mod reload;

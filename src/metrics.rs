@@ -151,6 +151,9 @@ pub struct LoadMetrics {
     pub admission_connection_rate: IntGauge,
     /// 1 while the node sheds connections.
     pub shedding_connections: IntGauge,
+    /// The process's CPU used ÷ allowed over the last second, and the allowance (cores).
+    pub cpu_busy: Gauge,
+    pub cpu_allowance: Gauge,
 }
 
 impl LoadMetrics {
@@ -832,6 +835,22 @@ impl LoadMetrics {
                 IntGauge::new(
                     "hydra_load_shedding_connections",
                     "1 while the node closes inbound connections and refuses new ones (CPU short, most new streams reset)",
+                )
+                .unwrap(),
+            ),
+            cpu_busy: reg(
+                registry,
+                Gauge::new(
+                    "hydra_cpu_busy_ratio",
+                    "CPU time of the process over the last second ÷ the CPU it is allowed (its cgroup's quota, else its CPUs)",
+                )
+                .unwrap(),
+            ),
+            cpu_allowance: reg(
+                registry,
+                Gauge::new(
+                    "hydra_cpu_allowance_cores",
+                    "The CPU the process is allowed, cores: its cgroup's CFS quota, else the CPUs it may run on",
                 )
                 .unwrap(),
             ),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{Admission, RateControl, RateInput, Reading, ShedControl, ShedInput};
 use super::budget::StatementBudget;
+use super::cpu::BusyWindow;
 use super::peers::PeerLimiter;
 use super::policy::Policy;
 use super::signals::{rss_bytes, LagWindow, RatioWindow, SampleWindow, SignalSource, Window};
@@ -47,12 +48,18 @@ pub struct Status {
     pub admission_connections_per_second: Option<u32>,
     /// Whether the node is shedding connections.
     pub shedding_connections: bool,
+    /// The process's CPU used ÷ the CPU it is allowed, over the last second (`load::cpu`).
+    pub cpu_busy_ratio: f64,
+    /// The CPU it is allowed, cores: its cgroup's CFS quota, else the CPUs it may run on.
+    pub cpu_allowance_cores: f64,
     pub load: LoadSection,
 }
 
 /// What the controller measured last.
 struct Sample {
     signals: Signals,
+    /// (busy share, allowance in cores) of the process's CPU.
+    cpu: (f64, f64),
     latency: HashMap<&'static str, LatencyPair>,
     /// When the tier last changed.
     since: Instant,
@@ -245,7 +252,7 @@ impl LoadControl {
     /// The last sample with the current tier and settings (None before the first sample).
     pub fn status(&self) -> Option<Status> {
         let sample = self.sample.load_full();
-        let Sample { signals, latency, since } = (*sample).as_ref()?;
+        let Sample { signals, cpu, latency, since } = (*sample).as_ref()?;
         let load = (*self.config()).clone();
         Some(Status {
             tier: self.tier(),
@@ -259,6 +266,8 @@ impl LoadControl {
             admission_connections_per_second: self.admission.connection_limit(),
             // Not a connection limit of 0: that is also a limited node without room yet.
             shedding_connections: self.metrics.shedding_connections.get() == 1,
+            cpu_busy_ratio: cpu.0,
+            cpu_allowance_cores: cpu.1,
             load,
         })
     }
@@ -359,6 +368,8 @@ impl LoadControl {
         // The lag signal reacts within a second: CPU overload builds up in seconds, not windows.
         let lag_slots = |c: &LoadSection| (1.0 / c.sample_interval.as_secs_f64()).ceil() as usize + 1;
         let mut lag = LagWindow::new(lag_slots(&cfg));
+        // So does the CPU's busy share: the last second's.
+        let mut busy = BusyWindow::new(lag_slots(&cfg));
         // The lag of each sample over the latency window: the tier asks whether the CPU was
         // short at any time the datastore latencies cover.
         let mut recent_lag = SampleWindow::new(slots(&cfg));
@@ -385,6 +396,7 @@ impl LoadControl {
                 hot.iter().map(|op| datastore.duration.with_label_values(&[op]).get_sample_count()).sum(),
             );
             lag.push(self.metrics.runtime_lag.get_sample_count());
+            busy.push();
             for (w, queue) in fills.iter_mut().zip([
                 source.write_buffer(),
                 source.reads_in_flight(),
@@ -429,6 +441,7 @@ impl LoadControl {
                     errors.len = slots(&new_cfg).max(2);
                     recent_lag.len = slots(&new_cfg).max(1);
                     lag.len = lag_slots(&new_cfg).max(2);
+                    busy.len = lag_slots(&new_cfg).max(2);
                     for w in &mut fills {
                         w.len = lag_slots(&new_cfg);
                     }
@@ -446,8 +459,11 @@ impl LoadControl {
             }
             last = next;
             let counts = (source.requests_served(), source.streams_reset_late());
+            let cpu = (busy.busy(), busy.allowance());
             self.set_admission_rate(&mut rate, &mut streams, counts, &s, &cfg);
             self.metrics.set_signals(&s);
+            self.metrics.cpu_busy.set(cpu.0);
+            self.metrics.cpu_allowance.set(cpu.1);
             if let Some(p) = &*self.peers.load() {
                 let tier = self.tier();
                 let share = p.update_share(
@@ -462,7 +478,7 @@ impl LoadControl {
                 }
                 self.metrics.tracked_peers.set(p.store.len() as i64);
             }
-            self.sample.store(Arc::new(Some(Sample { signals: s, latency, since })));
+            self.sample.store(Arc::new(Some(Sample { signals: s, cpu, latency, since })));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.sample_interval) => {}

@@ -416,11 +416,13 @@ pub(crate) async fn run_step(
         finds_good: per_s(n(&tally.good_finds)),
         adds_found,
         first_adds_found,
-        adds: (
-            per_s(n(&tally.good_adds)),
-            per_s(grew(&before, &after, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")])),
-            per_s(grew(&before, &after, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "shed")])),
-        ),
+        adds: {
+            let adds = |outcome| {
+                let labels = [("type", "add_provider"), ("outcome", outcome)];
+                per_s(grew(&before, &after, "hydra_kad_requests_total", &labels))
+            };
+            (per_s(n(&tally.good_adds)), adds("ok"), adds("shed"))
+        },
         shed: per_s(shed(&after) - shed(&before)),
         rejected: per_s(n(&tally.rejected)),
         reject_p99: percentile_ms(&tally.reject_latency, 0.99),
