@@ -441,7 +441,7 @@ impl LoadControl {
                     errors.len = slots(&new_cfg).max(2);
                     recent_lag.len = slots(&new_cfg).max(1);
                     lag.len = lag_slots(&new_cfg).max(2);
-                    busy.len = lag_slots(&new_cfg).max(2);
+                    busy.cpu.len = lag_slots(&new_cfg).max(2);
                     for w in &mut fills {
                         w.len = lag_slots(&new_cfg);
                     }

@@ -14,9 +14,10 @@
 //! the reconnecting clients' handshakes kept it at 0.94–0.99 while it admitted half of what it
 //! could serve — goodput 516/s against 756 and 837/s without the rule in the same sitting.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use super::signals::Readings;
 
 /// CPU time of the whole process so far (all threads), seconds.
 pub fn process_cpu_seconds() -> Option<f64> {
@@ -109,15 +110,15 @@ const ALLOWANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The share of its allowance the process used over a sliding window of samples (0..1, a little
 /// above 1 where the kernel lets a period overrun).
 pub(crate) struct BusyWindow {
-    samples: VecDeque<(Instant, f64)>,
-    pub(crate) len: usize,
+    /// CPU seconds used so far, read at each sample.
+    pub(crate) cpu: Readings<f64>,
     allowance: f64,
     read_at: Option<Instant>,
 }
 
 impl BusyWindow {
     pub(crate) fn new(len: usize) -> Self {
-        Self { samples: VecDeque::new(), len: len.max(2), allowance: 1.0, read_at: None }
+        Self { cpu: Readings::new(len), allowance: 1.0, read_at: None }
     }
 
     /// Record the process's CPU time now (and read the allowance again when due).
@@ -134,20 +135,16 @@ impl BusyWindow {
 
     pub(crate) fn push_at(&mut self, at: Instant, cpu_seconds: f64, allowance: f64) {
         self.allowance = allowance;
-        self.samples.push_back((at, cpu_seconds));
-        while self.samples.len() > self.len {
-            self.samples.pop_front();
-        }
+        self.cpu.push_at(at, cpu_seconds);
     }
 
     /// CPU used ÷ CPU allowed over the window (0 until it spans two samples).
     pub(crate) fn busy(&self) -> f64 {
-        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
-        let wall = new.0.duration_since(old.0).as_secs_f64();
+        let Some((wall, old, new)) = self.cpu.span() else { return 0.0 };
         if wall <= 0.0 || self.allowance <= 0.0 {
             return 0.0;
         }
-        (new.1 - old.1).max(0.0) / (wall * self.allowance)
+        (new - old).max(0.0) / (wall * self.allowance)
     }
 
     /// The allowance last read, cores.

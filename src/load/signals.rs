@@ -170,41 +170,53 @@ pub async fn lag_probe(lag: prometheus::Histogram, cancel: tokio_util::sync::Can
     }
 }
 
-/// The lag probe's recent mean delay, from how many probes completed over a sliding window of
-/// samples: the probe is sequential, so over a span of `t` with `n` probes each took `t / n`, of
-/// which [`LAG_PROBE_PERIOD`] was the timer and the rest lag. Unlike a mean of the observed
-/// delays this also counts the probe still waiting, so a runtime too starved to run the probe
-/// at all shows as the whole span, not as no signal.
-pub(crate) struct LagWindow {
-    samples: VecDeque<(std::time::Instant, u64)>,
+/// A counter read at times, over a sliding window of the last `len` readings: how much it grew,
+/// and over how long, from the oldest reading to the newest.
+pub(crate) struct Readings<T> {
+    samples: VecDeque<(std::time::Instant, T)>,
     pub(crate) len: usize,
 }
 
-impl LagWindow {
+impl<T: Copy> Readings<T> {
     pub(crate) fn new(len: usize) -> Self {
         Self { samples: VecDeque::new(), len: len.max(2) }
     }
 
-    /// Record the probe count now.
-    pub(crate) fn push(&mut self, probes: u64) {
-        self.push_at(std::time::Instant::now(), probes);
-    }
-
-    pub(crate) fn push_at(&mut self, at: std::time::Instant, probes: u64) {
-        self.samples.push_back((at, probes));
+    pub(crate) fn push_at(&mut self, at: std::time::Instant, value: T) {
+        self.samples.push_back((at, value));
         while self.samples.len() > self.len {
             self.samples.pop_front();
         }
     }
 
+    /// (seconds from the oldest reading to the newest, the oldest value, the newest); None
+    /// before the first reading.
+    pub(crate) fn span(&self) -> Option<(f64, T, T)> {
+        let (old, new) = (self.samples.front()?, self.samples.back()?);
+        Some((new.0.saturating_duration_since(old.0).as_secs_f64(), old.1, new.1))
+    }
+}
+
+/// The lag probe's recent mean delay, from how many probes completed over a sliding window of
+/// samples: the probe is sequential, so over a span of `t` with `n` probes each took `t / n`, of
+/// which [`LAG_PROBE_PERIOD`] was the timer and the rest lag. Unlike a mean of the observed
+/// delays this also counts the probe still waiting, so a runtime too starved to run the probe
+/// at all shows as the whole span, not as no signal.
+pub(crate) type LagWindow = Readings<u64>;
+
+impl LagWindow {
+    /// Record the probe count now.
+    pub(crate) fn push(&mut self, probes: u64) {
+        self.push_at(std::time::Instant::now(), probes);
+    }
+
     /// Mean lag per probe over the window, ms (0 until the window spans two samples).
     pub(crate) fn mean_lag_ms(&self) -> f64 {
-        let (Some(old), Some(new)) = (self.samples.front(), self.samples.back()) else { return 0.0 };
-        let span = new.0.saturating_duration_since(old.0).as_secs_f64();
+        let Some((span, old, new)) = self.span() else { return 0.0 };
         if span <= 0.0 {
             return 0.0;
         }
-        let n = new.1.saturating_sub(old.1);
+        let n = new.saturating_sub(old);
         if n == 0 {
             return span * 1e3;
         }
