@@ -58,8 +58,6 @@ pub struct Status {
 /// What the controller measured last.
 struct Sample {
     signals: Signals,
-    /// (busy share, allowance in cores) of the process's CPU.
-    cpu: (f64, f64),
     latency: HashMap<&'static str, LatencyPair>,
     /// When the tier last changed.
     since: Instant,
@@ -252,7 +250,7 @@ impl LoadControl {
     /// The last sample with the current tier and settings (None before the first sample).
     pub fn status(&self) -> Option<Status> {
         let sample = self.sample.load_full();
-        let Sample { signals, cpu, latency, since } = (*sample).as_ref()?;
+        let Sample { signals, latency, since } = (*sample).as_ref()?;
         let load = (*self.config()).clone();
         Some(Status {
             tier: self.tier(),
@@ -266,8 +264,8 @@ impl LoadControl {
             admission_connections_per_second: self.admission.connection_limit(),
             // Not a connection limit of 0: that is also a limited node without room yet.
             shedding_connections: self.metrics.shedding_connections.get() == 1,
-            cpu_busy_ratio: cpu.0,
-            cpu_allowance_cores: cpu.1,
+            cpu_busy_ratio: self.metrics.cpu_busy.get(),
+            cpu_allowance_cores: self.metrics.cpu_allowance.get(),
             load,
         })
     }
@@ -459,11 +457,10 @@ impl LoadControl {
             }
             last = next;
             let counts = (source.requests_served(), source.streams_reset_late());
-            let cpu = (busy.busy(), busy.allowance());
             self.set_admission_rate(&mut rate, &mut streams, counts, &s, &cfg);
             self.metrics.set_signals(&s);
-            self.metrics.cpu_busy.set(cpu.0);
-            self.metrics.cpu_allowance.set(cpu.1);
+            self.metrics.cpu_busy.set(busy.busy());
+            self.metrics.cpu_allowance.set(busy.allowance());
             if let Some(p) = &*self.peers.load() {
                 let tier = self.tier();
                 let share = p.update_share(
@@ -478,7 +475,7 @@ impl LoadControl {
                 }
                 self.metrics.tracked_peers.set(p.store.len() as i64);
             }
-            self.sample.store(Arc::new(Some(Sample { signals: s, cpu, latency, since })));
+            self.sample.store(Arc::new(Some(Sample { signals: s, latency, since })));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.sample_interval) => {}
