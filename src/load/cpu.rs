@@ -30,11 +30,29 @@ pub fn process_cpu_seconds() -> Option<f64> {
 /// The CPUs this process may use, in cores (0.2: a fifth of one): the tightest CFS quota on its
 /// cgroup path and its ancestors, and the CPUs it may be scheduled on.
 pub fn cpu_allowance() -> f64 {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+    let cpus = cpus_allowed();
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|c| quota_cores(&c, Path::new("/sys/fs/cgroup")));
     cgroup.map_or(cpus, |q| q.min(cpus))
+}
+
+/// The CPUs this process may be scheduled on (its affinity mask). Not
+/// `std::thread::available_parallelism`, which also reads the cgroup quota — [`quota_cores`]
+/// reads it here, exactly rather than rounded up — so the files would be read twice.
+fn cpus_allowed() -> f64 {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let n = libc::CPU_COUNT(&set);
+            if n > 0 {
+                return f64::from(n);
+            }
+        }
+    }
+    1.0
 }
 
 /// The tightest CFS quota (cores) along this process's cgroup path, from `/proc/self/cgroup`'s
