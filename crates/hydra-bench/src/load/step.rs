@@ -215,22 +215,22 @@ impl Checked {
     }
 }
 
-/// After a step: how many of the sampled new records announced in time are found (asked by
-/// random clients of random heads, once the load is off and the buffer had time to flush).
-/// Whether a record was *kept* is the question, so the node is first let out of `refuse` (where
-/// a lookup not in the cache is answered with closer peers only; at most 20 s); an ask that got
-/// no answer about the record — the node refused it, or the client is still backing off from a
-/// connection the node shed in the step — is asked again by another client until 20 s have
-/// passed (until 2026-12-07 only four times: after a 10C step most clients were backing off, and
-/// records that were there counted as lost); and an answer without providers is asked once
-/// more, 0.5 s later, by another client (a lookup shed by a passing limit is not the record's
-/// absence).
-async fn check_adds(ctx: &Arc<Ctx>, node: &NodeProcess, keys: Vec<Vec<u8>>) -> Checked {
-    if keys.is_empty() {
-        return Checked::default();
-    }
+/// Before the samples of new records are checked: the load off, the buffer given time to flush,
+/// and the node let out of `refuse` (where a lookup not in the cache is answered with closer
+/// peers only; at most 20 s) — whether a record was *kept* is the question.
+async fn settle_for_checks(node: &NodeProcess) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     wait_for_tier(node, &["normal", "degrade"], Duration::from_secs(20)).await;
+}
+
+/// After a step, [`settle_for_checks`] done: how many of the sampled new records announced in
+/// time are found (asked by random clients of random heads). An ask that got no answer about
+/// the record — the node refused it, or the client is still backing off from a connection the
+/// node shed in the step — is asked again by another client until 20 s have passed (until
+/// 2026-12-07 only four times: after a 10C step most clients were backing off, and records that
+/// were there counted as lost); and an answer without providers is asked once more, 0.5 s
+/// later, by another client (a lookup shed by a passing limit is not the record's absence).
+async fn check_adds(ctx: &Arc<Ctx>, keys: Vec<Vec<u8>>) -> Checked {
     let checked = keys.len();
     let answers: Vec<Option<bool>> = futures::stream::iter(keys)
         .map(|k| {
@@ -402,8 +402,13 @@ pub(crate) async fn run_step(
     let sent = tally.sent.load(Ordering::Relaxed);
     let per_s = |v: f64| v / dur.as_secs_f64();
     let sample = std::mem::take(&mut *tally.add_sample.lock().unwrap_or_else(|e| e.into_inner()));
-    let adds_found = check_adds(ctx, node, sample.uniform).await;
-    let first_adds_found = check_adds(ctx, node, sample.first).await;
+    if !sample.uniform.is_empty() {
+        settle_for_checks(node).await;
+    }
+    // Up to the sample's size the step's first announcements are the uniform sample.
+    let same = sample.first == sample.uniform;
+    let adds_found = check_adds(ctx, sample.uniform).await;
+    let first_adds_found = if same { adds_found } else { check_adds(ctx, sample.first).await };
     let kept = adds_found.share();
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     Ok(Step {
