@@ -38,6 +38,8 @@ OVERVIEW = [
               desc="Requests deliberately not served in full. Rising together with datastore latency means the datastore is the bottleneck."),
         panel("Request latency p99 by type", [(f"histogram_quantile(0.99, sum by (type, le) (rate(hydra_kad_request_duration_seconds_bucket{{{N}}}[{RI}])))", "{{type}}")], "s"),
         panel("Request latency p50 by type", [(f"histogram_quantile(0.5, sum by (type, le) (rate(hydra_kad_request_duration_seconds_bucket{{{N}}}[{RI}])))", "{{type}}")], "s"),
+        panel("Time in the node p99 by type (new stream to first reply)", [(f"histogram_quantile(0.99, sum by (type, le) (rate(hydra_kad_stream_sojourn_seconds_bucket{{{N}}}[{RI}])))", "{{type}}")], "s",
+              desc="From a new stream's arrival in the intake to its first reply written: dispatch, the request slot, reading, serving and writing. Request latency above starts at the decoded request. Past its CPU capacity this is where clients wait (docs/benchmarks.md); FIND_NODE never waits for the datastore, so its line is the node's own queueing."),
     ]),
     ("Load tiers", [
         panel("Load tier", [(f"max by (instance) (hydra_load_tier{{{N}}})", "{{instance}}")],

@@ -190,6 +190,9 @@ pub struct KadMetrics {
     head_requests: Arc<Vec<IntCounter>>,
     /// Time from a decoded request to its reply written, by message type.
     pub request_duration: HistogramVec,
+    /// Time from a stream's arrival in the intake to its first reply written, by message type:
+    /// the queueing a request meets inside the node (dispatch, request slot, read, serve, write).
+    pub stream_sojourn: HistogramVec,
     /// Inbound stream events.
     pub streams: IntCounterVec,
     /// Inbound kad streams open now (idle or serving a request).
@@ -381,6 +384,18 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let stream_sojourn = reg(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hydra_kad_stream_sojourn_seconds",
+                    "Time from an inbound stream's arrival in the intake to its first reply written, by message type",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                &["type"],
+            )
+            .unwrap(),
+        );
         let streams = reg(
             registry,
             IntCounterVec::new(Opts::new("hydra_kad_streams_total", "Inbound kad stream events"), &["event"])
@@ -455,6 +470,7 @@ impl Metrics {
             (0..heads).map(|h| head_requests_vec.with_label_values(&[&h.to_string()])).collect();
         for t in MessageType::ALL {
             request_duration.with_label_values(&[t.as_str()]);
+            stream_sojourn.with_label_values(&[t.as_str()]);
         }
         for e in StreamEvent::ALL {
             streams.with_label_values(&[e.as_str()]);
@@ -655,6 +671,7 @@ impl Metrics {
                 request_series: Arc::new(request_series),
                 head_requests: Arc::new(head_requests),
                 request_duration,
+                stream_sojourn,
                 streams,
                 active_streams,
                 requests_in_flight,

@@ -268,6 +268,11 @@ async fn many_requests_on_one_stream_and_http_api(backend: Backend) {
         metric(&node, "hydra_kad_requests_total", &[("type", "add_provider"), ("outcome", "ok")]),
         200.0
     );
+    // Time in the node is observed once per stream, for its first request (the stream's wait for
+    // dispatch is in it; later requests on the stream are in the request duration only).
+    let sojourns = |ty| metric(&node, "hydra_kad_stream_sojourn_seconds_count", &[("type", ty)]);
+    assert_eq!(sojourns("add_provider"), 1.0);
+    assert_eq!(sojourns("get_providers"), 0.0);
     // Per head, one series each: head 0 served the announcements, head 1 only the FIND_NODE above.
     assert!(metric(&node, "hydra_head_requests_total", &[("head", "0")]) >= 200.0);
     assert!(metric(&node, "hydra_head_requests_total", &[("head", "1")]) < 200.0);

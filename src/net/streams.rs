@@ -113,7 +113,8 @@ fn too_late(svc: &Service, s: &InboundStream, queue: &mpsc::Receiver<InboundStre
 /// Serve requests on one stream until EOF, idle timeout, an error, or `drain` (which a request
 /// being served finishes first). Dropping a stream that was not closed resets it.
 async fn serve_stream(svc: &Service, s: InboundStream, drain: &CancellationToken) {
-    let InboundStream { head, peer, mut stream, open, queued_at: _ } = s;
+    let InboundStream { head, peer, mut stream, open, queued_at } = s;
+    let mut first = Some(queued_at);
     svc.metrics.unique.observe(&peer);
     let l = &svc.limits;
     loop {
@@ -204,6 +205,9 @@ async fn serve_stream(svc: &Service, s: InboundStream, drain: &CancellationToken
             }
         }
         svc.metrics.request_duration.with_label_values(&[ty.as_str()]).observe(start.elapsed().as_secs_f64());
+        if let Some(t) = first.take() {
+            svc.metrics.stream_sojourn.with_label_values(&[ty.as_str()]).observe(t.elapsed().as_secs_f64());
+        }
         drop(_in_flight);
         drop(slot);
         open.set_idle();

@@ -24,6 +24,8 @@ pub(crate) struct Client {
     pub(crate) record: PeerRecord,
     /// Heads this client may not dial until the given time (a dial to them failed).
     backoff: Backoff,
+    /// Heads this client has a connection to now.
+    connected: Connected,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,6 +71,27 @@ impl Backoff {
     /// Forget every backoff.
     fn clear(&self) {
         self.heads().clear();
+    }
+}
+
+/// The heads a client has a connection to, kept by its swarm task: a request to one of them
+/// goes out on that connection, to any other it waits for a dial (the bench reports their
+/// latencies apart).
+#[derive(Clone, Default)]
+pub(crate) struct Connected(Arc<Mutex<HashSet<PeerId>>>);
+
+impl Connected {
+    fn set(&self, head: PeerId, up: bool) {
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if up {
+            c.insert(head);
+        } else {
+            c.remove(&head);
+        }
+    }
+
+    fn has(&self, head: &PeerId) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(head)
     }
 }
 
@@ -149,7 +172,7 @@ impl libp2p::swarm::NetworkBehaviour for AddressBook {
 pub(crate) async fn connect(
     src: Ipv4Addr,
     heads: &[(PeerId, Multiaddr)],
-) -> anyhow::Result<(PeerId, libp2p_stream::Control, Backoff, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(PeerId, libp2p_stream::Control, Backoff, Connected, tokio::task::JoinHandle<()>)> {
     let addrs: std::collections::HashMap<PeerId, Multiaddr> =
         heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let book = AddressBook(addrs.clone());
@@ -206,6 +229,11 @@ pub(crate) async fn connect(
     let control = swarm.behaviour().streams.new_control();
     let backoff = Backoff::default();
     let task_backoff = backoff.clone();
+    let connected = Connected::default();
+    for h in heads {
+        connected.set(h.0, swarm.is_connected(&h.0));
+    }
+    let task_connected = connected.clone();
     // A head that closes a connection (idle for its timeout, e.g. between the turns of `compare`,
     // or shed) is dialled again at once, as a client that still needs it would; a dial that fails
     // (this one, or one a request started) puts the head in backoff ([`dial_backoff`]).
@@ -218,12 +246,16 @@ pub(crate) async fn connect(
             tokio::select! {
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                        task_connected.set(peer_id, false);
                         if let (false, Some(a)) = (task_backoff.barred(&peer_id), addrs.get(&peer_id)) {
                             let _ = swarm.dial(a.clone());
                         }
                     }
                     SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => task_backoff.failed(p),
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => task_backoff.connected(&peer_id),
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        task_backoff.connected(&peer_id);
+                        task_connected.set(peer_id, true);
+                    }
                     _ => {}
                 },
                 _ = redial.tick() => {
@@ -240,7 +272,7 @@ pub(crate) async fn connect(
             }
         }
     });
-    Ok((peer, control, backoff, task))
+    Ok((peer, control, backoff, connected, task))
 }
 
 impl Client {
@@ -253,9 +285,9 @@ impl Client {
 /// Client `i`: its own source address and identity; it announces that address.
 pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::Result<Client> {
     let src = source(i);
-    let (peer, control, backoff, task) = connect(src, heads).await?;
+    let (peer, control, backoff, connected, task) = connect(src, heads).await?;
     let record = PeerRecord { peer, addrs: vec![format!("/ip4/{src}/tcp/4001").parse()?] };
-    Ok(Client { control, record, backoff, _task: task })
+    Ok(Client { control, record, backoff, connected, _task: task })
 }
 
 pub(crate) fn random_key() -> Vec<u8> {
@@ -285,6 +317,8 @@ pub(crate) struct Tally {
     /// Answered request latencies (µs from the due time): all, and GET_PROVIDERS only.
     pub(crate) latency: Mutex<Vec<u32>>,
     pub(crate) get_latency: Mutex<Vec<u32>>,
+    /// GET_PROVIDERS answered that went out on a connection the client already had (no dial).
+    pub(crate) get_latency_connected: Mutex<Vec<u32>>,
     /// How long a refused request took to learn it (µs from the due time).
     pub(crate) reject_latency: Mutex<Vec<u32>>,
     /// Keys of new records announced in time, samples checked for after the step.
@@ -445,15 +479,18 @@ async fn request_on(
     Some(if full { Answer::Full } else { Answer::Partial })
 }
 
-/// One request from a random client to a random head (or the key's home head, `ctx.by_key`).
-pub(crate) async fn request(ctx: &Ctx, op: Op, key: &[u8]) -> Answer {
+/// One request from a random client to a random head (or the key's home head, `ctx.by_key`),
+/// and whether the client was connected to that head when it sent it.
+pub(crate) async fn request(ctx: &Ctx, op: Op, key: &[u8]) -> (Answer, bool) {
     let client = rand::random::<usize>() % ctx.clients.len();
     let head = if ctx.by_key {
         crate::compare::home(key, ctx.heads.len())
     } else {
         rand::random::<usize>() % ctx.heads.len()
     };
-    request_as(ctx, client, ctx.heads[head].0, op, key).await
+    let head = ctx.heads[head].0;
+    let connected = ctx.clients[client].connected.has(&head);
+    (request_as(ctx, client, head, op, key).await, connected)
 }
 
 /// Issue requests at `rate`/s for `dur` (open loop), then wait for stragglers (bounded).
@@ -487,6 +524,8 @@ pub(crate) async fn drive(ctx: &Arc<Ctx>, rate: f64, dur: Duration, tally: &Arc<
                     tally.finds_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 let res = tokio::time::timeout(ctx.timeout, request(&ctx, op, &key)).await;
+                let connected = matches!(res, Ok((_, true)));
+                let res = res.map(|(answer, _)| answer);
                 let took = due.elapsed();
                 let us = took.as_micros().min(u128::from(u32::MAX)) as u32;
                 match res {
@@ -501,6 +540,9 @@ pub(crate) async fn drive(ctx: &Arc<Ctx>, rate: f64, dur: Duration, tally: &Arc<
                         }
                         if op == Op::Get {
                             tally.get_latency.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                            if connected {
+                                tally.get_latency_connected.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                            }
                         }
                         if matches!(answer, Answer::Full) && took <= GOOD_WITHIN {
                             match op {

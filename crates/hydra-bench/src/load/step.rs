@@ -47,6 +47,13 @@ pub(crate) struct Step {
     pub(crate) p50: f64,
     pub(crate) p99: f64,
     pub(crate) get_p99: f64,
+    /// p99 of GET_PROVIDERS answered that went out on a connection the client already had, and
+    /// how many of the answered GET_PROVIDERS did.
+    pub(crate) get_p99_connected: f64,
+    pub(crate) gets_connected: (usize, usize),
+    /// p99 of a stream's time inside the node, from the intake to its first reply written
+    /// (`hydra_kad_stream_sojourn_seconds`), GET_PROVIDERS and FIND_NODE; bucket bounds.
+    pub(crate) node_sojourn_p99: (f64, f64),
     /// p99 of GET_PROVIDERS inside the node (decoded request to reply written), bucket bound.
     pub(crate) node_get_p99: f64,
     pub(crate) tier_max: String,
@@ -149,6 +156,17 @@ impl Step {
         })
     }
 
+    /// Where answered GET_PROVIDERS waited: on connections the client had, and inside the node.
+    pub(crate) fn latency_line(&self) -> Option<String> {
+        let (on, all) = self.gets_connected;
+        (self.rejected > 0.0 || on < all).then(|| {
+            format!(
+                "         GET_PROVIDERS p99 {:.1} ms all, {:.1} ms of the {on} of {all} sent on a connection the client had; in the node (intake to reply written) p99 ≤ {} ms GET_PROVIDERS, ≤ {} ms FIND_NODE",
+                self.get_p99, self.get_p99_connected, self.node_sojourn_p99.0, self.node_sojourn_p99.1
+            )
+        })
+    }
+
     /// The shed breakdown as one line (None when nothing was shed).
     pub(crate) fn shed_line(&self) -> Option<String> {
         if self.shed_by.is_empty() {
@@ -241,15 +259,15 @@ async fn check_adds(ctx: &Arc<Ctx>, keys: Vec<Vec<u8>>) -> Checked {
                 while Instant::now() < deadline {
                     let ask = request(&ctx, Op::Get, &k);
                     match tokio::time::timeout(Duration::from_secs(5), ask).await {
-                        Ok(Answer::Full) => return Some(true),
-                        Ok(Answer::Partial) => {
+                        Ok((Answer::Full, _)) => return Some(true),
+                        Ok((Answer::Partial, _)) => {
                             nones += 1;
                             if nones >= 2 {
                                 return Some(false);
                             }
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
-                        Ok(Answer::Refused) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Ok((Answer::Refused, _)) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
                 None
@@ -439,6 +457,15 @@ pub(crate) async fn run_step(
         p50: percentile_ms(&tally.latency, 0.5),
         p99: percentile_ms(&tally.latency, 0.99),
         get_p99: percentile_ms(&tally.get_latency, 0.99),
+        get_p99_connected: percentile_ms(&tally.get_latency_connected, 0.99),
+        gets_connected: {
+            let len = |v: &Mutex<Vec<u32>>| v.lock().unwrap_or_else(|e| e.into_inner()).len();
+            (len(&tally.get_latency_connected), len(&tally.get_latency))
+        },
+        node_sojourn_p99: (
+            histogram_quantile_ms(&before, &after, "hydra_kad_stream_sojourn_seconds", &[("type", "get_providers")], 0.99),
+            histogram_quantile_ms(&before, &after, "hydra_kad_stream_sojourn_seconds", &[("type", "find_node")], 0.99),
+        ),
         node_get_p99: histogram_quantile_ms(
             &before,
             &after,
