@@ -264,7 +264,9 @@ pub fn extend_with(
             let level = usize::BITS - n.leading_zeros();
             let (choice, keypair, kad) = cands
                 .into_iter()
-                .min_by_key(|(c, _, k)| (trie.count_with_prefix(k, level.saturating_sub(1)), trie.depth(k), *c))
+                .min_by_key(|(c, _, k)| {
+                    (trie.count_with_prefix(k, level.saturating_sub(1)), trie.depth(k), *c)
+                })
                 .expect("at least one candidate");
             trie.insert(kad);
             out.push(Issued { index: *index, choice, kad_key: kad, keypair });
@@ -298,8 +300,10 @@ fn derive_candidates(
     }
     let per = indices.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let parts: Vec<_> =
-            indices.chunks(per).map(|part| s.spawn(move || part.iter().map(|&i| of(i)).collect::<Vec<_>>())).collect();
+        let parts: Vec<_> = indices
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|&i| of(i)).collect::<Vec<_>>()))
+            .collect();
         parts.into_iter().flat_map(|h| h.join().expect("deriving keys does not panic")).collect()
     })
 }

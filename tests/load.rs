@@ -489,7 +489,10 @@ async fn admission_gates_quic_streams_too() {
 }
 
 /// Dial `head` from `src`: how long until the connection was established (Ok) or refused (Err).
-async fn dial_from(src: std::net::Ipv4Addr, head: &(libp2p::PeerId, libp2p::Multiaddr)) -> Result<Duration, Duration> {
+async fn dial_from(
+    src: std::net::Ipv4Addr,
+    head: &(libp2p::PeerId, libp2p::Multiaddr),
+) -> Result<Duration, Duration> {
     use futures::StreamExt as _;
     use libp2p::swarm::SwarmEvent;
     let mut swarm = hydra_testkit::bound_swarm(src, |_| libp2p_stream::Behaviour::new());
@@ -550,11 +553,17 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
     let refused_fast = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let refused_slow = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = futures::future::join_all(busy.iter().map(|c| {
-        let (stop, fast, slow, ping) = (stop.clone(), refused_fast.clone(), refused_slow.clone(), ping.clone());
+        let (stop, fast, slow, ping) =
+            (stop.clone(), refused_fast.clone(), refused_slow.clone(), ping.clone());
         async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let asked = Instant::now();
-                if tokio::time::timeout(Duration::from_secs(5), c.try_request(head, &ping)).await.ok().flatten().is_none() {
+                if tokio::time::timeout(Duration::from_secs(5), c.try_request(head, &ping))
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                {
                     let counter = if asked.elapsed() < Duration::from_secs(1) { &fast } else { &slow };
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }

@@ -469,7 +469,13 @@ mod tests {
 
     fn input(lag_ms: f64, offered: f64, admitted: f64) -> RateInput {
         RateInput {
-            reading: Reading { lag_ms, target_ms: 20.0, exit_ratio: 0.5, offered_per_s: offered, samples_per_s: 1.0 },
+            reading: Reading {
+                lag_ms,
+                target_ms: 20.0,
+                exit_ratio: 0.5,
+                offered_per_s: offered,
+                samples_per_s: 1.0,
+            },
             admitted_per_s: admitted,
             served_per_s: admitted,
             late_per_s: 0.0,
@@ -552,7 +558,13 @@ mod tests {
 
     fn shed_input(offered: f64, rate: Option<f64>, lag_ms: f64) -> ShedInput {
         ShedInput {
-            reading: Reading { lag_ms, target_ms: 20.0, exit_ratio: 0.7, offered_per_s: offered, samples_per_s: 4.0 },
+            reading: Reading {
+                lag_ms,
+                target_ms: 20.0,
+                exit_ratio: 0.7,
+                offered_per_s: offered,
+                samples_per_s: 4.0,
+            },
             rate,
             capacity: None,
             shed_ratio: 2.0,
@@ -590,14 +602,19 @@ mod tests {
         for _ in 0..7 {
             assert_eq!(c.step(&shed_input(1200.0, Some(1000.0), 5.0)).connections, Some(0));
         }
-        assert_eq!(c.step(&shed_input(1200.0, Some(1000.0), 5.0)), ShedStep { cut: None, connections: Some(0) });
+        assert_eq!(
+            c.step(&shed_input(1200.0, Some(1000.0), 5.0)),
+            ShedStep { cut: None, connections: Some(0) }
+        );
         assert!(!c.shedding(), "limited, but no room while some are still reset");
-        let roomy: Vec<Option<u32>> = (0..12).map(|_| c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections).collect();
+        let roomy: Vec<Option<u32>> =
+            (0..12).map(|_| c.step(&shed_input(800.0, Some(1000.0), 5.0)).connections).collect();
         assert_eq!(roomy[10], Some(0));
         assert_eq!(roomy[11], Some(20), "room for 3 s");
         // Still room, now with the gate open: +20/s each second; every connection admitted after
         // ten seconds of room with the gate open.
-        let ramp: Vec<Option<u32>> = (0..40).map(|_| c.step(&shed_input(800.0, None, 5.0)).connections).collect();
+        let ramp: Vec<Option<u32>> =
+            (0..40).map(|_| c.step(&shed_input(800.0, None, 5.0)).connections).collect();
         assert_eq!(ramp[3], Some(40), "a second later: +20/s");
         assert_eq!(ramp[38], Some(215));
         assert_eq!(ramp[39], None, "ten seconds open with room: open");
@@ -614,8 +631,9 @@ mod tests {
             let st = c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50_000.0, Some(100.0), 90.0) });
             assert_eq!(st, ShedStep { cut: None, connections: Some(0) });
         }
-        let st: Vec<ShedStep> =
-            (0..12).map(|_| c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50.0, Some(100.0), 5.0) })).collect();
+        let st: Vec<ShedStep> = (0..12)
+            .map(|_| c.step(&ShedInput { shed_ratio: 0.0, ..shed_input(50.0, Some(100.0), 5.0) }))
+            .collect();
         assert_eq!(st[11].connections, Some(20));
     }
 
@@ -668,20 +686,24 @@ mod tests {
             c.step(&with(950.0, Some(1000.0), 5.0, Some(1000.0)));
         }
         assert!(!c.shedding());
-        let tight: Vec<Option<u32>> = (0..20).map(|_| c.step(&with(950.0, None, 5.0, Some(1000.0))).connections).collect();
+        let tight: Vec<Option<u32>> =
+            (0..20).map(|_| c.step(&with(950.0, None, 5.0, Some(1000.0))).connections).collect();
         assert!(tight.iter().all(|n| *n == Some(2)), "{tight:?}");
         assert_eq!(c.step(&with(950.0, None, 30.0, Some(1000.0))).connections, Some(0), "a high lag: none");
-        let roomy: Vec<Option<u32>> = (0..12).map(|_| c.step(&with(700.0, None, 5.0, Some(1000.0))).connections).collect();
+        let roomy: Vec<Option<u32>> =
+            (0..12).map(|_| c.step(&with(700.0, None, 5.0, Some(1000.0))).connections).collect();
         assert_eq!(roomy[10], Some(2));
         assert_eq!(roomy[11], Some(20), "three seconds with room: by rate");
         // Nothing remembered (a forced rate, or a minute open): an open gate with a low lag is room.
         let mut c = ShedControl::default();
         c.step(&with(5000.0, Some(1000.0), 30.0, None));
-        let st: Vec<Option<u32>> = (0..12).map(|_| c.step(&with(5000.0, None, 5.0, None)).connections).collect();
+        let st: Vec<Option<u32>> =
+            (0..12).map(|_| c.step(&with(5000.0, None, 5.0, None)).connections).collect();
         assert_eq!(st[11], Some(20));
         // New connections set to none while the CPU is short: no trickle either.
         let mut c = ShedControl::default();
-        let none = |offered, rate| ShedInput { connections_per_s: 0, ..with(offered, rate, 5.0, Some(1000.0)) };
+        let none =
+            |offered, rate| ShedInput { connections_per_s: 0, ..with(offered, rate, 5.0, Some(1000.0)) };
         c.step(&none(950.0, Some(1000.0)));
         assert!((0..20).all(|_| c.step(&none(950.0, None)).connections == Some(0)));
     }

@@ -143,7 +143,11 @@ mod tests {
         // The lag dropped a moment ago but the latency window still covers the starved seconds.
         let after = Signals { datastore_p99_ms: 400.0, runtime_lag_ms: 2.0, ..Signals::default() };
         assert_eq!(decide_with_lag(Tier::Normal, now, now, &after, &c, 30.0), Tier::Degrade);
-        assert_eq!(decide_with_lag(Tier::Normal, now, now, &after, &c, 2.0), Tier::Refuse, "no lag in the window");
+        assert_eq!(
+            decide_with_lag(Tier::Normal, now, now, &after, &c, 2.0),
+            Tier::Refuse,
+            "no lag in the window"
+        );
         let lagging = Signals { runtime_lag_ms: 25.0, ..Signals::default() };
         assert_eq!(
             decide(Tier::Normal, now, now, &lagging, &c),

@@ -189,11 +189,10 @@ pub async fn bind(
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, mux)
         .context("set up TCP transport")?
         .with_other_transport(|key| {
-            quic::tokio::Transport::new(quic::Config::new(key))
-                .map(move |(peer, conn), point| {
-                    let direction = if point.is_listener() { Direction::Inbound } else { Direction::Outbound };
-                    (peer, StreamMuxerBox::new(AdmittingMuxer::new(conn, quic_gate, direction)))
-                })
+            quic::tokio::Transport::new(quic::Config::new(key)).map(move |(peer, conn), point| {
+                let direction = if point.is_listener() { Direction::Inbound } else { Direction::Outbound };
+                (peer, StreamMuxerBox::new(AdmittingMuxer::new(conn, quic_gate, direction)))
+            })
         })
         .context("set up QUIC transport")?
         // Resolves /dns* and /dnsaddr addresses (bootstrap presets) only when dialing them.
@@ -461,7 +460,10 @@ impl StartingHead {
             | SwarmEvent::ConnectionClosed { peer_id, .. } => {
                 self.learned(Update::Seen(peer_id));
                 let conns = self.swarm.network_info().connection_counters().num_established();
-                self.metrics.connections.with_label_values(&[&self.shared.index.to_string()]).set(conns as i64);
+                self.metrics
+                    .connections
+                    .with_label_values(&[&self.shared.index.to_string()])
+                    .set(conns as i64);
             }
             // Every address failed (not a dial our own limits denied or a condition skipped).
             SwarmEvent::OutgoingConnectionError {

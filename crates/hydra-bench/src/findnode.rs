@@ -69,7 +69,15 @@ pub(crate) async fn find_node(o: FindNodeOpts) -> anyhow::Result<()> {
     );
     println!(
         "{:>5} {:>10} {:>6}  {:>14} {:>14} {:>12} {:>15} {:>11} {:>6}",
-        "round", "build", "heads", "net ms/1k", "raw ms/1k", "idle ms/s", "answered/sent", "table peers", "busy%"
+        "round",
+        "build",
+        "heads",
+        "net ms/1k",
+        "raw ms/1k",
+        "idle ms/s",
+        "answered/sent",
+        "table peers",
+        "busy%"
     );
     let mut all: Vec<(String, usize, Point)> = Vec::new();
     for round in 1..=o.rounds {
@@ -92,11 +100,21 @@ pub(crate) async fn find_node(o: FindNodeOpts) -> anyhow::Result<()> {
     println!("medians over {} rounds (node CPU per 1,000 FIND_NODE, idle taken out):", o.rounds);
     for (label, _) in &builds {
         let of = |n: usize| {
-            median(all.iter().filter(|(l, h, _)| l == label && *h == n).map(|(_, _, p)| p.net_ms_per_1k).collect())
+            median(
+                all.iter()
+                    .filter(|(l, h, _)| l == label && *h == n)
+                    .map(|(_, _, p)| p.net_ms_per_1k)
+                    .collect(),
+            )
         };
         let base = of(o.heads[0]);
         for &n in &o.heads {
-            println!("  {label:>10} {n:>6} heads: {:>8.1} ms/1k ({:.2} × {} heads)", of(n), of(n) / base, o.heads[0]);
+            println!(
+                "  {label:>10} {n:>6} heads: {:>8.1} ms/1k ({:.2} × {} heads)",
+                of(n),
+                of(n) / base,
+                o.heads[0]
+            );
         }
     }
     Ok(())
@@ -165,7 +183,8 @@ async fn measure(o: &FindNodeOpts, hydra: &std::path::Path, n: usize) -> anyhow:
 async fn check_twenty(ctx: &Ctx) -> bool {
     use hydra::net::wire::{self, MessageType};
     for (head, _) in &ctx.heads {
-        let Ok(mut s) = ctx.clients[0].control.clone().open_stream(*head, hydra::net::KAD_PROTOCOL).await else {
+        let Ok(mut s) = ctx.clients[0].control.clone().open_stream(*head, hydra::net::KAD_PROTOCOL).await
+        else {
             return false;
         };
         let key = crate::load::client::random_key();

@@ -45,7 +45,8 @@ pub(crate) async fn startup(
             .to_string();
             let t = Instant::now();
             // The synthetic servers announce loopback addresses: the table must admit them.
-            let args = loopback_run_args(n, &dir, "bench", quic, &["--address-filter", "any", "--port-base", &base]);
+            let args =
+                loopback_run_args(n, &dir, "bench", quic, &["--address-filter", "any", "--port-base", &base]);
             let node = NodeProcess::spawn(&hydra, &args, Duration::from_secs(600)).await?;
             secs.push(t.elapsed().as_secs_f64());
             let servers = if peers > 0 { populate(&node, peers).await? } else { Vec::new() };

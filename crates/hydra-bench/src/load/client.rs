@@ -37,7 +37,8 @@ fn dial_backoff(tries: u32) -> Duration {
     if tries == 0 {
         return Duration::from_secs(5);
     }
-    (Duration::from_secs(5) + Duration::from_secs(u64::from(tries) * u64::from(tries))).min(Duration::from_secs(300))
+    (Duration::from_secs(5) + Duration::from_secs(u64::from(tries) * u64::from(tries)))
+        .min(Duration::from_secs(300))
 }
 
 /// A client's dial backoff, shared by its swarm task and its requests: per head, until when it
@@ -46,7 +47,9 @@ fn dial_backoff(tries: u32) -> Duration {
 pub(crate) struct Backoff(Arc<Mutex<std::collections::HashMap<PeerId, (std::time::Instant, u32)>>>);
 
 impl Backoff {
-    fn heads(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, (std::time::Instant, u32)>> {
+    fn heads(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, (std::time::Instant, u32)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -176,7 +179,10 @@ pub(crate) async fn connect(
     let addrs: std::collections::HashMap<PeerId, Multiaddr> =
         heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let book = AddressBook(addrs.clone());
-    let mut swarm = hydra_testkit::bound_swarm(src, |_| ClientBehaviour { streams: libp2p_stream::Behaviour::new(), book });
+    let mut swarm = hydra_testkit::bound_swarm(src, |_| ClientBehaviour {
+        streams: libp2p_stream::Behaviour::new(),
+        book,
+    });
     let peer = *swarm.local_peer_id();
     let mut want: HashSet<PeerId> = heads.iter().map(|h| h.0).collect();
     for a in addrs.values() {
@@ -541,7 +547,11 @@ pub(crate) async fn drive(ctx: &Arc<Ctx>, rate: f64, dur: Duration, tally: &Arc<
                         if op == Op::Get {
                             tally.get_latency.lock().unwrap_or_else(|e| e.into_inner()).push(us);
                             if connected {
-                                tally.get_latency_connected.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                                tally
+                                    .get_latency_connected
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(us);
                             }
                         }
                         if matches!(answer, Answer::Full) && took <= GOOD_WITHIN {

@@ -187,8 +187,15 @@ fn grew(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// and streams by event.
 fn shed_by(before: &str, after: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
-    for reason in ["write_buffer_full", "reads_in_flight", "read_deadline", "datastore_error", "peer_rate", "cache_only", "tier"]
-    {
+    for reason in [
+        "write_buffer_full",
+        "reads_in_flight",
+        "read_deadline",
+        "datastore_error",
+        "peer_rate",
+        "cache_only",
+        "tier",
+    ] {
         let d = grew(before, after, "hydra_load_shed_total", &[("reason", reason)]);
         out.push((format!("request:{reason}"), d));
     }
@@ -267,7 +274,9 @@ async fn check_adds(ctx: &Arc<Ctx>, keys: Vec<Vec<u8>>) -> Checked {
                             }
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
-                        Ok((Answer::Refused, _)) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Ok((Answer::Refused, _)) | Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await
+                        }
                     }
                 }
                 None
@@ -463,8 +472,20 @@ pub(crate) async fn run_step(
             (len(&tally.get_latency_connected), len(&tally.get_latency))
         },
         node_sojourn_p99: (
-            histogram_quantile_ms(&before, &after, "hydra_kad_stream_sojourn_seconds", &[("type", "get_providers")], 0.99),
-            histogram_quantile_ms(&before, &after, "hydra_kad_stream_sojourn_seconds", &[("type", "find_node")], 0.99),
+            histogram_quantile_ms(
+                &before,
+                &after,
+                "hydra_kad_stream_sojourn_seconds",
+                &[("type", "get_providers")],
+                0.99,
+            ),
+            histogram_quantile_ms(
+                &before,
+                &after,
+                "hydra_kad_stream_sojourn_seconds",
+                &[("type", "find_node")],
+                0.99,
+            ),
         ),
         node_get_p99: histogram_quantile_ms(
             &before,
