@@ -61,7 +61,7 @@ pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let mut failed = 0usize;
     for i in 0..o.clients {
-        let (_, control, _, _, task) = connect(source(i), &heads).await?;
+        let (_, control, _, task) = connect(source(i), &heads).await?;
         tasks.push(task);
         let opened = futures::future::join_all(heads.iter().flat_map(|(h, _)| {
             let (control, ping) = (control.clone(), ping.clone());
@@ -104,7 +104,7 @@ pub(crate) async fn idle_streams(o: IdleOpts) -> anyhow::Result<()> {
     );
 
     // A fresh client from yet another address: FIND_NODE on new streams.
-    let (_, control, _, _, task) = connect(Ipv4Addr::new(127, 200, 0, 1), &heads).await?;
+    let (_, control, _, task) = connect(Ipv4Addr::new(127, 200, 0, 1), &heads).await?;
     tasks.push(task);
     let mut ok = 0usize;
     for p in 0..o.probes {

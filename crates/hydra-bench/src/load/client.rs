@@ -22,10 +22,8 @@ use super::Op;
 pub(crate) struct Client {
     pub(crate) control: libp2p_stream::Control,
     pub(crate) record: PeerRecord,
-    /// Heads this client may not dial until the given time (a dial to them failed).
-    backoff: Backoff,
-    /// Heads this client has a connection to now.
-    connected: Connected,
+    /// Which heads it has a connection to, and which it may not dial yet.
+    heads: Heads,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,60 +39,60 @@ fn dial_backoff(tries: u32) -> Duration {
         .min(Duration::from_secs(300))
 }
 
-/// A client's dial backoff, shared by its swarm task and its requests: per head, until when it
-/// is not dialled, and the failed dials since the client last connected to it.
+/// What a client knows of each head, shared by its swarm task and its requests: whether it has
+/// a connection to it now (a request to it goes out on that connection, to any other it waits
+/// for a dial; the bench reports their latencies apart), and its dial backoff — until when it is
+/// not dialled, and the failed dials since the client last connected to it.
 #[derive(Clone, Default)]
-pub(crate) struct Backoff(Arc<Mutex<std::collections::HashMap<PeerId, (std::time::Instant, u32)>>>);
+pub(crate) struct Heads(Arc<Mutex<std::collections::HashMap<PeerId, HeadState>>>);
 
-impl Backoff {
-    fn heads(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, (std::time::Instant, u32)>> {
+#[derive(Default)]
+struct HeadState {
+    connected: bool,
+    barred_until: Option<std::time::Instant>,
+    failed_dials: u32,
+}
+
+impl Heads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, HeadState>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `head` is in dial backoff.
     fn barred(&self, head: &PeerId) -> bool {
-        self.heads().get(head).is_some_and(|(t, _)| *t > std::time::Instant::now())
+        self.lock().get(head).and_then(|h| h.barred_until).is_some_and(|t| t > std::time::Instant::now())
     }
 
     /// A dial to `head` failed: back off from it ([`dial_backoff`]).
     fn failed(&self, head: PeerId) {
-        let mut b = self.heads();
-        let (until, tries) = b.entry(head).or_insert((std::time::Instant::now(), 0));
-        *until = std::time::Instant::now() + dial_backoff(*tries);
-        *tries += 1;
+        let mut heads = self.lock();
+        let h = heads.entry(head).or_default();
+        h.barred_until = Some(std::time::Instant::now() + dial_backoff(h.failed_dials));
+        h.failed_dials += 1;
     }
 
-    /// Connected to `head`: its backoff is cleared.
-    fn connected(&self, head: &PeerId) {
-        self.heads().remove(head);
-    }
-
-    /// Forget every backoff.
-    fn clear(&self) {
-        self.heads().clear();
-    }
-}
-
-/// The heads a client has a connection to, kept by its swarm task: a request to one of them
-/// goes out on that connection, to any other it waits for a dial (the bench reports their
-/// latencies apart).
-#[derive(Clone, Default)]
-pub(crate) struct Connected(Arc<Mutex<HashSet<PeerId>>>);
-
-impl Connected {
-    fn set(&self, head: PeerId, up: bool) {
-        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// A connection to `head` was established (its backoff is cleared) or its last one closed.
+    fn set_connected(&self, head: PeerId, up: bool) {
+        let mut heads = self.lock();
+        let h = heads.entry(head).or_default();
+        h.connected = up;
         if up {
-            c.insert(head);
-        } else {
-            c.remove(&head);
+            h.barred_until = None;
+            h.failed_dials = 0;
         }
     }
 
-    fn has(&self, head: &PeerId) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(head)
+    /// Whether the client has a connection to `head` now.
+    fn connected(&self, head: &PeerId) -> bool {
+        self.lock().get(head).is_some_and(|h| h.connected)
+    }
+
+    /// Forget every backoff.
+    fn clear_backoff(&self) {
+        for h in self.lock().values_mut() {
+            h.barred_until = None;
+            h.failed_dials = 0;
+        }
     }
 }
 
@@ -175,7 +173,7 @@ impl libp2p::swarm::NetworkBehaviour for AddressBook {
 pub(crate) async fn connect(
     src: Ipv4Addr,
     heads: &[(PeerId, Multiaddr)],
-) -> anyhow::Result<(PeerId, libp2p_stream::Control, Backoff, Connected, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(PeerId, libp2p_stream::Control, Heads, tokio::task::JoinHandle<()>)> {
     let addrs: std::collections::HashMap<PeerId, Multiaddr> =
         heads.iter().map(|(p, a)| (*p, a.clone().with(Protocol::P2p(*p)))).collect();
     let book = AddressBook(addrs.clone());
@@ -233,13 +231,11 @@ pub(crate) async fn connect(
         )
     })?;
     let control = swarm.behaviour().streams.new_control();
-    let backoff = Backoff::default();
-    let task_backoff = backoff.clone();
-    let connected = Connected::default();
+    let state = Heads::default();
     for h in heads {
-        connected.set(h.0, swarm.is_connected(&h.0));
+        state.set_connected(h.0, swarm.is_connected(&h.0));
     }
-    let task_connected = connected.clone();
+    let task_state = state.clone();
     // A head that closes a connection (idle for its timeout, e.g. between the turns of `compare`,
     // or shed) is dialled again at once, as a client that still needs it would; a dial that fails
     // (this one, or one a request started) puts the head in backoff ([`dial_backoff`]).
@@ -252,21 +248,18 @@ pub(crate) async fn connect(
             tokio::select! {
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                        task_connected.set(peer_id, false);
-                        if let (false, Some(a)) = (task_backoff.barred(&peer_id), addrs.get(&peer_id)) {
+                        task_state.set_connected(peer_id, false);
+                        if let (false, Some(a)) = (task_state.barred(&peer_id), addrs.get(&peer_id)) {
                             let _ = swarm.dial(a.clone());
                         }
                     }
-                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => task_backoff.failed(p),
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                        task_backoff.connected(&peer_id);
-                        task_connected.set(peer_id, true);
-                    }
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(p), .. } => task_state.failed(p),
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => task_state.set_connected(peer_id, true),
                     _ => {}
                 },
                 _ = redial.tick() => {
                     for (p, a) in &addrs {
-                        if !swarm.is_connected(p) && !task_backoff.barred(p) {
+                        if !swarm.is_connected(p) && !task_state.barred(p) {
                             let opts = DialOpts::peer_id(*p)
                                 .addresses(vec![a.clone()])
                                 .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -278,22 +271,22 @@ pub(crate) async fn connect(
             }
         }
     });
-    Ok((peer, control, backoff, connected, task))
+    Ok((peer, control, state, task))
 }
 
 impl Client {
     /// Forget every dial backoff (the 1 s redial tick then reconnects).
     pub(crate) fn clear_backoff(&self) {
-        self.backoff.clear();
+        self.heads.clear_backoff();
     }
 }
 
 /// Client `i`: its own source address and identity; it announces that address.
 pub(crate) async fn client(i: usize, heads: &[(PeerId, Multiaddr)]) -> anyhow::Result<Client> {
     let src = source(i);
-    let (peer, control, backoff, connected, task) = connect(src, heads).await?;
+    let (peer, control, state, task) = connect(src, heads).await?;
     let record = PeerRecord { peer, addrs: vec![format!("/ip4/{src}/tcp/4001").parse()?] };
-    Ok(Client { control, record, backoff, connected, _task: task })
+    Ok(Client { control, record, heads: state, _task: task })
 }
 
 pub(crate) fn random_key() -> Vec<u8> {
@@ -437,7 +430,7 @@ pub(crate) async fn request_as(ctx: &Ctx, client: usize, head: PeerId, op: Op, k
             return answer;
         }
     }
-    if ctx.clients[client].backoff.barred(&head) {
+    if ctx.clients[client].heads.barred(&head) {
         return Answer::Refused; // a dial to it failed a moment ago: not tried again yet
     }
     match ctx.clients[client].control.clone().open_stream(head, KAD_PROTOCOL).await {
@@ -495,7 +488,7 @@ pub(crate) async fn request(ctx: &Ctx, op: Op, key: &[u8]) -> (Answer, bool) {
         rand::random::<usize>() % ctx.heads.len()
     };
     let head = ctx.heads[head].0;
-    let connected = ctx.clients[client].connected.has(&head);
+    let connected = ctx.clients[client].heads.connected(&head);
     (request_as(ctx, client, head, op, key).await, connected)
 }
 

@@ -45,7 +45,7 @@ pub(crate) async fn start(
     let ended = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..peers {
-        let (_, control, _, _, driver) = connect(source(first + i), heads).await?;
+        let (_, control, _, driver) = connect(source(first + i), heads).await?;
         tasks.push(driver);
         for (head, _) in heads {
             for s in 0..streams {

@@ -471,22 +471,13 @@ pub(crate) async fn run_step(
             let len = |v: &Mutex<Vec<u32>>| v.lock().unwrap_or_else(|e| e.into_inner()).len();
             (len(&tally.get_latency_connected), len(&tally.get_latency))
         },
-        node_sojourn_p99: (
-            histogram_quantile_ms(
-                &before,
-                &after,
-                "hydra_kad_stream_sojourn_seconds",
-                &[("type", "get_providers")],
-                0.99,
-            ),
-            histogram_quantile_ms(
-                &before,
-                &after,
-                "hydra_kad_stream_sojourn_seconds",
-                &[("type", "find_node")],
-                0.99,
-            ),
-        ),
+        node_sojourn_p99: {
+            let sojourn = |ty| {
+                let labels = [("type", ty)];
+                histogram_quantile_ms(&before, &after, "hydra_kad_stream_sojourn_seconds", &labels, 0.99)
+            };
+            (sojourn("get_providers"), sojourn("find_node"))
+        },
         node_get_p99: histogram_quantile_ms(
             &before,
             &after,
