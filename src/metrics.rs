@@ -206,6 +206,12 @@ pub struct KadMetrics {
     /// New inbound connections refused before their handshake because the CPU is short
     /// (shedding, or over the admitted connection rate).
     pub connections_refused: IntCounter,
+    /// TCP listeners closed now, and times one was closed, because no new inbound connection is
+    /// admitted (the kernel refuses dials meanwhile: `load.admission_close_listeners`).
+    pub listeners_closed: IntGauge,
+    pub listener_closes: IntCounter,
+    /// Times a closed listener could not be bound again (its port taken; retried every second).
+    pub listener_reopen_failures: IntCounter,
     /// Peers (providers or closer peers) left out of replies to keep them within
     /// `limits.max_reply_bytes`.
     pub reply_peers_trimmed: IntCounter,
@@ -438,6 +444,30 @@ impl Metrics {
             IntCounter::new(
                 "hydra_kad_connections_refused_total",
                 "New inbound connections refused before their handshake because the CPU is short",
+            )
+            .unwrap(),
+        );
+        let listeners_closed = reg(
+            registry,
+            IntGauge::new(
+                "hydra_kad_listeners_closed",
+                "TCP listeners closed now because no new inbound connection is admitted (the kernel refuses dials)",
+            )
+            .unwrap(),
+        );
+        let listener_closes = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_listener_closes_total",
+                "Times a TCP listener was closed because no new inbound connection was admitted",
+            )
+            .unwrap(),
+        );
+        let listener_reopen_failures = reg(
+            registry,
+            IntCounter::new(
+                "hydra_kad_listener_reopen_failures_total",
+                "Times a closed TCP listener could not be bound again on its address (retried every second)",
             )
             .unwrap(),
         );
@@ -678,6 +708,9 @@ impl Metrics {
                 connections_denied,
                 connections_shed,
                 connections_refused,
+                listeners_closed,
+                listener_closes,
+                listener_reopen_failures,
                 reply_peers_trimmed,
                 unique: Arc::new(UniquePeers::default()),
                 unique_peers,

@@ -1,8 +1,9 @@
 //! The network side: heads (one libp2p swarm each), the inbound `/ipfs/kad/1.0.0` intake, the
 //! stream tasks that serve requests, the wire format and the routing snapshots.
 //!
-//! Request path, in module order: [`admit`] (the muxer resets new inbound streams the admission
-//! gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → the
+//! Request path, in module order: [`door`] (a head's TCP listeners closed while no new connection
+//! is admitted: the kernel refuses dials) → [`admit`] (the muxer resets new inbound streams the
+//! admission gate refuses, before negotiation) → [`head`] (a swarm task: listeners, identify → the
 //! process-wide [`table`]; [`outbound`] streams for the process's [`discovery`] lookups) → [`intake`] (our `NetworkBehaviour`: negotiated inbound streams into one bounded
 //! queue) → [`streams`] (dispatcher and per-stream loop with deadlines) → [`requests`] (one
 //! request, by the load tier's policy) → [`routing`] (closer peers from the table's snapshot) or the
@@ -16,6 +17,7 @@
 pub mod addrs;
 pub mod admit;
 pub mod discovery;
+pub mod door;
 pub mod head;
 pub mod intake;
 pub mod open_streams;

@@ -582,11 +582,39 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
         let status = node.load().status().unwrap();
         assert!(status.shedding_connections);
         assert_eq!(status.admission_connections_per_second, Some(0));
-        // A new connection is refused before its handshake, at once.
+        // A new connection is refused at once, by the kernel: the head's TCP listener is closed
+        // (shipped default `admission_close_listeners`), the node never sees the dial.
+        let closed = |node| metric(node, "hydra_kad_listeners_closed", &[]);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while closed(&node) < 1.0 {
+            assert!(Instant::now() < deadline, "the listener was not closed while shedding");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let port = heads[0].1.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        let raw = std::net::TcpStream::connect(("127.0.0.1", port.unwrap()));
+        assert_eq!(raw.map(drop).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
         let dial = dial_from(std::net::Ipv4Addr::new(127, 0, 3, 99), &heads[0]).await;
         let took = dial.expect_err("a new connection is refused while shedding");
         assert!(took < Duration::from_secs(1), "refused after {took:?}");
+        assert_eq!(metric(&node, "hydra_kad_connections_refused_total", &[]), 0.0, "the node saw no dial");
+        // Listeners kept open: the node accepts the dial and closes it before its handshake.
+        write_load(&file, &LoadSection { admission_close_listeners: false, ..pinned(Some(20)) });
+        assert_eq!(reload(&node).await.0, 200);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while closed(&node) > 0.0 {
+            assert!(Instant::now() < deadline, "the listener was not opened again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(node.load().status().unwrap().shedding_connections);
+        let dial = dial_from(std::net::Ipv4Addr::new(127, 0, 3, 98), &heads[0]).await;
+        let took = dial.expect_err("a new connection is refused while shedding");
+        assert!(took < Duration::from_secs(1), "refused after {took:?}");
         assert!(metric(&node, "hydra_kad_connections_refused_total", &[]) >= 1.0);
+        write_load(&file, &pinned(Some(20)));
+        assert_eq!(reload(&node).await.0, 200);
         // The quiet connection was not cut: its open stream still answers FIND_NODE.
         let reply = RawClient::request(&mut open, &find).await.expect("the quiet connection's stream");
         assert_eq!(reply.r#type, MessageType::FindNode as i32);
@@ -608,6 +636,7 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     connections_become(&node, Some(20)).await;
+    assert_eq!(metric(&node, "hydra_kad_listeners_closed", &[]), 0.0, "listening again");
     dial_from(std::net::Ipv4Addr::new(127, 0, 3, 100), &heads[0]).await.expect("admitted again");
     write_load(&file, &pinned(None));
     assert_eq!(reload(&node).await.0, 200);

@@ -92,6 +92,13 @@ pub struct LoadSection {
     /// connections are admitted at this rate and the rest refused before their handshake
     /// (without room, a tenth of it; 0: none while the CPU is short).
     pub admission_connections_per_second: u32,
+    /// While no new inbound connection is admitted at all (shedding, or the CPU short without
+    /// room), each head closes its TCP listeners, so the kernel refuses a new dial at once (a
+    /// reset: one round trip, nothing spent by the node), and binds them again on the same
+    /// address and port once connections are admitted again. A TCP probe of a head's port fails
+    /// meanwhile: probe the operator API instead. false: such dials are accepted and closed before
+    /// their handshake. QUIC is not affected (refused before its handshake either way).
+    pub admission_close_listeners: bool,
     /// Thresholds to enter `degrade`, `refuse` and `peak` (0 disables a signal).
     pub degrade: Thresholds,
     pub refuse: Thresholds,
@@ -122,6 +129,7 @@ impl Default for LoadSection {
             force_admission_per_second: None,
             admission_shed_ratio: 2.0,
             admission_connections_per_second: 20,
+            admission_close_listeners: true,
             degrade,
             refuse,
             peak,

@@ -56,6 +56,9 @@ pub struct Admission {
     /// stream after the epoch began, and is kept with probability `keep_ppm` / 10⁶.
     epoch: AtomicU64,
     keep_ppm: AtomicU32,
+    /// Whether the heads' TCP listeners are open (false: closed, the kernel refuses new dials;
+    /// `crate::net::door`). A watch, so that a head's transport wakes when it changes.
+    listeners: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Admission {
@@ -67,6 +70,7 @@ impl Default for Admission {
             connections: ArcSwap::from_pointee(Gate::Open),
             epoch: AtomicU64::new(0),
             keep_ppm: AtomicU32::new(1_000_000),
+            listeners: tokio::sync::watch::Sender::new(true),
         }
     }
 }
@@ -141,6 +145,18 @@ impl Admission {
         if rate != self.connection_limit() {
             self.connections.store(Arc::new(gate_of(rate)));
         }
+    }
+
+    /// Whether TCP listeners are open (see [`Admission::set_listeners`]), and a wake-up when
+    /// that changes.
+    pub fn listeners(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.listeners.subscribe()
+    }
+
+    /// Open (true) or close the heads' TCP listeners: closed while no new inbound connection is
+    /// admitted at all, so the kernel refuses a dial instead of the node accepting and closing it.
+    pub(crate) fn set_listeners(&self, open: bool) {
+        self.listeners.send_if_modified(|o| std::mem::replace(o, open) != open);
     }
 
     /// The current shedding epoch: what a new inbound connection starts with (it draws only in

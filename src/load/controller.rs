@@ -340,6 +340,7 @@ impl LoadControl {
             tracing::info!("connection shedding over: no more connections closed; new ones admitted by rate once there is room");
         }
         self.admission.set_connections(step.connections);
+        self.admission.set_listeners(!(cfg.admission_close_listeners && step.connections == Some(0)));
         self.metrics.admission_connection_rate.set(step.connections.map(i64::from).unwrap_or(-1));
         self.metrics.shedding_connections.set(i64::from(shed.shedding()));
     }

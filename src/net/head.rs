@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use futures::StreamExt;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::ListenerId;
+use libp2p::core::upgrade;
 use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::addrs::admitted;
 use super::admit::{Admitting, AdmittingMuxer, Direction};
+use super::door::Door;
 use super::intake::{Intake, KadServer, KAD_PROTOCOL};
 use super::outbound::{Opener, Outbound};
 use super::table::{TableFeed, Update};
@@ -178,15 +180,21 @@ pub async fn bind(
     let max_conns = cfg.limits.max_connections_per_head;
     // New inbound streams pass the admission gate in the muxer, before any negotiation: yamux
     // over TCP, and QUIC connections (their own muxers) wrapped the same way.
-    let mux = {
-        let gate = intake.gatekeeper();
-        move || Admitting::new(yamux::Config::default(), gate)
-    };
+    let mux = Admitting::new(yamux::Config::default(), intake.gatekeeper());
     let quic_gate = intake.gatekeeper();
+    // TCP listeners close while no new connection is admitted (the kernel refuses dials).
+    let door_gate = intake.gatekeeper();
     let (outbound, opener) = Outbound::new();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, mux)
+        // What `with_tcp` builds, with the door below the upgrades.
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(Door::new(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)), door_gate)
+                .upgrade(upgrade::Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(mux)
+                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn))))
+        })
         .context("set up TCP transport")?
         .with_other_transport(|key| {
             quic::tokio::Transport::new(quic::Config::new(key)).map(move |(peer, conn), point| {

@@ -236,8 +236,9 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     for (label, rate) in rates {
         let st = run_step(&ctx, &node, &pg, label.clone(), rate, o.step).await?;
         println!("{}", st.row());
-        for line in
-            [st.adds_line(), st.first_adds_line(), st.latency_line(), st.shed_line()].into_iter().flatten()
+        for line in [st.adds_line(), st.first_adds_line(), st.latency_line(), st.dials_line(), st.shed_line()]
+            .into_iter()
+            .flatten()
         {
             println!("{line}");
         }

@@ -43,6 +43,10 @@ fn dial_backoff(tries: u32) -> Duration {
 /// a connection to it now (a request to it goes out on that connection, to any other it waits
 /// for a dial; the bench reports their latencies apart), and its dial backoff — until when it is
 /// not dialled, and the failed dials since the client last connected to it.
+/// Dials that failed, all clients (a dial the node refuses after accepting it, or one the kernel
+/// refuses while the node's listeners are closed: the node counts only the former).
+pub(crate) static DIALS_FAILED: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Clone, Default)]
 pub(crate) struct Heads(Arc<Mutex<std::collections::HashMap<PeerId, HeadState>>>);
 
@@ -65,6 +69,7 @@ impl Heads {
 
     /// A dial to `head` failed: back off from it ([`dial_backoff`]).
     fn failed(&self, head: PeerId) {
+        DIALS_FAILED.fetch_add(1, Ordering::Relaxed);
         let mut heads = self.lock();
         let h = heads.entry(head).or_default();
         h.barred_until = Some(std::time::Instant::now() + dial_backoff(h.failed_dials));

@@ -42,6 +42,9 @@ pub(crate) struct Step {
     /// before their handshake (CPU short), in the step.
     pub(crate) conns_shed: u64,
     pub(crate) conns_refused: u64,
+    /// Dials that failed at the clients (refused by the node, or by the kernel while the node's
+    /// listeners were closed).
+    pub(crate) dials_failed: u64,
     /// What the node shed in the step, by reason (its counters' names), largest first.
     pub(crate) shed_by: Vec<(String, f64)>,
     pub(crate) p50: f64,
@@ -163,6 +166,17 @@ impl Step {
             format!(
                 "         GET_PROVIDERS p99 {:.1} ms all, {:.1} ms of the {on} of {all} sent on a connection the client had; in the node (intake to reply written) p99 ≤ {} ms GET_PROVIDERS, ≤ {} ms FIND_NODE",
                 self.get_p99, self.get_p99_connected, self.node_sojourn_p99.0, self.node_sojourn_p99.1
+            )
+        })
+    }
+
+    /// Dials the clients saw fail, beside those the node refused itself (the rest the kernel
+    /// refused: the node's listeners were closed).
+    pub(crate) fn dials_line(&self) -> Option<String> {
+        (self.dials_failed > 0).then(|| {
+            format!(
+                "         dials failed at the clients: {}, of them refused by the node after accepting them: {}",
+                self.dials_failed, self.conns_refused
             )
         })
     }
@@ -408,6 +422,7 @@ pub(crate) async fn run_step(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let before = http_get(&node.http, "/metrics").await?;
+    let dials_failed0 = super::client::DIALS_FAILED.load(std::sync::atomic::Ordering::Relaxed);
     let cpu0 = node.cpu_seconds().unwrap_or(0.0);
     let (gen0, machine0) = (cpu_seconds("self").unwrap_or(0.0), machine_jiffies());
     let x0 = pg_xacts(&pg.client, &pg.db).await?;
@@ -462,6 +477,7 @@ pub(crate) async fn run_step(
         dropped: tally.dropped.load(Ordering::Relaxed),
         conns_shed: grew(&before, &after, "hydra_kad_connections_shed_total", &[]) as u64,
         conns_refused: grew(&before, &after, "hydra_kad_connections_refused_total", &[]) as u64,
+        dials_failed: super::client::DIALS_FAILED.load(std::sync::atomic::Ordering::Relaxed) - dials_failed0,
         shed_by: shed_by(&before, &after),
         p50: percentile_ms(&tally.latency, 0.5),
         p99: percentile_ms(&tally.latency, 0.99),
