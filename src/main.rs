@@ -492,6 +492,11 @@ fn status(cfg: &hydra::Config, url: Option<&str>, json: bool) -> Result<(), Fail
         (_, Some(r)) => format!("{r}/s"),
         (_, None) => "open".into(),
     };
+    let connections = if v["listeners_closed"].as_bool() == Some(true) {
+        format!("{connections} (TCP listeners closed)")
+    } else {
+        connections
+    };
     println!(
         "records ≈ {:.0}, peers ≈ {:.0}; write buffer {}/{}; statement budget {}/s; admission {}; connections {}",
         v["records_estimate"].as_f64().unwrap_or(0.0),

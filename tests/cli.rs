@@ -321,6 +321,7 @@ fn read_commands_show_a_running_nodes_records_status_and_heads() {
     assert!(table.starts_with("tier ") && table.contains("runtime_lag_ms"), "{table}");
     assert!(table.contains("admission open; connections open"), "{table}");
     assert_eq!(st["shedding_connections"], false);
+    assert_eq!(st["listeners_closed"], false);
 
     // Readiness for container health checks.
     let out = hydra().args(["ready", "--url", &url]).output().unwrap();

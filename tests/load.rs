@@ -590,6 +590,7 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
             assert!(Instant::now() < deadline, "the listener was not closed while shedding");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(node.load().status().unwrap().listeners_closed);
         let port = heads[0].1.iter().find_map(|p| match p {
             libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
             _ => None,

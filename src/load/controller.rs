@@ -48,6 +48,9 @@ pub struct Status {
     pub admission_connections_per_second: Option<u32>,
     /// Whether the node is shedding connections.
     pub shedding_connections: bool,
+    /// Whether the heads' TCP listeners are closed now (no new connection admitted: the kernel
+    /// refuses dials; `load.admission_close_listeners`).
+    pub listeners_closed: bool,
     /// The process's CPU used ÷ the CPU it is allowed, over the last second (`load::cpu`).
     pub cpu_busy_ratio: f64,
     /// The CPU it is allowed, cores: its cgroup's CFS quota, else the CPUs it may run on.
@@ -264,6 +267,7 @@ impl LoadControl {
             admission_connections_per_second: self.admission.connection_limit(),
             // Not a connection limit of 0: that is also a limited node without room yet.
             shedding_connections: self.metrics.shedding_connections.get() == 1,
+            listeners_closed: !*self.admission.listeners().borrow(),
             cpu_busy_ratio: self.metrics.cpu_busy.get(),
             cpu_allowance_cores: self.metrics.cpu_allowance.get(),
             load,

@@ -265,15 +265,20 @@ where
             }
             match Pin::new(&mut this.inner).poll(cx) {
                 Poll::Ready(ev) => {
-                    let closed_one = matches!(ev, TransportEvent::ListenerClosed { .. });
-                    if let Some(ev) = this.pass(ev) {
-                        return Poll::Ready(ev);
-                    }
-                    if closed_one {
-                        // A listener the door closed is gone: bind it again if the door opened
-                        // meanwhile.
+                    // A listener's port became known (one added while the door is closed is
+                    // closed now), or a listener the door closed is gone (bound again if the
+                    // door opened meanwhile).
+                    let settles = matches!(
+                        ev,
+                        TransportEvent::NewAddress { .. } | TransportEvent::ListenerClosed { .. }
+                    );
+                    let passed = this.pass(ev);
+                    if settles {
                         let open = *this.open.borrow();
                         this.reconcile(open);
+                    }
+                    if let Some(ev) = passed {
+                        return Poll::Ready(ev);
                     }
                 }
                 Poll::Pending => return Poll::Pending,
@@ -356,5 +361,21 @@ mod tests {
         assert!(next(&mut door, Duration::from_millis(300)).await.is_none());
         assert!(dial(port).is_err(), "a listener the swarm removed is not bound again");
         assert_eq!(metrics.listeners_closed.get(), 0);
+
+        // A listener added while the door is closed (a head unfenced): the swarm learns its
+        // address, then it is closed too.
+        admission.set_listeners(false);
+        assert!(next(&mut door, Duration::from_millis(100)).await.is_none());
+        let late = ListenerId::next();
+        door.listen_on(late, "/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+        let Some(TransportEvent::NewAddress { listen_addr, .. }) =
+            next(&mut door, Duration::from_secs(5)).await
+        else {
+            panic!("no address reported")
+        };
+        assert!(next(&mut door, Duration::from_millis(300)).await.is_none());
+        let refused = dial(port_of(&listen_addr).unwrap()).expect_err("closed once its port was known");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(metrics.listeners_closed.get(), 1);
     }
 }
