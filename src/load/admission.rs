@@ -153,6 +153,11 @@ impl Admission {
         self.listeners.subscribe()
     }
 
+    /// Whether TCP listeners are open now.
+    pub fn listeners_open(&self) -> bool {
+        *self.listeners.borrow()
+    }
+
     /// Open (true) or close the heads' TCP listeners: closed while no new inbound connection is
     /// admitted at all, so the kernel refuses a dial instead of the node accepting and closing it.
     pub(crate) fn set_listeners(&self, open: bool) {

@@ -267,7 +267,7 @@ impl LoadControl {
             admission_connections_per_second: self.admission.connection_limit(),
             // Not a connection limit of 0: that is also a limited node without room yet.
             shedding_connections: self.metrics.shedding_connections.get() == 1,
-            listeners_closed: !*self.admission.listeners().borrow(),
+            listeners_closed: !self.admission.listeners_open(),
             cpu_busy_ratio: self.metrics.cpu_busy.get(),
             cpu_allowance_cores: self.metrics.cpu_allowance.get(),
             load,

@@ -304,6 +304,15 @@ mod tests {
         tokio::time::timeout(within, poll_fn(|cx| Pin::new(&mut *door).poll(cx))).await.ok()
     }
 
+    /// Listen on a free loopback port; the address the swarm is told.
+    async fn listen(door: &mut Door<tcp::tokio::Transport>, id: ListenerId) -> Multiaddr {
+        door.listen_on(id, "/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+        match next(door, Duration::from_secs(5)).await {
+            Some(TransportEvent::NewAddress { listen_addr, .. }) => listen_addr,
+            other => panic!("no address reported: {other:?}"),
+        }
+    }
+
     fn dial(port: u16) -> std::io::Result<std::net::TcpStream> {
         std::net::TcpStream::connect(("127.0.0.1", port))
     }
@@ -315,12 +324,7 @@ mod tests {
         let gate = Gatekeeper { admission: admission.clone(), metrics: metrics.clone() };
         let mut door = Door::new(tcp::tokio::Transport::new(tcp::Config::default()), gate);
         let id = ListenerId::next();
-        door.listen_on(id, "/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
-        let Some(TransportEvent::NewAddress { listen_addr, .. }) =
-            next(&mut door, Duration::from_secs(5)).await
-        else {
-            panic!("no address reported")
-        };
+        let listen_addr = listen(&mut door, id).await;
         let port = port_of(&listen_addr).unwrap();
         let _first = dial(port).expect("the door is open");
         assert!(matches!(
@@ -366,13 +370,7 @@ mod tests {
         // address, then it is closed too.
         admission.set_listeners(false);
         assert!(next(&mut door, Duration::from_millis(100)).await.is_none());
-        let late = ListenerId::next();
-        door.listen_on(late, "/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
-        let Some(TransportEvent::NewAddress { listen_addr, .. }) =
-            next(&mut door, Duration::from_secs(5)).await
-        else {
-            panic!("no address reported")
-        };
+        let listen_addr = listen(&mut door, ListenerId::next()).await;
         assert!(next(&mut door, Duration::from_millis(300)).await.is_none());
         let refused = dial(port_of(&listen_addr).unwrap()).expect_err("closed once its port was known");
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
