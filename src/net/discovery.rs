@@ -131,7 +131,7 @@ impl Lookup {
     }
 
     /// The next peer to ask, if a request may start now.
-    pub fn next(&mut self) -> Option<(PeerId, Vec<Multiaddr>)> {
+    pub fn next_to_ask(&mut self) -> Option<(PeerId, Vec<Multiaddr>)> {
         if self.in_flight >= ALPHA || self.requests >= MAX_REQUESTS {
             return None;
         }
@@ -287,7 +287,7 @@ impl Discovery {
         let deadline = tokio::time::sleep(LOOKUP_TIMEOUT);
         tokio::pin!(deadline);
         loop {
-            while let Some((peer, addrs)) = lookup.next() {
+            while let Some((peer, addrs)) = lookup.next_to_ask() {
                 requests.push(async move {
                     let r =
                         tokio::time::timeout(REQUEST_TIMEOUT, find_node(head, peer, addrs.clone(), target))
@@ -419,7 +419,7 @@ mod tests {
             let mut asked = 0;
             while !l.is_done() {
                 let mut batch = Vec::new();
-                while let Some((p, _)) = l.next() {
+                while let Some((p, _)) = l.next_to_ask() {
                     batch.push(p);
                 }
                 assert!(batch.len() <= ALPHA);
@@ -450,11 +450,11 @@ mod tests {
     fn a_lookup_without_candidates_is_done_and_one_never_asks_a_peer_twice() {
         let mut l = Lookup::new(b"k", []);
         assert!(l.is_done());
-        assert!(l.next().is_none());
+        assert!(l.next_to_ask().is_none());
         let p = PeerId::random();
         let mut l = Lookup::new(b"k", [record(p), record(p)]);
-        assert_eq!(l.next().map(|(q, _)| q), Some(p));
-        assert!(l.next().is_none(), "one candidate, asked");
+        assert_eq!(l.next_to_ask().map(|(q, _)| q), Some(p));
+        assert!(l.next_to_ask().is_none(), "one candidate, asked");
         assert!(!l.is_done(), "its answer is awaited");
         l.answered(&p, [record(p)]);
         assert!(l.is_done());
@@ -465,10 +465,10 @@ mod tests {
     fn at_most_alpha_requests_are_in_flight_and_failures_free_a_slot() {
         let peers: Vec<PeerRecord> = (0..10).map(|_| record(PeerId::random())).collect();
         let mut l = Lookup::new(b"k", peers);
-        let first: Vec<PeerId> = std::iter::from_fn(|| l.next().map(|(p, _)| p)).collect();
+        let first: Vec<PeerId> = std::iter::from_fn(|| l.next_to_ask().map(|(p, _)| p)).collect();
         assert_eq!(first.len(), ALPHA);
         l.failed(&first[0]);
-        assert!(l.next().is_some(), "a failure frees a slot");
-        assert!(l.next().is_none());
+        assert!(l.next_to_ask().is_some(), "a failure frees a slot");
+        assert!(l.next_to_ask().is_none());
     }
 }

@@ -80,14 +80,11 @@ pub(crate) fn free_port_block(n: usize, quic: bool) -> anyhow::Result<u16> {
             && (!quic || std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
     };
     let mut base = 10_000usize;
-    'search: while base + n <= 32_768 {
-        for p in base..base + n {
-            if !free(p as u16) {
-                base = p + 1;
-                continue 'search;
-            }
+    while base + n <= 32_768 {
+        match (base..base + n).find(|&p| !free(p as u16)) {
+            Some(taken) => base = taken + 1,
+            None => return Ok(base as u16),
         }
-        return Ok(base as u16);
     }
     anyhow::bail!("no {n} consecutive free ports between 10,000 and 32,767; pass --port-base")
 }
