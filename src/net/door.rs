@@ -33,6 +33,7 @@ use libp2p::Multiaddr;
 use tokio::sync::watch;
 
 use super::admit::Gatekeeper;
+use crate::metrics::KadMetrics;
 
 /// How soon a listener that could not be bound again is tried again.
 const REOPEN_RETRY: Duration = Duration::from_secs(1);
@@ -61,7 +62,8 @@ struct Listener {
 /// A TCP transport whose listeners close while the node admits no new connection.
 pub struct Door<T: Transport> {
     inner: T,
-    gate: Gatekeeper,
+    metrics: KadMetrics,
+    /// The admission's word on the listeners: open (true) or closed.
     open: watch::Receiver<bool>,
     /// Completes when the admission changes its mind about the listeners.
     changed: Option<BoxFuture<'static, ()>>,
@@ -77,11 +79,10 @@ impl<T: Transport + Unpin> Unpin for Door<T> {}
 
 impl<T: Transport> Door<T> {
     pub fn new(inner: T, gate: Gatekeeper) -> Self {
-        let open = gate.admission.listeners();
         Self {
             inner,
-            gate,
-            open,
+            open: gate.admission.listeners(),
+            metrics: gate.metrics,
             changed: None,
             retry: None,
             listeners: HashMap::new(),
@@ -89,10 +90,11 @@ impl<T: Transport> Door<T> {
         }
     }
 
-    /// Close the open listeners (`open` false) or bind the closed ones again.
-    fn reconcile(&mut self, open: bool) {
+    /// Close the open listeners or bind the closed ones again, as the admission says now.
+    fn reconcile(&mut self) {
+        let open = *self.open.borrow();
         let retry_due = self.retry.is_none();
-        let m = &self.gate.metrics;
+        let m = &self.metrics;
         for (id, l) in self.listeners.iter_mut().filter(|(_, l)| !l.removed) {
             match (open, l.state) {
                 // A listener whose port is not known yet (no address reported) stays open.
@@ -237,7 +239,7 @@ where
                     self.events.push_back(TransportEvent::AddressExpired { listener_id: id, listen_addr });
                 }
                 self.events.push_back(TransportEvent::ListenerClosed { listener_id: id, reason: Ok(()) });
-                self.gate.metrics.listeners_closed.dec();
+                self.metrics.listeners_closed.dec();
                 if closed == State::Closed {
                     self.listeners.remove(&id);
                 }
@@ -257,8 +259,7 @@ where
         let this = self.get_mut();
         loop {
             if this.poll_wakeups(cx) {
-                let open = *this.open.borrow();
-                this.reconcile(open);
+                this.reconcile();
             }
             if let Some(ev) = this.events.pop_front() {
                 return Poll::Ready(ev);
@@ -274,8 +275,7 @@ where
                     );
                     let passed = this.pass(ev);
                     if settles {
-                        let open = *this.open.borrow();
-                        this.reconcile(open);
+                        this.reconcile();
                     }
                     if let Some(ev) = passed {
                         return Poll::Ready(ev);
