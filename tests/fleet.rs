@@ -368,11 +368,7 @@ async fn a_paused_process_never_serves_an_identity_another_took_over() {
     // Its listeners close at the head's next tick (200 ms): new connections are refused.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for (_, addr) in &a_heads {
-        let port = addr.iter().find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-            _ => None,
-        });
-        let sock = std::net::SocketAddr::from(([127, 0, 0, 2], port.unwrap()));
+        let sock = std::net::SocketAddr::from(([127, 0, 0, 2], common::tcp_port(addr).unwrap()));
         assert!(std::net::TcpStream::connect(sock).is_err(), "A still accepts connections on {sock}");
     }
     // The new owner serves them.

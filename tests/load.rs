@@ -511,6 +511,21 @@ async fn dial_from(
     end.expect("the dial ends, one way or the other, in time")
 }
 
+/// Wait (≤ `within`) until `cond` holds; fail with `what` if it does not.
+async fn eventually(within: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A dial from `src` to `head` is refused while the node sheds, and learns it within a second.
+async fn refused_within_a_second(src: std::net::Ipv4Addr, head: &(libp2p::PeerId, libp2p::Multiaddr)) {
+    let took = dial_from(src, head).await.expect_err("a new connection is refused while shedding");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+}
+
 /// Far past capacity (pinned: 20 new streams/s admitted while clients offer hundreds), the node
 /// sheds connections: busy inbound connections are closed, new ones are refused before their
 /// handshake — the client learns within a round trip, not at its timeout — while a connection
@@ -572,11 +587,8 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
         }
     }));
     let watch = async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while metric(&node, "hydra_kad_connections_shed_total", &[]) < 1.0 {
-            assert!(Instant::now() < deadline, "no connection shed in 20 s");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let shed = || metric(&node, "hydra_kad_connections_shed_total", &[]);
+        eventually(Duration::from_secs(20), "no connection shed in 20 s", || shed() >= 1.0).await;
         // Checked at once: shedding ends two calm seconds after the busy connections are gone.
         assert_eq!(metric(&node, "hydra_load_shedding_connections", &[]), 1.0);
         let status = node.load().status().unwrap();
@@ -584,35 +596,20 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
         assert_eq!(status.admission_connections_per_second, Some(0));
         // A new connection is refused at once, by the kernel: the head's TCP listener is closed
         // (shipped default `admission_close_listeners`), the node never sees the dial.
-        let closed = |node| metric(node, "hydra_kad_listeners_closed", &[]);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while closed(&node) < 1.0 {
-            assert!(Instant::now() < deadline, "the listener was not closed while shedding");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let closed = || metric(&node, "hydra_kad_listeners_closed", &[]);
+        eventually(Duration::from_secs(2), "the listener was not closed while shedding", || closed() >= 1.0)
+            .await;
         assert!(node.load().status().unwrap().listeners_closed);
-        let port = heads[0].1.iter().find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-            _ => None,
-        });
-        let raw = std::net::TcpStream::connect(("127.0.0.1", port.unwrap()));
+        let raw = std::net::TcpStream::connect(("127.0.0.1", common::tcp_port(&heads[0].1).unwrap()));
         assert_eq!(raw.map(drop).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
-        let dial = dial_from(std::net::Ipv4Addr::new(127, 0, 3, 99), &heads[0]).await;
-        let took = dial.expect_err("a new connection is refused while shedding");
-        assert!(took < Duration::from_secs(1), "refused after {took:?}");
+        refused_within_a_second(std::net::Ipv4Addr::new(127, 0, 3, 99), &heads[0]).await;
         assert_eq!(metric(&node, "hydra_kad_connections_refused_total", &[]), 0.0, "the node saw no dial");
         // Listeners kept open: the node accepts the dial and closes it before its handshake.
         write_load(&file, &LoadSection { admission_close_listeners: false, ..pinned(Some(20)) });
         assert_eq!(reload(&node).await.0, 200);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while closed(&node) > 0.0 {
-            assert!(Instant::now() < deadline, "the listener was not opened again");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(Duration::from_secs(2), "the listener was not opened again", || closed() == 0.0).await;
         assert!(node.load().status().unwrap().shedding_connections);
-        let dial = dial_from(std::net::Ipv4Addr::new(127, 0, 3, 98), &heads[0]).await;
-        let took = dial.expect_err("a new connection is refused while shedding");
-        assert!(took < Duration::from_secs(1), "refused after {took:?}");
+        refused_within_a_second(std::net::Ipv4Addr::new(127, 0, 3, 98), &heads[0]).await;
         assert!(metric(&node, "hydra_kad_connections_refused_total", &[]) >= 1.0);
         write_load(&file, &pinned(Some(20)));
         assert_eq!(reload(&node).await.0, 200);
@@ -631,11 +628,8 @@ async fn shedding_closes_busy_connections_refuses_new_ones_fast_and_ends() {
 
     // The excess gone: shedding ends (two calm seconds) and, after a few seconds with room, a
     // new connection is admitted (by rate while the gate is still pinned).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.load().status().unwrap().shedding_connections {
-        assert!(Instant::now() < deadline, "still shedding 20 s after the load stopped");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let calm = || !node.load().status().unwrap().shedding_connections;
+    eventually(Duration::from_secs(20), "still shedding 20 s after the load stopped", calm).await;
     connections_become(&node, Some(20)).await;
     assert_eq!(metric(&node, "hydra_kad_listeners_closed", &[]), 0.0, "listening again");
     dial_from(std::net::Ipv4Addr::new(127, 0, 3, 100), &heads[0]).await.expect("admitted again");

@@ -355,7 +355,7 @@ async fn announced_addresses_replace_listen_addresses_and_ipv6_serves_too() {
         addrs
             .iter()
             .filter(|a| matches!(a.iter().next(), Some(Protocol::Ip6(_))) == v6)
-            .find_map(|a| a.iter().find_map(|p| if let Protocol::Tcp(port) = p { Some(port) } else { None }))
+            .find_map(common::tcp_port)
     };
     let mut announced = Vec::new();
     for h in node.heads() {

@@ -116,6 +116,14 @@ macro_rules! both_backends {
     };
 }
 
+/// The TCP port of an address (None: no `/tcp/`).
+pub fn tcp_port(addr: &Multiaddr) -> Option<u16> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Tcp(port) => Some(port),
+        _ => None,
+    })
+}
+
 /// (peer id, TCP address) of every head.
 pub fn head_addrs(node: &Node) -> Vec<(PeerId, Multiaddr)> {
     node.heads()
