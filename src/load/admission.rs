@@ -273,9 +273,12 @@ impl RateControl {
     /// The next admitted rate (None: admit all).
     pub(crate) fn step(&mut self, i: &RateInput) -> Option<u32> {
         // Admitted but reset unserved: the lag (a one-second mean) may not show yet what the
-        // queue already does.
+        // queue already does — once it has begun to rise. With the lag still low, streams that
+        // waited behind a burst (a node starting, dozens of peers dialling at once) are the
+        // burst, not a CPU short of capacity: limiting on them alone started the gate at its
+        // floor and closed the door to a node with spare capacity.
         let r = &i.reading;
-        let late = r.target_ms > 0.0 && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
+        let late = r.target_ms > 0.0 && !r.lag_low() && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
         let high = r.target_ms > 0.0 && r.lag_ms >= r.target_ms || late;
         let low = r.lag_low() && !late;
         let second = r.second();
@@ -537,11 +540,20 @@ mod tests {
     #[test]
     fn streams_reset_unserved_limit_the_rate_as_a_high_lag_does() {
         let mut c = RateControl::default();
-        let late = |n| RateInput { late_per_s: n, ..input(5.0, 3000.0, 3000.0) };
+        // The lag risen above its low mark (0.5 × 20 ms) but below its target.
+        let late = |n| RateInput { late_per_s: n, ..input(12.0, 3000.0, 3000.0) };
         assert_eq!(c.step(&late(100.0)), None, "3 % reset late: noise");
-        assert_eq!(c.step(&late(600.0)), Some(2700), "20 % reset late: limited though the lag is low");
-        assert_eq!(c.step(&RateInput { late_per_s: 600.0, ..input(5.0, 3000.0, 2700.0) }), Some(2295));
+        assert_eq!(
+            c.step(&late(600.0)),
+            Some(2700),
+            "20 % reset late: limited though the lag is below its target"
+        );
+        assert_eq!(c.step(&RateInput { late_per_s: 600.0, ..input(12.0, 3000.0, 2700.0) }), Some(2295));
         assert!(c.step(&input(5.0, 3000.0, 2295.0)).unwrap() > 2295, "none late, a low lag: grows");
+        // A burst: half of 40 streams late while the lag stays low (a node starting while its
+        // peers dial it) is not a CPU short of capacity.
+        let burst = RateInput { late_per_s: 20.0, ..input(5.0, 40.0, 40.0) };
+        assert_eq!(RateControl::default().step(&burst), None, "late in a burst with a low lag: not limited");
         let mut off = late(600.0);
         off.reading.target_ms = 0.0;
         assert_eq!(RateControl::default().step(&off), None, "admission by rate off: never");
