@@ -58,10 +58,12 @@ pub struct ConfigFile {
     /// Also listen on QUIC (UDP, same port number as TCP). Each QUIC endpoint costs memory for
     /// its receive buffers; see docs/benchmarks.md.
     pub quic: bool,
-    /// Runtime worker threads (0: one per core). Fewer workers wake each other less: one worker
-    /// served the same load with 8–18 % less CPU per request than two on two cores
-    /// (docs/profile.md), at the price of the node's peak being one core (plus the embedded
-    /// store's threads). Read at start-up only.
+    /// Runtime worker threads (0: one per core the process may use, at least two — see
+    /// [`runtime_workers`]). Fewer workers wake each other less: one worker served the same load
+    /// with 8–18 % less CPU per request than two on two cores (docs/profile.md), at the price of
+    /// the node's peak being one core (plus the embedded store's threads); under a CPU quota
+    /// below one core it served less than two did (docs/benchmarks.md, "Capacity searched
+    /// finer"). Read at start-up only.
     pub worker_threads: usize,
     /// Bootstrap peers as multiaddrs ending in `/p2p/<peer id>`. Empty by default.
     pub bootstrap: Vec<String>,
@@ -138,6 +140,16 @@ impl Default for IdentitySection {
 }
 
 /// The host name, for the default `node_name`.
+/// The runtime's worker threads for `worker_threads = 0` on a process allowed `cores` whole
+/// cores (std's `available_parallelism`, which reads a cgroup CPU quota: one below two cores):
+/// one per core, and at least two. Under a 0.2-core quota two workers served a median 1,144
+/// requests/s within the GET_PROVIDERS p99 target, one worker 844 (three alternated runs each,
+/// docs/benchmarks.md) — with one, a request, the timers and the sockets wait behind whatever
+/// that worker is running; the CPU per request was the same.
+pub fn runtime_workers(cores: usize) -> usize {
+    cores.max(2)
+}
+
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))

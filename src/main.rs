@@ -313,12 +313,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let workers = cfg.worker_threads;
+    let workers = match cfg.worker_threads {
+        0 => hydra::config::runtime_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        n => n,
+    };
     let rt = || {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        if workers > 0 {
-            b.worker_threads(workers);
-        }
+        b.worker_threads(workers);
         b.enable_all().build().map_err(|e| {
             eprintln!("hydra: cannot start the runtime: {e}");
             ExitCode::FAILURE

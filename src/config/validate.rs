@@ -56,7 +56,7 @@ pub struct Config {
     pub routing_listen: Option<SocketAddr>,
     pub routing_api: RoutingApiSection,
     pub quic: bool,
-    /// Runtime worker threads; 0: one per core.
+    /// Runtime worker threads; 0: one per core, at least two ([`crate::config::runtime_workers`]).
     pub worker_threads: usize,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub store: StoreKind,
@@ -85,7 +85,7 @@ impl ConfigFile {
         if self.worker_threads > 1024 {
             return Err(invalid(
                 "worker_threads",
-                format!("must be at most 1024 (0: one per core), got {}", self.worker_threads),
+                format!("must be at most 1024 (0: one per core, at least two), got {}", self.worker_threads),
             ));
         }
         let listen_ip: IpAddr = self

@@ -72,6 +72,10 @@ pub(crate) struct LoadBenchOpts {
     pub max_in_flight: usize,
     /// Confine the node to this share of one core (a cgroup with a 10 ms period).
     pub node_cpu_quota: Option<f64>,
+    /// The node's runtime workers (None: as inside the quota, see [`workers_inside`]).
+    pub node_workers: Option<usize>,
+    /// Bisections of the capacity search between the last rate met and the first missed.
+    pub search_refine: u32,
     /// Silent/slow peers: each step runs clean, then with this many misbehaving identities
     /// (`load/silent.rs`), and the goodput ratio is printed.
     pub silent_peers: usize,
@@ -84,6 +88,14 @@ pub(crate) enum Op {
     Add,
     Get,
     Find,
+}
+
+/// The runtime workers a node started inside a quota of `fraction` of one core picks with
+/// `worker_threads = 0`: std's `available_parallelism` takes the whole cores of the quota (at
+/// least one), at most the CPUs the process may run on, and the node at least two of them.
+fn workers_inside(fraction: f64) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    hydra::config::runtime_workers((fraction.floor() as usize).clamp(1, cpus))
 }
 
 fn print_tier_changes(node: &NodeProcess) {
@@ -113,10 +125,17 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("hydra-bench-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let file = match &o.config {
+    let mut file = match &o.config {
         Some(p) => ConfigFile::from_file(p)?,
         None => ConfigFile::default(),
     };
+    // The node joins its CPU group only after the preload; a node started inside the group would
+    // size its runtime from the quota (`worker_threads = 0` takes std's count, which reads it).
+    let workers =
+        o.node_workers.or(o.node_cpu_quota.filter(|_| file.worker_threads == 0).map(workers_inside));
+    if let Some(w) = workers {
+        file.worker_threads = w;
+    }
     let cfg_path = crate::node::bench_config(file.clone(), o.heads, &dir, Some(&url), "bench-load")?;
     let l = &file.load;
     println!(
@@ -129,6 +148,13 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
         l.datastore_statements_per_second,
         l.per_peer_requests_per_second
     );
+    match file.worker_threads {
+        0 => println!("node runtime workers: one per core"),
+        w => println!(
+            "node runtime workers: {w}{}",
+            if o.node_workers.is_none() { " (as inside the quota)" } else { "" }
+        ),
+    }
 
     // Before the node starts: a cgroup that cannot be made fails the run at once.
     let quota = o.node_cpu_quota.map(CpuQuota::create).transpose()?;
@@ -203,31 +229,47 @@ pub(crate) async fn load(o: LoadBenchOpts) -> anyhow::Result<()> {
     }
     if rates.is_empty() {
         println!(
-            "searching capacity: steps of {:?}, rate × 1.5 from {}/s while get p99 ≤ {:?}, goodput ≥ 95 % \
+            "searching capacity: steps of {:?}, rate × 1.5 from {}/s (then {} bisections) while get p99 ≤ {:?}, goodput ≥ 95 % \
              of the rate, nothing shed, refused or failed",
-            o.search_step, o.start_rate, o.p99_target
+            o.search_step, o.start_rate, o.search_refine, o.p99_target
         );
         println!("{}", Step::header());
+        let meets = |st: &Step, rate: f64| {
+            st.get_p99 <= o.p99_target.as_secs_f64() * 1e3
+                && st.failed == 0
+                && st.dropped == 0
+                && st.shed < 0.005 * rate
+                && st.rejected < 0.005 * rate
+                && st.goodput >= 0.95 * rate
+                && st.sent >= 0.95 * rate
+        };
         let mut rate = o.start_rate;
         let mut capacity = None;
         loop {
             let st = run_step(&ctx, &node, &pg, "search".into(), rate, o.search_step).await?;
             println!("{}", st.row());
             print_tier_changes(&node);
-            let pass = st.get_p99 <= o.p99_target.as_secs_f64() * 1e3
-                && st.failed == 0
-                && st.dropped == 0
-                && st.shed < 0.005 * rate
-                && st.rejected < 0.005 * rate
-                && st.goodput >= 0.95 * rate
-                && st.sent >= 0.95 * rate;
-            if !pass {
+            if !meets(&st, rate) {
                 break;
             }
             capacity = Some(rate);
             rate *= 1.5;
         }
-        let c = capacity.context("not even the start rate met the target: lower --start-rate")?;
+        let mut c = capacity.context("not even the start rate met the target: lower --start-rate")?;
+        // ×1.5 steps leave C up to a third below the rate the node serves; bisect (geometric
+        // mean) between the last rate met and the first missed.
+        let mut missed = rate;
+        for _ in 0..o.search_refine {
+            let mid = (c * missed).sqrt();
+            let st = run_step(&ctx, &node, &pg, "refine".into(), mid, o.search_step).await?;
+            println!("{}", st.row());
+            print_tier_changes(&node);
+            if meets(&st, mid) {
+                c = mid;
+            } else {
+                missed = mid;
+            }
+        }
         println!("capacity C = {c:.0} requests/s");
         rates = o.multiples.iter().map(|m| (format!("{m}C"), m * c)).collect();
     }

@@ -119,6 +119,16 @@ enum Command {
         /// root), e.g. 0.2, so the generator and PostgreSQL have the cores the node lacks.
         #[arg(long)]
         node_cpu_quota: Option<f64>,
+        /// The node's runtime worker threads (its `worker_threads`). Default: with a quota, what
+        /// a node started inside it picks (one per whole core of the quota, at least two) — the
+        /// bench moves the node into its group only after the preload, so it would otherwise
+        /// size its runtime from the machine; without a quota, the node's own default.
+        #[arg(long)]
+        node_workers: Option<usize>,
+        /// After the ×1.5 capacity search, this many bisections between the last rate met and
+        /// the first missed (each a search step); 0: C is the last ×1.5 step met.
+        #[arg(long, default_value_t = 2)]
+        search_refine: u32,
         /// Run every step clean and then beside this many silent/slow peers (streams that never
         /// write, stop mid-message, or never read), and compare the goodput.
         #[arg(long, default_value_t = 0)]
@@ -330,6 +340,8 @@ fn main() -> ExitCode {
             request_timeout_ms,
             max_in_flight,
             node_cpu_quota,
+            node_workers,
+            search_refine,
             silent_peers,
             silent_streams,
         } => {
@@ -355,6 +367,8 @@ fn main() -> ExitCode {
                     request_timeout: ms(*request_timeout_ms),
                     max_in_flight: *max_in_flight,
                     node_cpu_quota: *node_cpu_quota,
+                    node_workers: *node_workers,
+                    search_refine: *search_refine,
                     silent_peers: *silent_peers,
                     silent_streams: *silent_streams,
                 })),
