@@ -143,9 +143,11 @@ impl Default for IdentitySection {
 /// The runtime's worker threads for `worker_threads = 0` on a process allowed `cores` whole
 /// cores (std's `available_parallelism`, which reads a cgroup CPU quota: one below two cores):
 /// one per core, and at least two. Under a 0.2-core quota two workers served a median 1,144
-/// requests/s within the GET_PROVIDERS p99 target, one worker 844 (three alternated runs each,
-/// docs/benchmarks.md) — with one, a request, the timers and the sockets wait behind whatever
-/// that worker is running; the CPU per request was the same.
+/// requests/s within the GET_PROVIDERS p99 target, one worker 844 (three alternated runs each;
+/// two later runs of two workers 1,033 and 623 — the spread between runs is as large as the
+/// difference; docs/benchmarks.md). The CPU per request was the same, so the second worker
+/// costs nothing measurable; with one, the timers and the sockets wait behind whatever that
+/// worker is running.
 pub fn runtime_workers(cores: usize) -> usize {
     cores.max(2)
 }
