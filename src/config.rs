@@ -139,7 +139,6 @@ impl Default for IdentitySection {
     }
 }
 
-/// The host name, for the default `node_name`.
 /// The runtime's worker threads for `worker_threads = 0` on a process allowed `cores` whole
 /// cores (std's `available_parallelism`, which reads a cgroup CPU quota: one below two cores):
 /// one per core, and at least two. Under a 0.2-core quota two workers served a median 1,144
@@ -152,6 +151,7 @@ pub fn runtime_workers(cores: usize) -> usize {
     cores.max(2)
 }
 
+/// The host name, for the default `node_name`.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
