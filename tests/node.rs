@@ -768,12 +768,10 @@ async fn lookups_from_each_heads_identity_fill_the_table_and_make_the_heads_know
     }
     // The servers learned of the heads, never of anything else from this process; and no
     // server's table holds a peer the node invented.
-    let tables = tables.lock().unwrap();
     let servers: HashSet<PeerId> = everyone.iter().map(|e| e.0).collect();
-    for (s, t) in tables.iter() {
+    for (s, t) in tables.lock().unwrap().iter() {
         assert!(t.iter().all(|p| servers.contains(p) || head_ids.contains(p)), "server {s}: {t:?}");
     }
-    drop(tables);
     for d in drivers {
         d.abort();
     }
