@@ -307,8 +307,8 @@ impl Node {
             http = %http_addr,
             metrics = metrics_addr.map(|a| a.to_string()),
             routing = routing_addr.map(|a| a.to_string()),
-            // One per core allowed (`worker_threads = 0`: std's count, which reads the cgroup
-            // quota) unless set.
+            // `worker_threads`, or with 0 one per core allowed and at least two
+            // (`config::runtime_workers`).
             runtime_workers = tokio::runtime::Handle::current().metrics().num_workers(),
             cpu_allowance_cores = crate::load::cpu::cpu_allowance(),
             "node started"

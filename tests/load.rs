@@ -266,11 +266,10 @@ async fn per_peer_limits_apply_only_under_contention_share_fairly_and_cached_ans
     };
     write_load(&file, &degrade);
     assert_eq!(reload(&node).await.0, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node.load().peer_share().is_none() {
-        assert!(Instant::now() < deadline, "no per-peer share in degrade");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(10), "no per-peer share in degrade", || {
+        node.load().peer_share().is_some()
+    })
+    .await;
     assert_eq!(node.load().peer_share(), Some(10.0), "a lone peer may take all there is");
     // The cached answer for `key` stays free however often it is asked.
     for _ in 0..20 {

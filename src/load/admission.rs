@@ -289,7 +289,7 @@ impl RateControl {
         let r = &i.reading;
         let late = r.target_ms > 0.0 && !r.lag_low() && i.late_per_s > LATE_SHARE * i.admitted_per_s.max(1.0);
         let high = r.target_ms > 0.0 && r.lag_ms >= r.target_ms || late;
-        let low = r.lag_low() && !late;
+        let low = r.lag_low(); // never late: late needs the lag risen above low
         let second = r.second();
         self.since_decrease = self.since_decrease.saturating_add(1);
         let decrease = high && self.since_decrease >= second;
